@@ -1,0 +1,442 @@
+/* config.c — reads proxy.ini with inih into `cfg`, checking every key against one table, and
+ * parses the addresses and networks the keys hold. It also prints the memory plan for -t.
+ * It owns no runtime state: after start-up the config is only read. */
+#include "proxy.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <ini.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+struct config cfg;
+
+/* ---- the keys ------------------------------------------------------------------------- */
+
+enum kind { INT, SIZE, ENUM, ADDR, UPSTREAMS, CIDRS, PATH };
+
+struct key {
+    const char *section, *name;
+    enum kind kind;
+    size_t off;        /* into struct config */
+    int min, max;      /* INT and SIZE */
+    const char *enums; /* ENUM: the words, in the order of the enum's values */
+};
+
+#define F(field) offsetof(struct config, field)
+static const struct key keys[] = {
+    {"proxy", "listen", ADDR, F(listen)},
+    {"proxy", "mode", ENUM, F(mode), .enums = "tcp"},
+    {"proxy", "upstream", UPSTREAMS, F(up)},
+    {"proxy", "balance", ENUM, F(balance), .enums = "source roundrobin"},
+    {"proxy", "workers", INT, F(workers), 1, 50000},
+    {"proxy", "queue", INT, F(queue), 0, 1000000},
+    {"proxy", "buffer_size", SIZE, F(buffer_size), 1024, 64 << 20},
+    {"proxy", "copy", ENUM, F(copy), .enums = "splice buffer"},
+    {"proxy", "connect_timeout", INT, F(connect_timeout), 1, 600},
+    {"proxy", "idle_timeout", INT, F(idle_timeout), 0, 604800},
+    {"proxy", "rate_limit", SIZE, F(rate_limit), 0, 0x7fffffff},
+    {"proxy", "send_proxy", ENUM, F(send_proxy), .enums = "off v1 v2"},
+    {"proxy", "log", PATH, F(log)},
+    {"access", "allow", CIDRS, F(allow)},
+    {"stats", "listen", ADDR, F(stats_listen)}, /* last: config_load looks it up there */
+};
+#define NKEYS (sizeof keys / sizeof keys[0])
+
+/* The parse in progress: inih calls our reader and handler, which share this. */
+struct loader {
+    struct config *c;
+    FILE *f;
+    int line;        /* the line inih is handling now */
+    int proxy_line;  /* where [proxy] starts, for errors about missing keys */
+    int err_line;    /* first error, 0: none */
+    int seen[NKEYS]; /* the line each key was first set on */
+    char *err;
+    size_t errlen;
+};
+
+/* Records the first error only: later ones are often its consequences. */
+static int fail(struct loader *l, int line, const char *fmt, ...)
+{
+    if (l->err_line) return 0;
+    va_list ap;
+    int n = snprintf(l->err, l->errlen, "%s:%d: ", l->c->file, line);
+    va_start(ap, fmt);
+    if (n > 0 && (size_t)n < l->errlen) vsnprintf(l->err + n, l->errlen - n, fmt, ap);
+    va_end(ap);
+    l->err_line = line;
+    return 0;
+}
+
+/* Parses a whole number with an optional k, m or g (binary) suffix. */
+static int parse_number(const char *s, int suffixes, long long *out)
+{
+    char *end;
+    if (!isdigit((unsigned char)*s)) return -1;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno) return -1;
+    if (suffixes && *end) {
+        const char *units = "kmg";
+        const char *u = strchr(units, tolower((unsigned char)*end));
+        if (!u || end[1]) return -1;
+        for (long i = 0; i <= u - units; i++) {
+            if (v > (1LL << 40)) return -1;
+            v *= 1024;
+        }
+        end++;
+    }
+    if (*end) return -1;
+    *out = v;
+    return 0;
+}
+
+/* Splits a comma-separated value into trimmed items and calls add for each. A trailing comma
+ * is allowed, so that a long list can go on on the next, indented line. */
+static int each_item(struct loader *l, const char *value, int (*add)(struct loader *, char *))
+{
+    char buf[256];
+    if (strlen(value) >= sizeof buf) return fail(l, l->line, "value too long");
+    strcpy(buf, value);
+    for (char *tok = buf, *next; tok; tok = next) {
+        if ((next = strchr(tok, ','))) *next++ = 0;
+        while (isspace((unsigned char)*tok)) tok++;
+        char *e = tok + strlen(tok);
+        while (e > tok && isspace((unsigned char)e[-1])) *--e = 0;
+        if (!*tok && !next && tok != buf) break; /* the trailing comma */
+        if (!*tok) return fail(l, l->line, "empty item in list '%s'", value);
+        if (!add(l, tok)) return 0;
+    }
+    return 1;
+}
+
+static int add_upstream(struct loader *l, char *s)
+{
+    struct config *c = l->c;
+    char why[160];
+    if (c->nup == MAX_UPSTREAMS) return fail(l, l->line, "more than %d upstreams", MAX_UPSTREAMS);
+    if (strlen(s) >= sizeof c->up[0].name || strspn(s, "abcdefghijklmnopqrstuvwxyz"
+                                                       "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                                       "0123456789.-_:[]") != strlen(s))
+        return fail(l, l->line, "upstream '%s': not a host:port", s);
+    struct upstream *u = &c->up[c->nup];
+    if (addr_parse(s, &u->addr, why, sizeof why) < 0)
+        return fail(l, l->line, "upstream '%s': %s", s, why);
+    if (((struct sockaddr_in *)&u->addr.sa)->sin_port == 0) /* sin6_port sits at the same place */
+        return fail(l, l->line, "upstream '%s': port 0", s);
+    strcpy(u->name, s);
+    c->nup++;
+    return 1;
+}
+
+static int add_cidr(struct loader *l, char *s)
+{
+    struct config *c = l->c;
+    if (c->nallow == MAX_ALLOW) return fail(l, l->line, "more than %d networks", MAX_ALLOW);
+    if (cidr_parse(s, &c->allow[c->nallow]) < 0)
+        return fail(l, l->line, "allow: '%s' is not an address or network like 10.0.0.0/8", s);
+    c->nallow++;
+    return 1;
+}
+
+/* inih calls this for every key = value; returns 0 on an error (recorded by fail). */
+static int handler(void *user, const char *section, const char *name, const char *value)
+{
+    struct loader *l = user;
+    struct config *c = l->c;
+    const struct key *k = NULL;
+    int known_section = 0;
+    for (size_t i = 0; i < NKEYS; i++) {
+        if (strcmp(keys[i].section, section)) continue;
+        known_section = 1;
+        if (!strcmp(keys[i].name, name)) k = &keys[i];
+    }
+    if (!*section) return fail(l, l->line, "'%s' is outside any [section]", name);
+    if (!known_section) return fail(l, l->line, "unknown section [%s]", section);
+    if (!k) return fail(l, l->line, "unknown key '%s' in [%s]", name, section);
+
+    int *first = &l->seen[k - keys];
+    int list = k->kind == UPSTREAMS || k->kind == CIDRS;
+    if (*first && !list)
+        return fail(l, l->line, "'%s' is set twice (first on line %d)", name, *first);
+    if (!*first) {
+        *first = l->line;
+        if (k->kind == UPSTREAMS) c->nup = 0; /* a list in the file replaces the default */
+        if (k->kind == CIDRS) c->nallow = 0;
+    }
+
+    void *field = (char *)c + k->off;
+    long long v;
+    char why[160];
+    switch (k->kind) {
+    case INT:
+    case SIZE:
+        if (parse_number(value, k->kind == SIZE, &v) < 0 || v < k->min || v > k->max)
+            return fail(l, l->line, "%s = '%s': expected a whole number from %d to %d%s", name,
+                        value, k->min, k->max, k->kind == SIZE ? " (k, m, g allowed)" : "");
+        *(int *)field = (int)v;
+        return 1;
+    case ENUM: {
+        const char *w = k->enums;
+        for (int i = 0; *w; i++) {
+            size_t n = strcspn(w, " ");
+            if (strlen(value) == n && !strncmp(w, value, n)) {
+                *(int *)field = i;
+                return 1;
+            }
+            w += n + (w[n] == ' ');
+        }
+        return fail(l, l->line, "%s = '%s': expected one of: %s", name, value, k->enums);
+    }
+    case ADDR:
+        if (!*value && field == &c->stats_listen) {
+            c->stats_listen.len = 0; /* the admin listener is off */
+            return 1;
+        }
+        if (addr_parse(value, field, why, sizeof why) < 0)
+            return fail(l, l->line, "%s = '%s': %s", name, value, why);
+        return 1;
+    case UPSTREAMS: return each_item(l, value, add_upstream);
+    case CIDRS: return each_item(l, value, add_cidr);
+    case PATH:
+        if (!*value || strlen(value) >= sizeof c->log)
+            return fail(l, l->line, "%s: expected -, off or a file path", name);
+        strcpy(field, value);
+        return 1;
+    }
+    return 0;
+}
+
+/* inih reads lines through this so that we know each line's number and catch lines too long
+ * for inih's fixed buffer instead of letting it split them silently. */
+static char *reader(char *buf, int size, void *user)
+{
+    struct loader *l = user;
+    if (!fgets(buf, size, l->f)) return NULL;
+    l->line++;
+    size_t n = strlen(buf);
+    if (n == (size_t)size - 1 && buf[n - 1] != '\n' && !feof(l->f)) {
+        fail(l, l->line, "line longer than %d characters (continue a list on an indented line)",
+             size - 2);
+        int ch;
+        while ((ch = fgetc(l->f)) != EOF && ch != '\n') continue;
+        buf[0] = 0;
+    }
+    const char *s = buf + strspn(buf, " \t");
+    if (!strncmp(s, "[proxy]", 7)) l->proxy_line = l->line;
+    return buf;
+}
+
+static void defaults(struct config *c, const char *file)
+{
+    char err[64];
+    memset(c, 0, sizeof *c);
+    c->file = file;
+    addr_parse("127.0.0.1:8888", &c->listen, err, sizeof err);
+    addr_parse("127.0.0.1:9100", &c->stats_listen, err, sizeof err);
+    c->mode = MODE_TCP;
+    c->balance = BALANCE_SOURCE;
+    c->copy = COPY_SPLICE;
+    c->send_proxy = SEND_PROXY_OFF;
+    c->workers = 256;
+    c->queue = 1024;
+    c->buffer_size = 65536;
+    c->connect_timeout = 5;
+    c->idle_timeout = 300;
+    strcpy(c->log, "-");
+    cidr_parse("127.0.0.0/8", &c->allow[0]);
+    cidr_parse("::1", &c->allow[1]);
+    c->nallow = 2;
+}
+
+/* Whether two listen addresses would collide: the same port on the same or a wildcard host. */
+static int same_listener(const struct addr *a, const struct addr *b)
+{
+    char x[64], y[64];
+    const char *ax = addr_format(a, x, sizeof x), *by = addr_format(b, y, sizeof y);
+    const char *px = strrchr(x, ':'), *py = strrchr(y, ':');
+    if (!a->len || !b->len || strcmp(px, py) || !strcmp(px, ":0")) return 0;
+    return !strcmp(x, y) || !strncmp(ax, "0.0.0.0:", 8) || !strncmp(ax, "[::]:", 5) ||
+           !strncmp(by, "0.0.0.0:", 8) || !strncmp(by, "[::]:", 5);
+}
+
+int config_load(struct config *c, const char *file, char *err, size_t errlen)
+{
+    struct loader l = {.c = c, .err = err, .errlen = errlen};
+    defaults(c, file);
+    l.f = fopen(file, "r");
+    if (!l.f) {
+        snprintf(err, errlen, "%s: cannot open: %s", file, strerror(errno));
+        return -1;
+    }
+    int bad = ini_parse_stream(reader, &l, handler, &l);
+    fclose(l.f);
+    if (bad > 0 && !l.err_line) fail(&l, bad, "expected 'key = value' or '[section]'");
+    if (bad < 0 && !l.err_line) fail(&l, 0, "out of memory");
+    if (l.err_line) return -1;
+
+    int where = l.proxy_line ? l.proxy_line : 1;
+    if (c->mode == MODE_TCP && c->nup == 0)
+        return fail(&l, where, "[proxy] needs 'upstream = host:port' in tcp mode"), -1;
+    if (same_listener(&c->listen, &c->stats_listen))
+        return fail(&l, l.seen[NKEYS - 1] ? l.seen[NKEYS - 1] : where,
+                    "[stats] listen must differ from the proxy's listen address"),
+               -1;
+    return 0;
+}
+
+/* ---- addresses and networks ----------------------------------------------------------- */
+
+int addr_parse(const char *s, struct addr *a, char *err, size_t errlen)
+{
+    char host[256];
+    const char *port;
+    size_t hl;
+    if (*s == '[') {
+        const char *e = strchr(s, ']');
+        if (!e || e[1] != ':') return snprintf(err, errlen, "expected [IPv6]:port"), -1;
+        hl = e - s - 1;
+        memcpy(host, s + 1, hl < sizeof host ? hl : 0);
+        port = e + 2;
+    } else {
+        const char *colon = strrchr(s, ':');
+        if (!colon) return snprintf(err, errlen, "expected host:port"), -1;
+        if (memchr(s, ':', colon - s))
+            return snprintf(err, errlen, "IPv6 addresses go in brackets, like [::1]:8888"), -1;
+        hl = colon - s;
+        memcpy(host, s, hl < sizeof host ? hl : 0);
+        port = colon + 1;
+    }
+    if (hl == 0 || hl >= sizeof host) return snprintf(err, errlen, "expected a host before :"), -1;
+    host[hl] = 0;
+    long long p;
+    if (strlen(port) > 5 || parse_number(port, 0, &p) < 0 || p > 65535)
+        return snprintf(err, errlen, "port must be a number from 0 to 65535"), -1;
+    if (!strcmp(host, "*")) strcpy(host, "0.0.0.0");
+
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV}, *res;
+    int rc = getaddrinfo(host, port, &hints, &res);
+    if (rc) return snprintf(err, errlen, "cannot resolve '%s': %s", host, gai_strerror(rc)), -1;
+    memcpy(&a->sa, res->ai_addr, res->ai_addrlen);
+    a->len = res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+char *addr_format(const struct addr *a, char *buf, size_t len)
+{
+    char ip[INET6_ADDRSTRLEN] = "?";
+    const struct sockaddr_in *s4 = (const void *)&a->sa;
+    const struct sockaddr_in6 *s6 = (const void *)&a->sa;
+    if (s4->sin_family == AF_INET) {
+        inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof ip);
+        snprintf(buf, len, "%s:%u", ip, ntohs(s4->sin_port));
+    } else {
+        inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof ip);
+        snprintf(buf, len, "[%s]:%u", ip, ntohs(s6->sin6_port));
+    }
+    return buf;
+}
+
+void addr_unmap(struct addr *a)
+{
+    struct sockaddr_in6 s6;
+    memcpy(&s6, &a->sa, sizeof s6);
+    if (s6.sin6_family != AF_INET6 || !IN6_IS_ADDR_V4MAPPED(&s6.sin6_addr)) return;
+    struct sockaddr_in s4 = {.sin_family = AF_INET, .sin_port = s6.sin6_port};
+    memcpy(&s4.sin_addr, &s6.sin6_addr.s6_addr[12], 4);
+    memset(&a->sa, 0, sizeof a->sa);
+    memcpy(&a->sa, &s4, sizeof s4);
+    a->len = sizeof s4;
+}
+
+int cidr_parse(const char *s, struct cidr *n)
+{
+    char ip[INET6_ADDRSTRLEN];
+    const char *slash = strchr(s, '/');
+    size_t len = slash ? (size_t)(slash - s) : strlen(s);
+    if (len >= sizeof ip) return -1;
+    memcpy(ip, s, len);
+    ip[len] = 0;
+    memset(n, 0, sizeof *n);
+    if (inet_pton(AF_INET, ip, n->net) == 1)
+        n->family = AF_INET, n->bits = 32;
+    else if (inet_pton(AF_INET6, ip, n->net) == 1)
+        n->family = AF_INET6, n->bits = 128;
+    else
+        return -1;
+    if (slash) {
+        long long bits;
+        if (strlen(slash + 1) > 3 || parse_number(slash + 1, 0, &bits) < 0 || bits > n->bits)
+            return -1;
+        n->bits = (int)bits;
+    }
+    for (int i = n->bits; i < 128; i++) n->net[i / 8] &= (uint8_t) ~(0x80 >> (i % 8));
+    return 0;
+}
+
+int cidr_match(const struct cidr *list, int count, const struct addr *a)
+{
+    struct addr u = *a;
+    addr_unmap(&u);
+    const struct sockaddr_in *s4 = (const void *)&u.sa;
+    const struct sockaddr_in6 *s6 = (const void *)&u.sa;
+    const uint8_t *ip = s4->sin_family == AF_INET ? (const uint8_t *)&s4->sin_addr
+                                                  : (const uint8_t *)&s6->sin6_addr;
+    for (int i = 0; i < count; i++) {
+        const struct cidr *n = &list[i];
+        if (n->family != s4->sin_family) continue;
+        int full = n->bits / 8, rest = n->bits % 8;
+        if (memcmp(ip, n->net, full)) continue;
+        if (rest && ((ip[full] ^ n->net[full]) & (0xff << (8 - rest)) & 0xff)) continue;
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- the memory plan (-t) ------------------------------------------------------------- */
+
+/* Writes a byte count the way a person reads it: 512 KiB, 32 MiB, 1.5 GiB. */
+static const char *human(long long n, char *buf, size_t len)
+{
+    const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double v = (double)n;
+    int u = 0;
+    while (v >= 1024 && u < 4) v /= 1024, u++;
+    snprintf(buf, len, v < 10 && u ? "%.1f %s" : "%.0f %s", v, unit[u]);
+    return buf;
+}
+
+long long config_fds(const struct config *c)
+{
+    return (long long)c->workers * (c->copy == COPY_SPLICE ? 6 : 2) + c->queue + 16;
+}
+
+void config_plan(const struct config *c, FILE *o)
+{
+    static const char *modes[] = {"tcp", "http"}, *copies[] = {"splice", "buffer"};
+    char listen[64], admin[64] = "off", a[16], b[16], d[16], e[16];
+    int splice = c->copy == COPY_SPLICE, fds = splice ? 6 : 2;
+    long long w = c->workers, io = 2LL * c->buffer_size;
+    struct rlimit rl = {0};
+    getrlimit(RLIMIT_NOFILE, &rl);
+    if (c->stats_listen.len) addr_format(&c->stats_listen, admin, sizeof admin);
+    fprintf(o, "%s: configuration ok\n", c->file);
+    fprintf(o, "mode %s on %s, %d upstream(s), copy %s, metrics on %s\n", modes[c->mode],
+            addr_format(&c->listen, listen, sizeof listen), c->nup, copies[c->copy], admin);
+    fprintf(o, "per worker: 2 threads, stacks 2 x %s, %s 2 x %s, %d fds\n",
+            human(STACK_SIZE, a, sizeof a), splice ? "pipes" : "buffers",
+            human(c->buffer_size, b, sizeof b), fds);
+    fprintf(o,
+            "%lld workers: %lld threads, %s of stack address space (resident only as touched), "
+            "%s of %s at most\n",
+            w, 2 * w, human(w * 2 * STACK_SIZE, d, sizeof d), human(w * io, e, sizeof e),
+            splice ? "pipe buffers in the kernel" : "buffers");
+    fprintf(o, "fds at full load: %lld (limit %llu); queue: %d connections may wait\n",
+            config_fds(c), (unsigned long long)rl.rlim_max, c->queue);
+}

@@ -1,0 +1,244 @@
+/* stats.c — what the proxy tells the outside: lock-free counters and gauges, their Prometheus
+ * text on the admin listener (served by its own thread), and the log, where every line is one
+ * write(2) so that lines from many threads never interleave. */
+#include "proxy.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+struct stats stats;
+const char *const end_names[END_MAX] = {"none",           "done",        "idle",   "client_error",
+                                        "upstream_error", "no_upstream", "stopped"};
+/* Upper bounds of the duration buckets in seconds; the last bucket is +Inf. */
+static const double bucket_le[DURATION_BUCKETS - 1] = {0.001, 0.01, 0.1, 1, 10, 60, 600};
+
+/* ---- the log -------------------------------------------------------------------------- */
+
+static _Atomic int log_fd = 2; /* -1: off */
+
+int log_open(const char *where)
+{
+    if (!strcmp(where, "off")) return atomic_store(&log_fd, -1), 0;
+    if (!strcmp(where, "-")) return atomic_store(&log_fd, 2), 0;
+    int fd = open(where, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+    if (fd < 0) return -1;
+    int old = atomic_load(&log_fd);
+    if (old > 2) {
+        /* Reopening (SIGHUP): dup2 swaps the file under the same number atomically, so a
+         * thread writing a line at this moment never writes to a closed or reused fd. */
+        dup2(fd, old);
+        close(fd);
+    } else {
+        atomic_store(&log_fd, fd);
+    }
+    return 0;
+}
+
+void log_raw(const char *buf, size_t len)
+{
+    int fd = atomic_load(&log_fd);
+    if (fd >= 0 && write(fd, buf, len) < 0) return; /* best-effort: nowhere to report it */
+}
+
+void log_line(const char *fmt, ...)
+{
+    char buf[1024];
+    struct timespec ts;
+    struct tm tm;
+    if (atomic_load(&log_fd) < 0) return;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    size_t n = strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+    n += (size_t)snprintf(buf + n, sizeof buf - n, ".%03ldZ ", ts.tv_nsec / 1000000);
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(buf + n, sizeof buf - n, fmt, ap);
+    va_end(ap);
+    n = m < 0 ? n : n + (size_t)m < sizeof buf - 1 ? n + (size_t)m : sizeof buf - 1;
+    buf[n++] = '\n';
+    log_raw(buf, n);
+}
+
+/* ---- counting a connection ------------------------------------------------------------ */
+
+void stats_conn_done(const struct conn *c)
+{
+    int end = atomic_load(&c->end);
+    if (end == END_NONE) end = END_DONE;
+    uint64_t us = (mono_ns() - c->start_ns) / 1000;
+    int b = 0;
+    while (b < DURATION_BUCKETS - 1 && (double)us > bucket_le[b] * 1e6) b++;
+    atomic_fetch_add(&stats.duration[b], 1);
+    atomic_fetch_add(&stats.duration_us, us);
+    atomic_fetch_add(&stats.ended[end], 1);
+    atomic_fetch_sub(&stats.active, 1);
+
+    char peer[64], up[64] = "-";
+    if (c->up) snprintf(up, sizeof up, "%s", c->up->name);
+    log_line("%s -> %s up=%llu down=%llu ms=%.3f end=%s", addr_format(&c->peer, peer, sizeof peer),
+             up, (unsigned long long)c->bytes[UP], (unsigned long long)c->bytes[DOWN],
+             (double)us / 1000, end_names[end]);
+}
+
+/* ---- Prometheus text ------------------------------------------------------------------ */
+
+static void head(FILE *f, const char *name, const char *type, const char *help)
+{
+    fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void one(FILE *f, const char *name, const char *type, const char *help, uint64_t v)
+{
+    head(f, name, type, help);
+    fprintf(f, "%s %llu\n", name, (unsigned long long)v);
+}
+
+char *stats_render(size_t *len)
+{
+    char *out = NULL;
+    FILE *f = open_memstream(&out, len);
+    if (!f) return NULL;
+#define LOAD(x) (unsigned long long)atomic_load(&(x))
+    one(f, "proxy_connections_accepted_total", "counter", "Connections accepted.",
+        atomic_load(&stats.accepted));
+    head(f, "proxy_connections_refused_total", "counter", "Connections closed at once, by reason.");
+    fprintf(f, "proxy_connections_refused_total{reason=\"queue_full\"} %llu\n",
+            LOAD(stats.refused_queue));
+    fprintf(f, "proxy_connections_refused_total{reason=\"not_allowed\"} %llu\n",
+            LOAD(stats.refused_acl));
+    one(f, "proxy_accept_errors_total", "counter",
+        "accept() failures such as running out of file descriptors.",
+        atomic_load(&stats.accept_errors));
+    one(f, "proxy_connections_active", "gauge", "Connections open now, queued or served.",
+        atomic_load(&stats.active));
+    one(f, "proxy_workers", "gauge", "Workers in the pool.", (uint64_t)cfg.workers);
+    one(f, "proxy_workers_busy", "gauge", "Workers serving a connection now.",
+        atomic_load(&stats.busy));
+    one(f, "proxy_queue_length", "gauge", "Connections waiting for a worker.",
+        (uint64_t)pool_queued());
+    head(f, "proxy_connections_closed_total", "counter", "Connections ended, by how they ended.");
+    for (int i = END_DONE; i < END_MAX; i++)
+        fprintf(f, "proxy_connections_closed_total{reason=\"%s\"} %llu\n", end_names[i],
+                LOAD(stats.ended[i]));
+    head(f, "proxy_bytes_total", "counter",
+         "Bytes relayed: up is client to upstream, down is upstream to client.");
+    fprintf(f, "proxy_bytes_total{direction=\"up\"} %llu\n", LOAD(stats.bytes[UP]));
+    fprintf(f, "proxy_bytes_total{direction=\"down\"} %llu\n", LOAD(stats.bytes[DOWN]));
+
+    head(f, "proxy_upstream_connects_total", "counter", "Successful connects, by upstream.");
+    for (int i = 0; i < cfg.nup; i++)
+        fprintf(f, "proxy_upstream_connects_total{upstream=\"%s\"} %llu\n", cfg.up[i].name,
+                LOAD(cfg.up[i].connects));
+    head(f, "proxy_upstream_connect_failures_total", "counter",
+         "Failed connects (refused, unreachable, timed out), by upstream.");
+    for (int i = 0; i < cfg.nup; i++)
+        fprintf(f, "proxy_upstream_connect_failures_total{upstream=\"%s\"} %llu\n", cfg.up[i].name,
+                LOAD(cfg.up[i].failures));
+    head(f, "proxy_upstream_up", "gauge", "0 while an upstream is skipped after a failure.");
+    for (int i = 0; i < cfg.nup; i++)
+        fprintf(f, "proxy_upstream_up{upstream=\"%s\"} %d\n", cfg.up[i].name,
+                atomic_load(&cfg.up[i].down_until) <= mono_ns());
+
+    head(f, "proxy_connection_duration_seconds", "histogram",
+         "How long connections lasted, from accept to close.");
+    uint64_t total = 0;
+    for (int b = 0; b < DURATION_BUCKETS; b++) {
+        total += atomic_load(&stats.duration[b]);
+        if (b < DURATION_BUCKETS - 1)
+            fprintf(f, "proxy_connection_duration_seconds_bucket{le=\"%g\"} %llu\n", bucket_le[b],
+                    (unsigned long long)total);
+    }
+    fprintf(f, "proxy_connection_duration_seconds_bucket{le=\"+Inf\"} %llu\n",
+            (unsigned long long)total);
+    fprintf(f, "proxy_connection_duration_seconds_sum %.6f\n",
+            (double)atomic_load(&stats.duration_us) / 1e6);
+    fprintf(f, "proxy_connection_duration_seconds_count %llu\n", (unsigned long long)total);
+#undef LOAD
+    if (fclose(f)) return free(out), NULL;
+    return out;
+}
+
+/* ---- the admin listener --------------------------------------------------------------- */
+
+static int admin_fd = -1;
+static _Atomic int admin_stopping;
+static pthread_t admin;
+
+/* Answers one request on fd: GET /metrics, or an error. One request per connection. */
+static void admin_serve(int fd)
+{
+    char req[2048], head[256];
+    size_t got = 0;
+    struct timeval tv = {2, 0}; /* a stuck client must not hold the admin thread long */
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    while (got < sizeof req - 1) {
+        ssize_t n = recv(fd, req + got, sizeof req - 1 - got, 0);
+        if (n <= 0) return;
+        got += (size_t)n;
+        req[got] = 0;
+        if (strstr(req, "\r\n\r\n") || strstr(req, "\n\n")) break;
+    }
+    size_t len = 0;
+    char *body = NULL;
+    const char *status = "404 Not Found", *type = "text/plain";
+    if (strncmp(req, "GET ", 4) && strncmp(req, "HEAD ", 5)) {
+        status = "405 Method Not Allowed";
+    } else if (!strncmp(strchr(req, ' ') + 1, "/metrics ", 9)) {
+        body = stats_render(&len);
+        status = body ? "200 OK" : "500 Internal Server Error";
+        type = "text/plain; version=0.0.4; charset=utf-8";
+    }
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                     "Connection: close\r\n\r\n",
+                     status, type, len);
+    send(fd, head, (size_t)n, MSG_NOSIGNAL);
+    if (body && req[0] == 'G')
+        for (size_t off = 0; off < len;) {
+            ssize_t w = send(fd, body + off, len - off, MSG_NOSIGNAL);
+            if (w <= 0) break;
+            off += (size_t)w;
+        }
+    free(body);
+}
+
+static void *admin_main(void *arg)
+{
+    (void)arg;
+    while (!atomic_load(&admin_stopping)) {
+        int fd = accept4(admin_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd >= 0) {
+            admin_serve(fd);
+            close(fd);
+        } else if (errno != EINTR && errno != ECONNABORTED && !atomic_load(&admin_stopping)) {
+            usleep(100000); /* out of fds, say: wait rather than spin */
+        }
+    }
+    return NULL;
+}
+
+int stats_start(int fd)
+{
+    pthread_attr_t attr;
+    admin_fd = fd;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, STACK_SIZE);
+    int rc = pthread_create(&admin, &attr, admin_main, NULL);
+    pthread_attr_destroy(&attr);
+    return rc ? -1 : 0;
+}
+
+void stats_stop(void)
+{
+    if (admin_fd < 0) return;
+    atomic_store(&admin_stopping, 1);
+    shutdown(admin_fd, SHUT_RDWR); /* wakes accept() */
+    pthread_join(admin, NULL);
+    close(admin_fd);
+}

@@ -1,0 +1,129 @@
+/* upstream.c — where a connection goes: balancing over the configured upstreams, skipping the
+ * ones that failed recently, connecting with a timeout, and the PROXY protocol header that
+ * tells an upstream who the client really is. */
+#include "proxy.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <string.h>
+#include <unistd.h>
+
+static _Atomic unsigned next_rr;
+
+int upstream_connect(const struct addr *a, int timeout_s)
+{
+    int e, fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) return -1;
+    /* Non-blocking only for the connect, so that poll can bound it by timeout_s. */
+    if (connect(fd, (const struct sockaddr *)&a->sa, a->len) < 0) {
+        if (errno != EINPROGRESS) goto error;
+        struct pollfd p = {.fd = fd, .events = POLLOUT};
+        int n = poll(&p, 1, timeout_s * 1000);
+        if (n == 0) errno = ETIMEDOUT;
+        if (n <= 0) goto error;
+        socklen_t len = sizeof e;
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &len) < 0) goto error;
+        if (e) {
+            errno = e;
+            goto error;
+        }
+    }
+    if (fcntl(fd, F_SETFL, 0) < 0) goto error;
+    copy_prepare(fd);
+    return fd;
+error:
+    e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+}
+
+/* FNV-1a over the address bytes (not the port: one client machine, one upstream). */
+unsigned upstream_hash(const struct addr *client, unsigned n)
+{
+    struct addr a = *client;
+    addr_unmap(&a);
+    const struct sockaddr_in *s4 = (const void *)&a.sa;
+    const struct sockaddr_in6 *s6 = (const void *)&a.sa;
+    const uint8_t *p = s4->sin_family == AF_INET ? (const uint8_t *)&s4->sin_addr
+                                                 : (const uint8_t *)&s6->sin6_addr;
+    int len = s4->sin_family == AF_INET ? 4 : 16;
+    uint32_t h = 2166136261u;
+    for (int i = 0; i < len; i++) h = (h ^ p[i]) * 16777619u;
+    return h % n;
+}
+
+int upstream_open(struct conn *c)
+{
+    unsigned n = (unsigned)cfg.nup, tried = 0;
+    unsigned start = cfg.balance == BALANCE_SOURCE ? upstream_hash(&c->peer, n)
+                                                   : atomic_fetch_add(&next_rr, 1) % n;
+    uint64_t now = mono_ns();
+    /* First the upstreams that are up, in order from start; only if all of those fail, the
+     * ones marked down, which may have come back. */
+    for (int pass = 0; pass < 2; pass++) {
+        for (unsigned i = 0; i < n; i++) {
+            unsigned k = (start + i) % n;
+            struct upstream *u = &cfg.up[k];
+            uint64_t down_until = atomic_load(&u->down_until);
+            if ((tried & 1u << k) || (pass == 0 && down_until > now)) continue;
+            tried |= 1u << k;
+            int fd = upstream_connect(&u->addr, cfg.connect_timeout);
+            if (fd >= 0) {
+                if (down_until) atomic_store(&u->down_until, 0);
+                atomic_fetch_add(&u->connects, 1);
+                c->up = u;
+                return fd;
+            }
+            int e = errno;
+            atomic_fetch_add(&u->failures, 1);
+            atomic_store(&u->down_until, mono_ns() + DOWN_SECONDS * 1000000000ull);
+            if (down_until <= now) /* log the fall, not every failure while down */
+                log_line("upstream %s is down: %s; skipped for %d s", u->name, strerror(e),
+                         DOWN_SECONDS);
+        }
+    }
+    return -1;
+}
+
+int upstream_proxy_header(int version, const struct addr *src, const struct addr *dst, char *buf)
+{
+    struct addr s = *src, d = *dst;
+    addr_unmap(&s);
+    addr_unmap(&d);
+    int fam = s.sa.ss_family;
+    if (fam != d.sa.ss_family) fam = AF_UNSPEC;
+    const struct sockaddr_in *s4 = (const void *)&s.sa, *d4 = (const void *)&d.sa;
+    const struct sockaddr_in6 *s6 = (const void *)&s.sa, *d6 = (const void *)&d.sa;
+
+    if (version == 1) {
+        char sa[INET6_ADDRSTRLEN], da[INET6_ADDRSTRLEN];
+        if (fam == AF_UNSPEC) return sprintf(buf, "PROXY UNKNOWN\r\n");
+        const void *sp = fam == AF_INET ? (const void *)&s4->sin_addr : &s6->sin6_addr;
+        const void *dp = fam == AF_INET ? (const void *)&d4->sin_addr : &d6->sin6_addr;
+        return sprintf(buf, "PROXY TCP%c %s %s %u %u\r\n", fam == AF_INET ? '4' : '6',
+                       inet_ntop(fam, sp, sa, sizeof sa), inet_ntop(fam, dp, da, sizeof da),
+                       ntohs(s4->sin_port), ntohs(d4->sin_port));
+    }
+    /* Version 2: signature, version+command (2, PROXY), family+protocol, length, addresses. */
+    static const char sig[12] = "\r\n\r\n\0\r\nQUIT\n";
+    int alen = fam == AF_INET ? 4 : fam == AF_INET6 ? 16 : 0;
+    char *p = buf;
+    memcpy(p, sig, 12);
+    p[12] = 0x21;
+    p[13] = fam == AF_INET ? 0x11 : fam == AF_INET6 ? 0x21 : 0x00;
+    uint16_t len = htons(alen ? 2 * alen + 4 : 0);
+    memcpy(p + 14, &len, 2);
+    p += 16;
+    if (alen) {
+        memcpy(p, fam == AF_INET ? (const void *)&s4->sin_addr : &s6->sin6_addr, alen);
+        memcpy(p + alen, fam == AF_INET ? (const void *)&d4->sin_addr : &d6->sin6_addr, alen);
+        memcpy(p + 2 * alen, &s4->sin_port, 2); /* sin6_port sits at the same place */
+        memcpy(p + 2 * alen + 2, &d4->sin_port, 2);
+        p += 2 * alen + 4;
+    }
+    return (int)(p - buf);
+}
