@@ -9,7 +9,7 @@ LDLIBS   = $(shell pkg-config --libs inih 2>/dev/null || echo -linih) -pthread
 
 B       ?= build
 BIN     ?= proxy
-SRC      = config.c copy.c pool.c stats.c upstream.c
+SRC      = auth.c config.c copy.c http.c http_parse.c pool.c stats.c upstream.c
 OBJ      = $(SRC:%.c=$(B)/%.o)
 
 # $(call need,PACKAGES): install with apt-get as root, or say what to install and stop.
@@ -34,7 +34,8 @@ deps:
 	@pkg-config --exists inih 2>/dev/null || { $(call need,libinih-dev pkg-config); }
 
 test-deps:
-	@command -v python3 >/dev/null && command -v curl >/dev/null || { $(call need,python3 curl); }
+	@command -v python3 >/dev/null && command -v curl >/dev/null && command -v openssl >/dev/null \
+	  || { $(call need,python3 curl openssl); }
 
 $(B):
 	mkdir -p $(B)

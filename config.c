@@ -18,20 +18,20 @@ struct config cfg;
 
 /* ---- the keys ------------------------------------------------------------------------- */
 
-enum kind { INT, SIZE, ENUM, ADDR, UPSTREAMS, CIDRS, PATH };
+enum kind { INT, SIZE, ENUM, TEXT, ADDR, UPSTREAMS, CIDRS, PORTS, USER };
 
 struct key {
-    const char *section, *name;
+    const char *section, *name; /* name "*": any key (a user name) */
     enum kind kind;
     size_t off;        /* into struct config */
-    int min, max;      /* INT and SIZE */
+    int min, max;      /* INT and SIZE: the range; TEXT: max is the field's size */
     const char *enums; /* ENUM: the words, in the order of the enum's values */
 };
 
 #define F(field) offsetof(struct config, field)
 static const struct key keys[] = {
     {"proxy", "listen", ADDR, F(listen)},
-    {"proxy", "mode", ENUM, F(mode), .enums = "tcp"},
+    {"proxy", "mode", ENUM, F(mode), .enums = "tcp http"},
     {"proxy", "upstream", UPSTREAMS, F(up)},
     {"proxy", "balance", ENUM, F(balance), .enums = "source roundrobin"},
     {"proxy", "workers", INT, F(workers), 1, 50000},
@@ -40,11 +40,15 @@ static const struct key keys[] = {
     {"proxy", "copy", ENUM, F(copy), .enums = "splice buffer"},
     {"proxy", "connect_timeout", INT, F(connect_timeout), 1, 600},
     {"proxy", "idle_timeout", INT, F(idle_timeout), 0, 604800},
+    {"proxy", "header_timeout", INT, F(header_timeout), 1, 3600},
     {"proxy", "rate_limit", SIZE, F(rate_limit), 0, 0x7fffffff},
     {"proxy", "send_proxy", ENUM, F(send_proxy), .enums = "off v1 v2"},
-    {"proxy", "log", PATH, F(log)},
+    {"proxy", "log", TEXT, F(log), 0, sizeof cfg.log},
     {"access", "allow", CIDRS, F(allow)},
-    {"stats", "listen", ADDR, F(stats_listen)}, /* last: config_load looks it up there */
+    {"access", "connect_ports", PORTS, F(connect_ports)},
+    {"auth", "realm", TEXT, F(realm), 0, sizeof cfg.realm},
+    {"users", "*", USER, F(users)},
+    {"stats", "listen", ADDR, F(stats_listen)},
 };
 #define NKEYS (sizeof keys / sizeof keys[0])
 
@@ -53,6 +57,7 @@ struct loader {
     struct config *c;
     FILE *f;
     int line;        /* the line inih is handling now */
+    int indented;    /* it starts with whitespace: a list's continuation */
     int proxy_line;  /* where [proxy] starts, for errors about missing keys */
     int err_line;    /* first error, 0: none */
     int seen[NKEYS]; /* the line each key was first set on */
@@ -134,6 +139,36 @@ static int add_upstream(struct loader *l, char *s)
     return 1;
 }
 
+static int add_ports(struct loader *l, char *s)
+{
+    long long lo = 1, hi = 65535;
+    char *dash = strchr(s, '-');
+    if (dash) *dash = 0;
+    if (strcmp(s, "*") && (parse_number(s, 0, &lo) < 0 || lo < 1 || lo > 65535 ||
+                           (dash && (parse_number(dash + 1, 0, &hi) < 0 || hi < lo || hi > 65535))))
+        return fail(l, l->line, "connect_ports: expected ports like 443, 8000-8999 or *");
+    if (!dash && strcmp(s, "*")) hi = lo;
+    for (long long p = lo; p <= hi; p++) l->c->connect_ports[p / 8] |= (uint8_t)(1 << (p % 8));
+    return 1;
+}
+
+static int add_user(struct loader *l, const char *name, const char *pass)
+{
+    struct config *c = l->c;
+    if (c->nusers == MAX_USERS) return fail(l, l->line, "more than %d users", MAX_USERS);
+    if (strlen(name) >= sizeof c->users[0].name || strchr(name, ':'))
+        return fail(l, l->line, "user name '%s': too long or has a ':'", name);
+    if (!*pass || strlen(pass) >= sizeof c->users[0].pass)
+        return fail(l, l->line, "user '%s': the password is empty or too long", name);
+    for (int i = 0; i < c->nusers; i++)
+        if (!strcmp(c->users[i].name, name))
+            return fail(l, l->line, "user '%s' is listed twice", name);
+    strcpy(c->users[c->nusers].name, name);
+    strcpy(c->users[c->nusers].pass, pass);
+    c->nusers++;
+    return 1;
+}
+
 static int add_cidr(struct loader *l, char *s)
 {
     struct config *c = l->c;
@@ -154,20 +189,22 @@ static int handler(void *user, const char *section, const char *name, const char
     for (size_t i = 0; i < NKEYS; i++) {
         if (strcmp(keys[i].section, section)) continue;
         known_section = 1;
-        if (!strcmp(keys[i].name, name)) k = &keys[i];
+        if (!strcmp(keys[i].name, name) || !strcmp(keys[i].name, "*")) k = &keys[i];
     }
     if (!*section) return fail(l, l->line, "'%s' is outside any [section]", name);
     if (!known_section) return fail(l, l->line, "unknown section [%s]", section);
     if (!k) return fail(l, l->line, "unknown key '%s' in [%s]", name, section);
 
+    if (k->kind == USER) return add_user(l, name, value);
     int *first = &l->seen[k - keys];
-    int list = k->kind == UPSTREAMS || k->kind == CIDRS;
-    if (*first && !list)
+    int list = k->kind == UPSTREAMS || k->kind == CIDRS || k->kind == PORTS;
+    if (*first && (!list || !l->indented)) /* a list goes on only on indented lines */
         return fail(l, l->line, "'%s' is set twice (first on line %d)", name, *first);
     if (!*first) {
         *first = l->line;
         if (k->kind == UPSTREAMS) c->nup = 0; /* a list in the file replaces the default */
         if (k->kind == CIDRS) c->nallow = 0;
+        if (k->kind == PORTS) memset(c->connect_ports, 0, sizeof c->connect_ports);
     }
 
     void *field = (char *)c + k->off;
@@ -203,9 +240,12 @@ static int handler(void *user, const char *section, const char *name, const char
         return 1;
     case UPSTREAMS: return each_item(l, value, add_upstream);
     case CIDRS: return each_item(l, value, add_cidr);
-    case PATH:
-        if (!*value || strlen(value) >= sizeof c->log)
-            return fail(l, l->line, "%s: expected -, off or a file path", name);
+    case PORTS: return each_item(l, value, add_ports);
+    case USER: return 0; /* handled above */
+    case TEXT:
+        if (!*value || strlen(value) >= (size_t)k->max || strpbrk(value, "\"\\"))
+            return fail(l, l->line, "%s = '%s': empty, too long, or has a quote or backslash", name,
+                        value);
         strcpy(field, value);
         return 1;
     }
@@ -228,6 +268,7 @@ static char *reader(char *buf, int size, void *user)
         buf[0] = 0;
     }
     const char *s = buf + strspn(buf, " \t");
+    l->indented = s != buf;
     if (!strncmp(s, "[proxy]", 7)) l->proxy_line = l->line;
     return buf;
 }
@@ -239,7 +280,7 @@ static void defaults(struct config *c, const char *file)
     c->file = file;
     addr_parse("127.0.0.1:8888", &c->listen, err, sizeof err);
     addr_parse("127.0.0.1:9100", &c->stats_listen, err, sizeof err);
-    c->mode = MODE_TCP;
+    c->mode = MODE_HTTP;
     c->balance = BALANCE_SOURCE;
     c->copy = COPY_SPLICE;
     c->send_proxy = SEND_PROXY_OFF;
@@ -248,21 +289,35 @@ static void defaults(struct config *c, const char *file)
     c->buffer_size = 65536;
     c->connect_timeout = 5;
     c->idle_timeout = 300;
+    c->header_timeout = 10;
+    strcpy(c->realm, "proxy");
+    c->connect_ports[443 / 8] = 1 << (443 % 8);
     strcpy(c->log, "-");
     cidr_parse("127.0.0.0/8", &c->allow[0]);
     cidr_parse("::1", &c->allow[1]);
     c->nallow = 2;
 }
 
-/* Whether two listen addresses would collide: the same port on the same or a wildcard host. */
+/* Whether two listen addresses would collide: the same port on the same host, or on a
+ * wildcard that covers it ([::] covers IPv4 too, 0.0.0.0 only IPv4). */
 static int same_listener(const struct addr *a, const struct addr *b)
 {
     char x[64], y[64];
-    const char *ax = addr_format(a, x, sizeof x), *by = addr_format(b, y, sizeof y);
+    addr_format(a, x, sizeof x), addr_format(b, y, sizeof y);
     const char *px = strrchr(x, ':'), *py = strrchr(y, ':');
     if (!a->len || !b->len || strcmp(px, py) || !strcmp(px, ":0")) return 0;
-    return !strcmp(x, y) || !strncmp(ax, "0.0.0.0:", 8) || !strncmp(ax, "[::]:", 5) ||
-           !strncmp(by, "0.0.0.0:", 8) || !strncmp(by, "[::]:", 5);
+    int v4x = a->sa.ss_family == AF_INET, v4y = b->sa.ss_family == AF_INET;
+    return !strcmp(x, y) || !strncmp(x, "[::]:", 5) || !strncmp(y, "[::]:", 5) ||
+           (!strncmp(x, "0.0.0.0:", 8) && v4y) || (!strncmp(y, "0.0.0.0:", 8) && v4x);
+}
+
+/* The line a key was set on, or def if it was not: where to point an error about it. */
+static int line_of(const struct loader *l, const char *section, const char *name, int def)
+{
+    for (size_t i = 0; i < NKEYS; i++)
+        if (!strcmp(keys[i].section, section) && !strcmp(keys[i].name, name) && l->seen[i])
+            return l->seen[i];
+    return def;
 }
 
 int config_load(struct config *c, const char *file, char *err, size_t errlen)
@@ -283,8 +338,17 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen)
     int where = l.proxy_line ? l.proxy_line : 1;
     if (c->mode == MODE_TCP && c->nup == 0)
         return fail(&l, where, "[proxy] needs 'upstream = host:port' in tcp mode"), -1;
+    if (c->mode == MODE_TCP && c->nusers)
+        return fail(&l, where, "[users] needs mode = http: tcp mode has no way to ask"), -1;
+    if (c->mode == MODE_HTTP && c->send_proxy)
+        return fail(&l, where, "send_proxy works in tcp mode only"), -1;
+    for (int i = 0; i < c->nup; i++)
+        if (same_listener(&c->listen, &c->up[i].addr))
+            return fail(&l, line_of(&l, "proxy", "upstream", where),
+                        "upstream %s is this proxy's own listen address", c->up[i].name),
+                   -1;
     if (same_listener(&c->listen, &c->stats_listen))
-        return fail(&l, l.seen[NKEYS - 1] ? l.seen[NKEYS - 1] : where,
+        return fail(&l, line_of(&l, "stats", "listen", where),
                     "[stats] listen must differ from the proxy's listen address"),
                -1;
     return 0;
@@ -377,6 +441,13 @@ int cidr_parse(const char *s, struct cidr *n)
         n->bits = (int)bits;
     }
     for (int i = n->bits; i < 128; i++) n->net[i / 8] &= (uint8_t) ~(0x80 >> (i % 8));
+    if (n->family == AF_INET6 && n->bits >= 96 && IN6_IS_ADDR_V4MAPPED((struct in6_addr *)n->net)) {
+        /* ::ffff:10.0.0.0/104 is 10.0.0.0/8: clients are matched as plain IPv4. */
+        memmove(n->net, n->net + 12, 4);
+        memset(n->net + 4, 0, 12);
+        n->family = AF_INET;
+        n->bits -= 96;
+    }
     return 0;
 }
 
@@ -429,14 +500,17 @@ void config_plan(const struct config *c, FILE *o)
     fprintf(o, "%s: configuration ok\n", c->file);
     fprintf(o, "mode %s on %s, %d upstream(s), copy %s, metrics on %s\n", modes[c->mode],
             addr_format(&c->listen, listen, sizeof listen), c->nup, copies[c->copy], admin);
-    fprintf(o, "per worker: 2 threads, stacks 2 x %s, %s 2 x %s, %d fds\n",
+    long long heads = c->mode == MODE_HTTP ? 3LL * HEAD_MAX : 0; /* http.c: in, in, out */
+    fprintf(o, "per worker: 2 threads, stacks 2 x %s, %s 2 x %s, %d fds",
             human(STACK_SIZE, a, sizeof a), splice ? "pipes" : "buffers",
             human(c->buffer_size, b, sizeof b), fds);
+    fprintf(o, heads ? ", http heads 3 x %s\n" : "\n", human(HEAD_MAX, a, sizeof a));
     fprintf(o,
             "%lld workers: %lld threads, %s of stack address space (resident only as touched), "
-            "%s of %s at most\n",
+            "%s of %s at most",
             w, 2 * w, human(w * 2 * STACK_SIZE, d, sizeof d), human(w * io, e, sizeof e),
             splice ? "pipe buffers in the kernel" : "buffers");
+    fprintf(o, heads ? ", %s of http heads\n" : "\n", human(w * heads, a, sizeof a));
     fprintf(o, "fds at full load: %lld (limit %llu); queue: %d connections may wait\n",
             config_fds(c), (unsigned long long)rl.rlim_max, c->queue);
 }

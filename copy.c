@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -17,35 +18,39 @@ void copy_prepare(int fd)
     int one = 1;
     struct timeval tick = {TICK_MS / 1000, TICK_MS % 1000 * 1000};
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one); /* urgent bytes stay in line */
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tick, sizeof tick);
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tick, sizeof tick);
 }
 
 int copy_init(struct copier *k)
 {
+    static _Atomic int warned;
     k->buf = NULL;
     k->pipe[0] = k->pipe[1] = -1;
     k->pending = 0;
     k->tat = 0;
     if (cfg.copy == COPY_BUFFER) return (k->buf = malloc(cfg.buffer_size)) ? 0 : -1;
     if (pipe2(k->pipe, O_CLOEXEC) < 0) return -1;
-    fcntl(k->pipe[1], F_SETPIPE_SZ, cfg.buffer_size); /* best-effort: 64 KiB works too */
+    if (fcntl(k->pipe[1], F_SETPIPE_SZ, cfg.buffer_size) < 0 && !atomic_exchange(&warned, 1))
+        log_line("warning: pipes stay at %ld bytes, not buffer_size: %s (see "
+                 "/proc/sys/fs/pipe-max-size)",
+                 (long)fcntl(k->pipe[1], F_GETPIPE_SZ), strerror(errno));
     return 0;
 }
 
 void copy_reset(struct copier *k)
 {
+    char sink[4096];
     k->tat = 0;
-    if (!k->pending) return;
     /* A connection that ended with bytes still in the pipe must not hand them to the next
-     * client: start over with a fresh pipe (or the buffer, if none can be had). */
-    close(k->pipe[0]);
-    close(k->pipe[1]);
-    k->pending = 0;
-    if (pipe2(k->pipe, O_CLOEXEC) < 0)
-        k->pipe[0] = k->pipe[1] = -1;
-    else
-        fcntl(k->pipe[1], F_SETPIPE_SZ, cfg.buffer_size);
+     * client. They are there, so these reads do not block; no fd is given up on the way. */
+    while (k->pending > 0) {
+        ssize_t n = read(k->pipe[0], sink,
+                         (size_t)k->pending < sizeof sink ? (size_t)k->pending : sizeof sink);
+        if (n <= 0 && errno != EINTR) break;
+        if (n > 0) k->pending -= (int)n;
+    }
 }
 
 void copy_free(struct copier *k)
@@ -72,8 +77,8 @@ static void touch(struct conn *c)
 static int still_alive(struct conn *c)
 {
     if (atomic_load(&c->end)) return 0;
-    uint64_t idle = mono_ns() - atomic_load_explicit(&c->last_ns, memory_order_relaxed);
-    if (cfg.idle_timeout && idle >= (uint64_t)cfg.idle_timeout * 1000000000u) {
+    uint64_t last = atomic_load_explicit(&c->last_ns, memory_order_relaxed), now = mono_ns();
+    if (cfg.idle_timeout && now > last && now - last >= (uint64_t)cfg.idle_timeout * 1000000000u) {
         conn_end(c, END_IDLE);
         return 0;
     }
@@ -89,6 +94,16 @@ static int retry(struct conn *c, int fd, int err)
     return 0;
 }
 
+/* Counts n bytes sent to fd, as they go, so that a connection that fails still counts what
+ * it moved. */
+static void sent(struct conn *c, int to, size_t n)
+{
+    enum dir d = to == c->upstream ? UP : DOWN;
+    c->bytes[d] += n;
+    atomic_fetch_add_explicit(&stats.bytes[d], n, memory_order_relaxed);
+    touch(c);
+}
+
 int copy_send(struct conn *c, int to, const char *p, size_t n)
 {
     while (n) {
@@ -96,12 +111,23 @@ int copy_send(struct conn *c, int to, const char *p, size_t n)
         if (w > 0) {
             p += w;
             n -= (size_t)w;
-            touch(c);
+            sent(c, to, (size_t)w);
         } else if (!retry(c, to, w < 0 ? errno : EPIPE)) {
             return -1;
         }
     }
     return 0;
+}
+
+ssize_t copy_recv(struct conn *c, int fd, void *buf, size_t len)
+{
+    for (;;) {
+        ssize_t n = recv(fd, buf, len, 0);
+        if (n > 0) touch(c);
+        if (n >= 0) return n;
+        if (errno == EAGAIN) return still_alive(c) ? -2 : -1;
+        if (!retry(c, fd, errno)) return -1;
+    }
 }
 
 /* Moves the n bytes just spliced into the pipe on to the socket. */
@@ -112,7 +138,7 @@ static int drain_pipe(struct conn *c, struct copier *k, int to, size_t n)
         ssize_t w = splice(k->pipe[0], NULL, to, NULL, (size_t)k->pending, SPLICE_F_MOVE);
         if (w > 0) {
             k->pending -= (int)w;
-            touch(c);
+            sent(c, to, (size_t)w);
         } else if (!retry(c, to, w < 0 ? errno : EPIPE)) {
             return -1;
         }
@@ -132,7 +158,7 @@ void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate)
     k->tat = (k->tat > now ? k->tat : now) + n * 1000000000ull / (uint64_t)rate;
 }
 
-int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, enum dir d, uint64_t limit)
+int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit)
 {
     uint64_t moved = 0;
     size_t chunk = (size_t)cfg.buffer_size;
@@ -148,14 +174,16 @@ int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, enum dir 
         int piped = k->pipe[0] >= 0;
         ssize_t n = piped ? splice(from, NULL, k->pipe[1], NULL, want, SPLICE_F_MOVE)
                           : read(from, k->buf, want);
-        if (n == 0) break; /* EOF */
-        if (n < 0 && piped && (errno == EINVAL || errno == ENOSYS)) {
-            /* This pair of fds cannot splice: fall back to the buffer, for good. */
+        if (piped && (n == 0 || (n < 0 && (errno == EINVAL || errno == ENOSYS)))) {
+            /* splice returns 0 at TCP urgent data as at EOF (a peek tells them apart), and
+             * EINVAL where these fds cannot splice: then read through the buffer. */
+            char probe;
+            if (n == 0 && recv(from, &probe, 1, MSG_PEEK | MSG_DONTWAIT) != 1) break; /* EOF */
             if (!k->buf && !(k->buf = malloc(cfg.buffer_size))) return conn_end(c, END_CLIENT), -1;
-            close(k->pipe[0]), close(k->pipe[1]);
-            k->pipe[0] = k->pipe[1] = -1;
-            continue;
+            piped = 0;
+            n = read(from, k->buf, want);
         }
+        if (n == 0) break; /* EOF */
         if (n < 0) {
             if (retry(c, from, errno)) continue;
             return -1;
@@ -164,8 +192,6 @@ int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, enum dir 
         if (piped ? drain_pipe(c, k, to, (size_t)n) : copy_send(c, to, k->buf, (size_t)n))
             return -1;
         moved += (uint64_t)n;
-        c->bytes[d] += (uint64_t)n;
-        atomic_fetch_add_explicit(&stats.bytes[d], (uint64_t)n, memory_order_relaxed);
         if (cfg.rate_limit) copy_pace_spend(k, mono_ns(), (size_t)n, cfg.rate_limit);
     }
     return (int64_t)moved;
@@ -174,6 +200,11 @@ int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, enum dir 
 void copy_stream(struct conn *c, struct copier *k, enum dir d)
 {
     int from = d == UP ? c->client : c->upstream, to = d == UP ? c->upstream : c->client;
-    if (copy_bytes(c, k, from, to, d, UINT64_MAX) >= 0)
+    if (copy_bytes(c, k, from, to, UINT64_MAX) >= 0)
         shutdown(to, SHUT_WR); /* EOF: pass the half-close on; the other direction goes on */
+}
+
+void copy_down(struct worker *w, struct conn *c)
+{
+    copy_stream(c, &w->cp[DOWN], DOWN);
 }

@@ -23,6 +23,7 @@ static struct {
 
 static struct worker *workers;
 static int started;
+static _Atomic int forced; /* the grace period is over: end every connection */
 static serve_fn serve;
 
 int pool_submit(int fd, const struct addr *peer)
@@ -75,10 +76,11 @@ void pool_set_upstream(struct worker *w, int fd)
     if (old >= 0) close(old);
 }
 
-void pool_back_start(struct worker *w, struct conn *c)
+void pool_back_start(struct worker *w, struct conn *c, serve_fn fn)
 {
     pthread_mutex_lock(&w->mu);
     w->job = c;
+    w->back_fn = fn;
     pthread_cond_broadcast(&w->cv);
     pthread_mutex_unlock(&w->mu);
 }
@@ -92,12 +94,12 @@ void pool_back_wait(struct worker *w)
 
 void pool_relay(struct worker *w, struct conn *c)
 {
-    pool_back_start(w, c);
+    pool_back_start(w, c, copy_down);
     copy_stream(c, &w->cp[UP], UP);
     pool_back_wait(w);
 }
 
-/* The back thread: copies upstream → client for each connection the front hands it. */
+/* The back thread: runs the upstream → client side of each connection the front hands it. */
 static void *back_main(void *arg)
 {
     struct worker *w = arg;
@@ -105,9 +107,10 @@ static void *back_main(void *arg)
     for (;;) {
         while (!w->job && !w->quit) pthread_cond_wait(&w->cv, &w->mu);
         struct conn *c = w->job;
+        serve_fn fn = w->back_fn;
         if (!c) break;
         pthread_mutex_unlock(&w->mu);
-        copy_stream(c, &w->cp[DOWN], DOWN);
+        fn(w, c);
         pthread_mutex_lock(&w->mu);
         w->job = NULL;
         pthread_cond_broadcast(&w->cv);
@@ -128,6 +131,9 @@ static void *front_main(void *arg)
         atomic_fetch_add(&stats.busy, 1);
         pthread_mutex_lock(&w->mu);
         w->conn = &c;
+        /* Taken just as the grace period ran out: pool_stop may have passed this worker
+         * while w->conn was still NULL, so end it here. */
+        if (atomic_load(&forced)) conn_end(&c, END_STOPPED);
         pthread_mutex_unlock(&w->mu);
 
         serve(w, &c);
@@ -164,6 +170,7 @@ int pool_start(serve_fn fn)
         pthread_mutex_init(&w->mu, NULL);
         pthread_cond_init(&w->cv, NULL);
         if (copy_init(&w->cp[UP]) < 0 || copy_init(&w->cp[DOWN]) < 0) return -1;
+        if (cfg.mode == MODE_HTTP && http_init(w) < 0) return -1;
         if (pthread_create(&w->back, &attr, back_main, w)) return -1;
         if (pthread_create(&w->front, &attr, front_main, w)) return -1;
     }
@@ -182,6 +189,7 @@ void pool_stop(void)
     while (atomic_load(&stats.active) > 0 && mono_ns() < deadline) usleep(20000);
 
     /* Out of time: close what still waits in the queue, end what is still being served. */
+    atomic_store(&forced, 1);
     pthread_mutex_lock(&q.mu);
     for (; q.len; q.len--, q.head = (q.head + 1) % q.size) {
         close(q.ring[q.head].fd);
@@ -200,6 +208,7 @@ void pool_stop(void)
         pthread_join(workers[i].back, NULL);
         copy_free(&workers[i].cp[UP]);
         copy_free(&workers[i].cp[DOWN]);
+        if (cfg.mode == MODE_HTTP) http_free(&workers[i]);
     }
     free(workers);
     free(q.ring);

@@ -95,6 +95,9 @@ static void *acceptor_main(void *arg)
             atomic_fetch_sub(&stats.active, 1);
             atomic_fetch_add(&stats.refused_queue, 1);
             log_refused("queue full", &peer);
+            /* Best-effort and never blocking: the acceptor must not wait on one client. */
+            if (cfg.mode == MODE_HTTP)
+                send(fd, http_busy, strlen(http_busy), MSG_DONTWAIT | MSG_NOSIGNAL);
             close(fd);
         }
     }
@@ -168,13 +171,15 @@ int main(int argc, char **argv)
         err(1, "cannot listen on %s", addr_format(&cfg.listen, where, sizeof where));
     if (cfg.stats_listen.len && (admin_fd = open_listener(&cfg.stats_listen)) < 0)
         err(1, "cannot listen on %s", addr_format(&cfg.stats_listen, where, sizeof where));
-    if (pool_start(tcp_serve) < 0) err(1, "cannot start %d workers", cfg.workers);
+    if (pool_start(cfg.mode == MODE_HTTP ? http_serve : tcp_serve) < 0)
+        err(1, "cannot start %d workers", cfg.workers);
     if (admin_fd >= 0 && stats_start(admin_fd) < 0) err(1, "cannot start the metrics thread");
     pthread_t acceptor;
     if (pthread_create(&acceptor, NULL, acceptor_main, NULL)) errx(1, "cannot start the acceptor");
     if (admin_fd >= 0) bound(admin_fd, admin, sizeof admin);
-    fprintf(stderr, "proxy: listening on %s (tcp, %d workers), metrics on %s\n",
-            bound(listen_fd, where, sizeof where), cfg.workers, admin);
+    fprintf(stderr, "proxy: listening on %s (%s, %d workers), metrics on %s\n",
+            bound(listen_fd, where, sizeof where), cfg.mode == MODE_HTTP ? "http" : "tcp",
+            cfg.workers, admin);
 
     for (;;) {
         if (sigwait(&set, &sig)) continue;

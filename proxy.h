@@ -20,6 +20,18 @@
 #ifndef MAX_ALLOW
 #define MAX_ALLOW 64 /* [access] allow networks */
 #endif
+#ifndef MAX_USERS
+#define MAX_USERS 256
+#endif
+#ifndef HEAD_MAX
+#define HEAD_MAX (16 * 1024) /* an HTTP request or response head, in bytes */
+#endif
+#ifndef HTTP_MAX_FIELDS
+#define HTTP_MAX_FIELDS 100 /* header fields in one head */
+#endif
+#ifndef PIPELINE_MAX
+#define PIPELINE_MAX 16 /* requests forwarded and not yet answered, per connection */
+#endif
 #ifndef STACK_SIZE
 #define STACK_SIZE (256 * 1024) /* per thread; getaddrinfo needs more than 32 KiB */
 #endif
@@ -48,7 +60,7 @@ struct cidr {
 
 /* One configured upstream and its health. */
 struct upstream {
-    char name[64]; /* "host:port" as configured: log lines and metric labels */
+    char name[272]; /* "host:port" as configured: log lines and metric labels */
     struct addr addr;
     _Atomic uint64_t down_until; /* monotonic ns; skipped until then unless all are down */
     _Atomic uint64_t connects, failures;
@@ -58,6 +70,10 @@ enum mode { MODE_TCP, MODE_HTTP };
 enum balance { BALANCE_SOURCE, BALANCE_ROUNDROBIN };
 enum copy_mode { COPY_SPLICE, COPY_BUFFER };
 enum send_proxy { SEND_PROXY_OFF, SEND_PROXY_V1, SEND_PROXY_V2 };
+
+struct user {
+    char name[64], pass[128];
+};
 
 /* Everything proxy.ini says; filled once by config_load, read-only while serving
  * (except the health counters inside each upstream). */
@@ -69,10 +85,15 @@ struct config {
     int nup;
     int workers, queue, buffer_size;
     int connect_timeout, idle_timeout; /* seconds; idle_timeout 0 = never */
+    int header_timeout;                /* http: seconds to receive a request head */
     int rate_limit;                    /* bytes/s per direction, 0 = unlimited */
     char log[256];                     /* "-", "off" or a path */
     struct cidr allow[MAX_ALLOW];
     int nallow;
+    uint8_t connect_ports[65536 / 8]; /* a bit per port CONNECT may reach */
+    char realm[64];
+    struct user users[MAX_USERS]; /* any user turns Basic auth on */
+    int nusers;
 };
 
 /* Why a connection ended; the first reason recorded wins. */
@@ -108,16 +129,41 @@ struct copier {
     uint64_t tat; /* rate limit: theoretical arrival time of the next byte, ns */
 };
 
+/* http mode: one side's input with its read buffer. Heads and chunk-size lines are parsed
+ * from the buffer; body bytes leave it first, then go straight from the socket. */
+struct stream {
+    char *buf;       /* HEAD_MAX bytes */
+    size_t off, len; /* the unread bytes are buf[off, len) */
+};
+
+/* http mode: one forwarded request, from the front thread that sent it to the back thread
+ * that relays its response and logs it. */
+struct exchange {
+    uint64_t start_ns, up, down; /* request body bytes; response bytes */
+    char method[16], target[128], user[64];
+    int head, upgrade; /* a HEAD request (no response body); asked to upgrade */
+};
+
+struct worker;
+typedef void (*serve_fn)(struct worker *w, struct conn *c);
+
 /* A worker: a front thread that takes connections from the queue and a back thread that
- * runs the upstream → client loop for it. */
+ * runs the upstream → client side for it. */
 struct worker {
     pthread_t front, back;
     pthread_mutex_t mu; /* guards the fields below */
     pthread_cond_t cv;
     struct conn *conn; /* being served; what a forced stop shuts down */
     struct conn *job;  /* handed to the back thread; NULL when it is idle */
+    serve_fn back_fn;  /* what the back thread runs for job */
     int quit;
     struct copier cp[2]; /* by enum dir */
+    /* http mode */
+    struct stream in[2];                  /* [UP] reads the client, [DOWN] the upstream */
+    char *out;                            /* a rewritten request head */
+    struct exchange sent_x[PIPELINE_MAX]; /* forwarded, not yet answered: a ring */
+    uint64_t sent, answered;              /* counts; the ring holds sent - answered */
+    int upgraded;                         /* the back thread relayed a 101 */
 };
 
 /* ---- config.c: proxy.ini, addresses, networks, the memory plan ------------------------ */
@@ -145,6 +191,9 @@ int cidr_match(const struct cidr *list, int n, const struct addr *a);
 
 /* ---- upstream.c: choosing an upstream, connecting, the PROXY protocol header ---------- */
 
+/* Resolves host and connects to the first of its addresses that answers. Returns the fd, or
+ * -1 with errno (EHOSTUNREACH when the name does not resolve, ETIMEDOUT on timeout). */
+int upstream_dial(const char *host, int port);
 /* Connects to a within timeout_s seconds. Returns the fd, blocking and prepared by
  * copy_prepare, or -1 with errno (ETIMEDOUT on timeout). */
 int upstream_connect(const struct addr *a, int timeout_s);
@@ -159,8 +208,6 @@ int upstream_proxy_header(int version, const struct addr *src, const struct addr
 
 /* ---- pool.c: the bounded queue, the workers, the graceful stop ------------------------ */
 
-typedef void (*serve_fn)(struct worker *w, struct conn *c);
-
 /* Creates cfg.workers workers that call serve for each connection. Returns 0 or -1. */
 int pool_start(serve_fn serve);
 /* Hands an accepted socket to the pool. Returns 0, or -1 when the queue is full or the
@@ -171,8 +218,8 @@ int pool_submit(int fd, const struct addr *peer);
 void pool_set_upstream(struct worker *w, int fd);
 /* Relays both directions of c (front: client → upstream, back: the other) until both end. */
 void pool_relay(struct worker *w, struct conn *c);
-/* Starts the back thread copying upstream → client for c. */
-void pool_back_start(struct worker *w, struct conn *c);
+/* Starts the back thread running fn(w, c); fn handles the upstream → client side. */
+void pool_back_start(struct worker *w, struct conn *c, serve_fn fn);
 /* Waits until the back thread has finished with c. */
 void pool_back_wait(struct worker *w);
 /* Stops taking connections, lets active ones finish for GRACE_SECONDS, ends the rest,
@@ -190,14 +237,19 @@ int copy_init(struct copier *k);
 /* Between connections: forgets pacing; replaces a pipe that still holds bytes. */
 void copy_reset(struct copier *k);
 void copy_free(struct copier *k);
-/* Moves up to limit bytes from → to, counting them in direction d. Returns the bytes moved
+/* Moves up to limit bytes from → to, counting them. Returns the bytes moved
  * when from reached EOF or the limit, or -1 when the connection ended (c->end says why). */
-int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, enum dir d, uint64_t limit);
+int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit);
 /* Sends all n bytes to fd. Returns 0, or -1 when the connection ended. */
 int copy_send(struct conn *c, int to, const char *p, size_t n);
 /* Copies one direction of c until EOF (then shuts down the write side of the destination)
  * or until the connection ends. */
 void copy_stream(struct conn *c, struct copier *k, enum dir d);
+/* The back thread's job in tcp mode and in tunnels: copy_stream upstream → client. */
+void copy_down(struct worker *w, struct conn *c);
+/* Receives into buf: bytes (> 0), 0 at EOF, -1 once the connection ended, or -2 when
+ * TICK_MS passed with nothing to read (the caller checks its own deadlines). */
+ssize_t copy_recv(struct conn *c, int fd, void *buf, size_t len);
 /* Ends c for reason (if none was recorded yet) and wakes both loops. */
 void conn_end(struct conn *c, enum end reason);
 /* Rate limiting: ns to wait before the next read may start (0: now). */
@@ -205,9 +257,75 @@ uint64_t copy_pace_wait(const struct copier *k, uint64_t now);
 /* Rate limiting: charges n bytes moved at now. */
 void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate);
 
+/* ---- http_parse.c: strict HTTP/1.1 heads, targets and chunk sizes --------------------- */
+
+struct field {
+    const char *name, *value; /* into the buffer; value without surrounding whitespace */
+    size_t nlen, vlen;
+};
+
+/* A parsed head. Pointers point into the buffer it was parsed from. */
+struct msg {
+    const char *method, *target; /* requests */
+    size_t mlen, tlen;
+    int version; /* minor: HTTP/1.0 or HTTP/1.1 */
+    int status;  /* responses */
+    struct field field[HTTP_MAX_FIELDS];
+    int nfields;
+    int64_t length; /* Content-Length, -1 without */
+    int chunked, close, keep_alive, upgrade;
+    const struct field *host, *connection, *auth, *upgrade_to;
+    int nauth; /* Proxy-Authorization fields seen */
+};
+
+/* Finds the end of a head in buf[0, len), scanning on from *scanned. Returns the head's
+ * length with its final CRLF CRLF, 0 if more bytes are needed, or -400 on a NUL, a bare CR or
+ * a bare LF. */
+long http_head_end(const char *buf, size_t len, size_t *scanned);
+/* Parses a whole head (request if request, else response) into m. Returns 0, or the status
+ * to refuse it with: 400, 431, 505 for requests; 502 for responses. */
+int http_parse(const char *buf, size_t len, struct msg *m, int request);
+/* Whether p[0, len) is a valid field line "name: value" (a trailer). 0 or -1. */
+int http_field_line(const char *p, size_t len);
+/* Parses a chunk-size line without its CRLF (hex size, optional extensions). 0 or -1. */
+int http_chunk_size(const char *line, size_t len, uint64_t *size);
+/* Parses "host[:port]" or "[v6][:port]" into host (cap bytes) and port; the port defaults
+ * to def, or is required when def is 0. Returns 0 or -1. */
+int http_authority(const char *s, size_t len, char *host, size_t cap, int *port, int def);
+/* Whether s[0, len) equals word, ignoring case. */
+int http_is(const char *s, size_t len, const char *word);
+/* Whether the comma-separated list holds item, ignoring case. */
+int http_list_has(const char *list, size_t len, const char *item, size_t ilen);
+
+/* ---- http.c: HTTP mode ---------------------------------------------------------------- */
+
+/* Serves one client connection in http mode: every request parsed and authenticated. */
+void http_serve(struct worker *w, struct conn *c);
+/* Allocates w's http buffers. Returns 0 or -1. */
+int http_init(struct worker *w);
+void http_free(struct worker *w);
+/* The response the acceptor sends when the queue is full. */
+extern const char http_busy[];
+
+/* ---- auth.c: Proxy-Authorization and CONNECT ports ------------------------------------ */
+
+enum auth { AUTH_OK, AUTH_MISSING, AUTH_MALFORMED, AUTH_BAD, AUTH_MAX };
+extern const char *const auth_names[AUTH_MAX];
+
+/* Checks the request's Proxy-Authorization against [users] (AUTH_OK when there are none)
+ * and copies the user name into user. */
+enum auth auth_check(const struct msg *m, char *user, size_t cap);
+/* Decodes strict base64 (padding required, no whitespace, zero pad bits) into out. Returns
+ * the decoded length, or -1. */
+int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap);
+/* Whether CONNECT may reach port ([access] connect_ports). */
+int auth_port_allowed(int port);
+
 /* ---- stats.c: counters, /metrics, the log --------------------------------------------- */
 
 #define DURATION_BUCKETS 8
+#define HTTP_METHODS     9
+extern const char *const method_names[HTTP_METHODS]; /* GET ... CONNECT, "other" last */
 struct stats {
     _Atomic uint64_t accepted, active, busy, accept_errors;
     _Atomic uint64_t refused_queue, refused_acl;
@@ -215,6 +333,10 @@ struct stats {
     _Atomic uint64_t ended[END_MAX];
     _Atomic uint64_t duration[DURATION_BUCKETS]; /* per bucket, not cumulative */
     _Atomic uint64_t duration_us;                /* sum */
+    _Atomic uint64_t methods[HTTP_METHODS];      /* http: requests by method */
+    _Atomic uint64_t classes[6];                 /* http: responses by status class, 1-5 */
+    _Atomic uint64_t auth_failures[AUTH_MAX];    /* http: by enum auth */
+    _Atomic uint64_t tunnels, upgrades;          /* http: CONNECT tunnels, 101 upgrades */
 };
 extern struct stats stats;
 extern const char *const end_names[END_MAX];
@@ -225,8 +347,12 @@ int stats_start(int fd);
 void stats_stop(void);
 /* Returns the Prometheus text of every counter (malloc'd, caller frees), or NULL. */
 char *stats_render(size_t *len);
-/* Counts a finished connection and writes its access log line. */
+/* Counts a finished connection and, in tcp mode, writes its access log line. */
 void stats_conn_done(const struct conn *c);
+/* http: counts a request's method. */
+void stats_method(const char *method, size_t len);
+/* http: counts a response's status and writes the request's access log line. */
+void stats_request(const struct conn *c, const struct exchange *x, int status);
 
 /* Opens the log: "-" is stderr, "off" disables, else a file opened for append. Also used
  * on SIGHUP to reopen. Returns 0 or -1 with errno. */

@@ -14,6 +14,8 @@
 struct stats stats;
 const char *const end_names[END_MAX] = {"none",           "done",        "idle",   "client_error",
                                         "upstream_error", "no_upstream", "stopped"};
+const char *const method_names[HTTP_METHODS] = {"GET",     "HEAD",  "POST",    "PUT",  "DELETE",
+                                                "OPTIONS", "PATCH", "CONNECT", "other"};
 /* Upper bounds of the duration buckets in seconds; the last bucket is +Inf. */
 static const double bucket_le[DURATION_BUCKETS - 1] = {0.001, 0.01, 0.1, 1, 10, 60, 600};
 
@@ -78,11 +80,29 @@ void stats_conn_done(const struct conn *c)
     atomic_fetch_add(&stats.ended[end], 1);
     atomic_fetch_sub(&stats.active, 1);
 
-    char peer[64], up[64] = "-";
-    if (c->up) snprintf(up, sizeof up, "%s", c->up->name);
+    if (cfg.mode == MODE_HTTP) return; /* http logs a line per request instead */
+    char peer[64];
     log_line("%s -> %s up=%llu down=%llu ms=%.3f end=%s", addr_format(&c->peer, peer, sizeof peer),
-             up, (unsigned long long)c->bytes[UP], (unsigned long long)c->bytes[DOWN],
-             (double)us / 1000, end_names[end]);
+             c->up ? c->up->name : "-", (unsigned long long)c->bytes[UP],
+             (unsigned long long)c->bytes[DOWN], (double)us / 1000, end_names[end]);
+}
+
+void stats_method(const char *method, size_t len)
+{
+    int i = 0;
+    while (i < HTTP_METHODS - 1 &&
+           !(strlen(method_names[i]) == len && !memcmp(method, method_names[i], len)))
+        i++;
+    atomic_fetch_add(&stats.methods[i], 1);
+}
+
+void stats_request(const struct conn *c, const struct exchange *x, int status)
+{
+    char peer[64];
+    if (status >= 100 && status < 600) atomic_fetch_add(&stats.classes[status / 100], 1);
+    log_line("%s %s %s %s %d up=%llu down=%llu ms=%.3f", addr_format(&c->peer, peer, sizeof peer),
+             x->user[0] ? x->user : "-", x->method, x->target, status, (unsigned long long)x->up,
+             (unsigned long long)x->down, (double)(mono_ns() - x->start_ns) / 1e6);
 }
 
 /* ---- Prometheus text ------------------------------------------------------------------ */
@@ -144,6 +164,25 @@ char *stats_render(size_t *len)
         fprintf(f, "proxy_upstream_up{upstream=\"%s\"} %d\n", cfg.up[i].name,
                 atomic_load(&cfg.up[i].down_until) <= mono_ns());
 
+    if (cfg.mode == MODE_HTTP) {
+        head(f, "proxy_http_requests_total", "counter", "Requests by method.");
+        for (int i = 0; i < HTTP_METHODS; i++)
+            fprintf(f, "proxy_http_requests_total{method=\"%s\"} %llu\n", method_names[i],
+                    LOAD(stats.methods[i]));
+        head(f, "proxy_http_responses_total", "counter",
+             "Responses by status class, relayed or the proxy's own.");
+        for (int i = 1; i <= 5; i++)
+            fprintf(f, "proxy_http_responses_total{code=\"%dxx\"} %llu\n", i,
+                    LOAD(stats.classes[i]));
+        head(f, "proxy_auth_failures_total", "counter", "Requests answered 407, by reason.");
+        for (int i = AUTH_MISSING; i < AUTH_MAX; i++)
+            fprintf(f, "proxy_auth_failures_total{reason=\"%s\"} %llu\n", auth_names[i],
+                    LOAD(stats.auth_failures[i]));
+        one(f, "proxy_http_tunnels_total", "counter", "CONNECT tunnels established.",
+            atomic_load(&stats.tunnels));
+        one(f, "proxy_http_upgrades_total", "counter", "Upgrades (101) relayed.",
+            atomic_load(&stats.upgrades));
+    }
     head(f, "proxy_connection_duration_seconds", "histogram",
          "How long connections lasted, from accept to close.");
     uint64_t total = 0;
@@ -174,11 +213,14 @@ static void admin_serve(int fd)
 {
     char req[2048], head[256];
     size_t got = 0;
-    struct timeval tv = {2, 0}; /* a stuck client must not hold the admin thread long */
+    struct timeval tv = {0, 200000};
+    uint64_t deadline = mono_ns() + 2000000000u; /* a slow client holds this thread 2 s at most */
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     while (got < sizeof req - 1) {
+        if (mono_ns() > deadline) return;
         ssize_t n = recv(fd, req + got, sizeof req - 1 - got, 0);
+        if (n < 0 && errno == EAGAIN) continue;
         if (n <= 0) return;
         got += (size_t)n;
         req[got] = 0;

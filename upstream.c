@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <string.h>
@@ -41,6 +42,25 @@ error:
     return -1;
 }
 
+int upstream_dial(const char *host, int port)
+{
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV}, *res;
+    char service[8];
+    int fd = -1, tries = 0;
+    snprintf(service, sizeof service, "%d", port);
+    if (getaddrinfo(host, service, &hints, &res)) return errno = EHOSTUNREACH, -1;
+    /* A name may have several addresses (::1 and 127.0.0.1 for localhost): try a few. */
+    for (struct addrinfo *ai = res; ai && fd < 0 && tries++ < 3; ai = ai->ai_next) {
+        struct addr a = {.len = ai->ai_addrlen};
+        memcpy(&a.sa, ai->ai_addr, ai->ai_addrlen);
+        fd = upstream_connect(&a, cfg.connect_timeout);
+    }
+    int e = errno;
+    freeaddrinfo(res);
+    errno = e;
+    return fd;
+}
+
 /* FNV-1a over the address bytes (not the port: one client machine, one upstream). */
 unsigned upstream_hash(const struct addr *client, unsigned n)
 {
@@ -70,6 +90,7 @@ int upstream_open(struct conn *c)
             struct upstream *u = &cfg.up[k];
             uint64_t down_until = atomic_load(&u->down_until);
             if ((tried & 1u << k) || (pass == 0 && down_until > now)) continue;
+            if (atomic_load(&c->end)) return -1; /* stopped meanwhile: no more tries */
             tried |= 1u << k;
             int fd = upstream_connect(&u->addr, cfg.connect_timeout);
             if (fd >= 0) {
@@ -79,6 +100,8 @@ int upstream_open(struct conn *c)
                 return fd;
             }
             int e = errno;
+            if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM)
+                return -1; /* our shortage, not the upstream's fault: keep it up */
             atomic_fetch_add(&u->failures, 1);
             atomic_store(&u->down_until, mono_ns() + DOWN_SECONDS * 1000000000ull);
             if (down_until <= now) /* log the fall, not every failure while down */

@@ -21,21 +21,29 @@ SANITIZER = re.compile(r"ERROR: (Address|Leak)Sanitizer|WARNING: ThreadSanitizer
 
 
 def finish():
-    """After each test: kills the proxies still running and returns any sanitizer report
-    they printed (a test whose proxy misbehaved under a sanitizer fails)."""
-    reports = []
+    """After each test: stops the proxies still running (SIGTERM, so that a sanitizer build
+    runs its leak check at exit) and returns what went wrong with them: a sanitizer report, a
+    proxy that would not stop, or a failing exit status."""
+    problems = []
     while _started:
         px = _started.pop()
         if px.p.poll() is None:
-            px.p.kill()
-            px.p.wait()
+            px.p.send_signal(signal.SIGTERM)
+            try:
+                px.p.wait(15)
+            except subprocess.TimeoutExpired:
+                px.p.kill()
+                px.p.wait()
+                problems.append("proxy did not stop within 15 s of SIGTERM")
         with px.cond:  # let the reader thread take the last lines
             px.cond.wait_for(lambda: px.lines and px.lines[-1] is None, 5)
         text = px.text()
         m = SANITIZER.search(text)
         if m:
-            reports.append(text[max(0, m.start() - 200):m.start() + 3000])
-    return reports
+            problems.append(text[max(0, m.start() - 200):m.start() + 3000])
+        elif px.p.returncode not in (0, -signal.SIGKILL) and not px.expect_failure:
+            problems.append("proxy exited with status %d:\n%s" % (px.p.returncode, text[-2000:]))
+    return problems
 
 
 def write_ini(sections, name="proxy.ini"):
@@ -60,6 +68,7 @@ class Proxy:
         ini.update(sections or {})
         self.ini = write_ini(ini)
         self.lines = []
+        self.expect_failure = False  # set by a test that makes the proxy fail on purpose
         self.cond = threading.Condition()
         self.p = subprocess.Popen([PROXY, "-c", self.ini], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
@@ -142,9 +151,7 @@ class Proxy:
         return self
 
     def __exit__(self, *exc):
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait()
+        pass  # finish() stops it after the test, and checks how it stopped
 
 
 class Server:

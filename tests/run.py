@@ -62,9 +62,9 @@ def main():
             try:
                 fn()
                 signal.alarm(0)
-                reports = lib.finish()
-                if reports:
-                    raise AssertionError("sanitizer report:\n" + "\n".join(reports))
+                problems = lib.finish()
+                if problems:
+                    raise AssertionError("\n".join(problems))
                 passed += 1
                 print("ok   %s (%.1fs)" % (name, time.monotonic() - start), flush=True)
             except BaseException as e:

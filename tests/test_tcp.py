@@ -10,9 +10,16 @@ import subprocess
 import threading
 import time
 
-from lib import (PROXY, SCALE, TMP, Proxy, Server, blackhole, capture_handler, closed_port,
+import lib
+from lib import (PROXY, SCALE, TMP, Server, blackhole, capture_handler, closed_port,
                  connect, echo_handler, exchange, hold_handler, random_bytes, recv_all,
                  recv_line, sha, sink_handler, write_ini)
+
+
+def Proxy(*args, **keys):
+    """A proxy in tcp mode (http is the default)."""
+    keys.setdefault("mode", "tcp")
+    return lib.Proxy(*args, **keys)
 
 
 def limit(seconds):
@@ -184,12 +191,34 @@ def test_balance_roundrobin_alternates():
             assert names[0] != names[1] and names == names[:2] * 3, names
 
 
-def test_rate_limit_is_a_lower_bound_on_time():
+def source_handler(c, server):
+    """Sends 1 MiB, then closes."""
+    c.sendall(random_bytes(1 << 20))
+
+
+def test_rate_limit_paces_each_direction():
+    """1 MiB at 256 KiB/s takes 3.875 s of pacing; well under 10 s unless pacing oversleeps."""
     data = random_bytes(1 << 20)
-    with Server(echo_handler) as echo, Proxy(echo.addr, rate_limit="256k") as px:
-        start = time.monotonic()
-        assert exchange(px.addr, data) == (sha(data), len(data))
-        assert time.monotonic() - start >= 3.5
+    results = {}
+    with Server(sink_handler) as sink, Server(source_handler) as source:
+        with Proxy(sink.addr, rate_limit="256k") as up, Proxy(source.addr, rate_limit="256k") as down:
+            def upload():
+                start = time.monotonic()
+                s = connect(up.addr, timeout=20)
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                results["up"] = (recv_all(s), time.monotonic() - start)
+
+            t = threading.Thread(target=upload)
+            t.start()
+            start = time.monotonic()
+            got = recv_all(connect(down.addr, timeout=20))
+            results["down"] = (sha(got), time.monotonic() - start)
+            t.join(20)
+    assert results["up"][0] == b"%d %s" % (len(data), sha(data).encode())
+    assert results["down"][0] == sha(data)
+    for direction, (_, took) in results.items():
+        assert 3.5 <= took < 10, (direction, took)
 
 
 def v2_header(src, dst):
@@ -265,7 +294,7 @@ def test_bad_configs_exit_2_naming_file_and_line_and_t_prints_the_plan():
     cases = {
         "[proxy]\nupstream = 127.0.0.1:80\nworkers = lots\n": r":3: workers = 'lots': expected",
         "[proxy]\nupstream = 127.0.0.1:80\n[nope]\n a = 1\n": r":4: unknown section \[nope\]",
-        "[proxy]\nworkers = 2\n": r":1: \[proxy\] needs 'upstream = host:port'",
+        "[proxy]\nmode = tcp\n": r":1: \[proxy\] needs 'upstream = host:port'",
         "[proxy]\nupstream = 127.0.0.1:80\n[access]\nallow = 300.0.0.0/8\n": r":4: allow:",
     }
     for text, want in cases.items():
@@ -278,7 +307,8 @@ def test_bad_configs_exit_2_naming_file_and_line_and_t_prints_the_plan():
             assert re.match(re.escape(path) + want, r.stderr), (r.stderr, want)
     r = run_proxy("-c", os.path.join(TMP, "missing.ini"))
     assert r.returncode == 2 and "cannot open" in r.stderr
-    good = write_ini({"proxy": {"upstream": "127.0.0.1:80", "workers": 100, "copy": "buffer"}})
+    good = write_ini({"proxy": {"mode": "tcp", "upstream": "127.0.0.1:80", "workers": 100,
+                                "copy": "buffer"}})
     r = run_proxy("-t", "-c", good)
     assert r.returncode == 0, r
     assert "configuration ok" in r.stdout and "100 workers: 200 threads" in r.stdout, r.stdout
@@ -286,7 +316,7 @@ def test_bad_configs_exit_2_naming_file_and_line_and_t_prints_the_plan():
     assert run_proxy("-V").stdout.startswith("proxy ")
     assert run_proxy("-h").returncode == 0
     assert run_proxy("-x").returncode == 2
-    r = run_proxy("-c", write_ini({"proxy": {"upstream": "127.0.0.1:80", "listen": "8.8.8.8:1"}}))
+    r = run_proxy("-c", write_ini({"proxy": {"listen": "8.8.8.8:1"}}))
     assert r.returncode == 1 and "cannot listen on 8.8.8.8:1" in r.stderr, r
 
 
@@ -394,22 +424,92 @@ def test_metrics_are_well_formed_prometheus_text():
         assert recv_all(s).startswith(b"HTTP/1.1 404 ")
 
 
-def test_idle_timeout_cuts_a_connection_whose_upstream_stopped_reading():
-    def stall_handler(c, server):  # accepts, never reads
-        while not server.closed:
-            time.sleep(0.1)
+def stall_handler(c, server):
+    """Accepts and never reads."""
+    while not server.closed:
+        time.sleep(0.1)
 
+
+def test_idle_timeout_cuts_a_connection_whose_upstream_stopped_reading():
     for copy in ("splice", "buffer"):
         with Server(stall_handler) as stall, Proxy(stall.addr, idle_timeout=1, copy=copy) as px:
-            s = connect(px.addr, timeout=10)
-            start = time.monotonic()
+            s = connect(px.addr, timeout=30)
+
+            def fill():  # fills every buffer on the way, then blocks until the proxy cuts
+                try:
+                    s.sendall(random_bytes(16 << 20))
+                except OSError:
+                    pass
+
+            threading.Thread(target=fill, daemon=True).start()
+            # A trickle of window updates may move a few bytes now and then, and moving
+            # bytes is activity; but the connection must end idle, and soon.
+            px.wait_line("end=idle", timeout=25)
+            s.close()
+
+
+def test_a_pipe_left_full_by_a_dead_connection_is_not_handed_on():
+    first = []
+
+    def stall_then_capture(c, server):
+        with server.lock:
+            first.append(1)
+            stall = len(first) == 1
+        if stall:
+            return stall_handler(c, server)
+        capture_handler(c, server)
+
+    with Server(stall_then_capture) as srv, Proxy(srv.addr, workers=1, idle_timeout=1) as px:
+        s = connect(px.addr, timeout=30)
+
+        def fill():
             try:
-                while time.monotonic() - start < 8:  # fills every buffer on the way, then blocks
-                    s.sendall(b"z" * 65536)
+                s.sendall(random_bytes(16 << 20))
             except OSError:
-                pass  # the proxy closed or reset us: what we want
-            assert time.monotonic() - start < 6, copy
-            px.wait_line("end=idle")
+                pass  # cut by the proxy, as intended
+
+        threading.Thread(target=fill, daemon=True).start()
+        px.wait_line("end=idle", timeout=25)  # the worker's pipe held bytes for the stalled one
+        s.close()
+        t = connect(px.addr)
+        t.sendall(b"hello")
+        t.shutdown(socket.SHUT_WR)
+        recv_all(t)
+        deadline = time.monotonic() + 5
+        while not srv.received and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert srv.received == [b"hello"], srv.received[0][:64] if srv.received else None
+
+
+def test_urgent_data_is_relayed_in_line_in_both_copy_modes():
+    for copy in ("splice", "buffer"):
+        with Server(capture_handler) as cap, Proxy(cap.addr, copy=copy) as px:
+            s = connect(px.addr)
+            s.sendall(b"abc")
+            time.sleep(0.1)
+            s.send(b"X", socket.MSG_OOB)
+            time.sleep(0.1)
+            s.sendall(b"def")
+            s.shutdown(socket.SHUT_WR)
+            recv_all(s)
+            deadline = time.monotonic() + 5
+            while not cap.received and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert cap.received == [b"abcXdef"], (copy, cap.received)
+
+
+def test_allow_list_on_a_dual_stack_listener_matches_v4_clients_as_v4():
+    with Server(echo_handler) as echo:
+        with Proxy(echo.addr, listen="[::]:0", sections={"access": {"allow": "127.0.0.0/8"}}) as px:
+            v4 = connect(("127.0.0.1", px.addr[1]))  # arrives as ::ffff:127.0.0.1
+            v4.sendall(b"4")
+            assert v4.recv(1) == b"4"
+            v6 = connect(("::1", px.addr[1]))
+            try:
+                assert v6.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            px.wait_metric('proxy_connections_refused_total{reason="not_allowed"}', 1)
 
 
 def test_no_nagle_stall_on_small_writes_either_way():

@@ -1,0 +1,89 @@
+/* auth.c — who may use the HTTP proxy and where it may go: Proxy-Authorization Basic (RFC 7617)
+ * checked against [users] on every request, and the ports CONNECT may reach. Credentials are
+ * only compared here; nothing here logs or echoes them. */
+#include "proxy.h"
+
+#include <string.h>
+#include <strings.h>
+
+const char *const auth_names[AUTH_MAX] = {"ok", "missing", "malformed", "bad_credentials"};
+
+static int b64_value(unsigned char ch)
+{
+    if (ch >= 'A' && ch <= 'Z') return ch - 'A';
+    if (ch >= 'a' && ch <= 'z') return ch - 'a' + 26;
+    if (ch >= '0' && ch <= '9') return ch - '0' + 52;
+    if (ch == '+') return 62;
+    if (ch == '/') return 63;
+    return -1;
+}
+
+int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap)
+{
+    /* Strict: whole quads, the alphabet only, '=' only as the last one or two characters,
+     * and zero padding bits, so that one credential has exactly one spelling. */
+    size_t n = 0;
+    if (len == 0 || len % 4) return -1;
+    for (size_t i = 0; i < len; i += 4) {
+        int v[4], pad = 0;
+        for (int j = 0; j < 4; j++) {
+            int last = i + 4 == len;
+            if (in[i + j] == '=' && last && j >= 2 && (j == 3 || in[i + 3] == '=')) {
+                v[j] = 0;
+                pad++;
+            } else if ((v[j] = b64_value((unsigned char)in[i + j])) < 0 || pad) {
+                return -1;
+            }
+        }
+        uint32_t quad = (uint32_t)(v[0] << 18 | v[1] << 12 | v[2] << 6 | v[3]);
+        if ((pad == 1 && (quad & 0xff)) || (pad == 2 && (quad & 0xffff))) return -1;
+        if (n + 3 - (size_t)pad > cap) return -1;
+        out[n++] = (unsigned char)(quad >> 16);
+        if (pad < 2) out[n++] = (unsigned char)(quad >> 8);
+        if (pad < 1) out[n++] = (unsigned char)quad;
+    }
+    return (int)n;
+}
+
+/* Compares in time that depends only on the stored secret's length, not on the guess. */
+static int same_secret(const unsigned char *guess, size_t glen, const char *secret)
+{
+    size_t slen = strlen(secret);
+    unsigned diff = glen != slen;
+    for (size_t i = 0; i < slen; i++)
+        diff |= (unsigned char)secret[i] ^ (glen ? guess[i % glen] : 0);
+    return diff == 0;
+}
+
+enum auth auth_check(const struct msg *m, char *user, size_t cap)
+{
+    unsigned char cred[256];
+    user[0] = 0;
+    if (!cfg.nusers) return AUTH_OK;
+    if (!m->nauth) return AUTH_MISSING;
+    const struct field *f = m->auth;
+    if (m->nauth > 1 || f->vlen < 7 || strncasecmp(f->value, "basic ", 6)) return AUTH_MALFORMED;
+    const char *tok = f->value + 6, *end = f->value + f->vlen;
+    while (tok < end && *tok == ' ') tok++;
+    int n = auth_base64_decode(tok, (size_t)(end - tok), cred, sizeof cred);
+    const unsigned char *colon = n > 0 ? memchr(cred, ':', (size_t)n) : NULL;
+    if (!colon) return AUTH_MALFORMED;
+    size_t ulen = (size_t)(colon - cred);
+    enum auth result = AUTH_BAD;
+    for (int i = 0; i < cfg.nusers; i++) {
+        const struct user *u = &cfg.users[i];
+        if (strlen(u->name) != ulen || memcmp(u->name, cred, ulen)) continue;
+        if (same_secret(colon + 1, (size_t)(cred + n - colon - 1), u->pass)) {
+            snprintf(user, cap, "%s", u->name);
+            result = AUTH_OK;
+        }
+        break;
+    }
+    memset(cred, 0, sizeof cred); /* best-effort: do not leave the password on the stack */
+    return result;
+}
+
+int auth_port_allowed(int port)
+{
+    return port > 0 && port < 65536 && (cfg.connect_ports[port / 8] >> (port % 8) & 1);
+}
