@@ -132,8 +132,7 @@ static int add_upstream(struct loader *l, char *s)
     struct upstream *u = &c->up[c->nup];
     if (addr_parse(s, &u->addr, why, sizeof why) < 0)
         return fail(l, l->line, "upstream '%s': %s", s, why);
-    if (((struct sockaddr_in *)&u->addr.sa)->sin_port == 0) /* sin6_port sits at the same place */
-        return fail(l, l->line, "upstream '%s': port 0", s);
+    if (addr_port(&u->addr) == 0) return fail(l, l->line, "upstream '%s': port 0", s);
     strcpy(u->name, s);
     c->nup++;
     return 1;
@@ -392,18 +391,25 @@ int addr_parse(const char *s, struct addr *a, char *err, size_t errlen)
     return 0;
 }
 
+const uint8_t *addr_ip(const struct addr *a, int *len)
+{
+    const struct sockaddr_in *s4 = (const void *)&a->sa;
+    const struct sockaddr_in6 *s6 = (const void *)&a->sa;
+    *len = s4->sin_family == AF_INET ? 4 : 16;
+    return *len == 4 ? (const uint8_t *)&s4->sin_addr : (const uint8_t *)&s6->sin6_addr;
+}
+
+int addr_port(const struct addr *a)
+{
+    return ntohs(((const struct sockaddr_in *)&a->sa)->sin_port); /* where sin6_port is, too */
+}
+
 char *addr_format(const struct addr *a, char *buf, size_t len)
 {
     char ip[INET6_ADDRSTRLEN] = "?";
-    const struct sockaddr_in *s4 = (const void *)&a->sa;
-    const struct sockaddr_in6 *s6 = (const void *)&a->sa;
-    if (s4->sin_family == AF_INET) {
-        inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof ip);
-        snprintf(buf, len, "%s:%u", ip, ntohs(s4->sin_port));
-    } else {
-        inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof ip);
-        snprintf(buf, len, "[%s]:%u", ip, ntohs(s6->sin6_port));
-    }
+    int n;
+    inet_ntop(a->sa.ss_family, addr_ip(a, &n), ip, sizeof ip);
+    snprintf(buf, len, n == 4 ? "%s:%d" : "[%s]:%d", ip, addr_port(a));
     return buf;
 }
 
@@ -454,16 +460,13 @@ int cidr_parse(const char *s, struct cidr *n)
 int cidr_match(const struct cidr *list, int count, const struct addr *a)
 {
     struct addr u = *a;
+    int len;
     addr_unmap(&u);
-    const struct sockaddr_in *s4 = (const void *)&u.sa;
-    const struct sockaddr_in6 *s6 = (const void *)&u.sa;
-    const uint8_t *ip = s4->sin_family == AF_INET ? (const uint8_t *)&s4->sin_addr
-                                                  : (const uint8_t *)&s6->sin6_addr;
+    const uint8_t *ip = addr_ip(&u, &len);
     for (int i = 0; i < count; i++) {
         const struct cidr *n = &list[i];
-        if (n->family != s4->sin_family) continue;
         int full = n->bits / 8, rest = n->bits % 8;
-        if (memcmp(ip, n->net, full)) continue;
+        if ((n->family == AF_INET) != (len == 4) || memcmp(ip, n->net, full)) continue;
         if (rest && ((ip[full] ^ n->net[full]) & (0xff << (8 - rest)) & 0xff)) continue;
         return 1;
     }

@@ -180,6 +180,9 @@ void config_plan(const struct config *c, FILE *out);
 /* Parses "host:port", "[v6]:port" or "*:port" (resolving names). Returns 0 or -1 with a
  * reason in err. */
 int addr_parse(const char *s, struct addr *a, char *err, size_t errlen);
+/* The address bytes of a (4 or 16 of them, *len says which) and its port. */
+const uint8_t *addr_ip(const struct addr *a, int *len);
+int addr_port(const struct addr *a);
 /* Writes "1.2.3.4:80" or "[::1]:80" into buf; returns buf. */
 char *addr_format(const struct addr *a, char *buf, size_t len);
 /* Rewrites an IPv4-mapped IPv6 address (::ffff:1.2.3.4) as plain IPv4. */

@@ -65,12 +65,9 @@ int upstream_dial(const char *host, int port)
 unsigned upstream_hash(const struct addr *client, unsigned n)
 {
     struct addr a = *client;
+    int len;
     addr_unmap(&a);
-    const struct sockaddr_in *s4 = (const void *)&a.sa;
-    const struct sockaddr_in6 *s6 = (const void *)&a.sa;
-    const uint8_t *p = s4->sin_family == AF_INET ? (const uint8_t *)&s4->sin_addr
-                                                 : (const uint8_t *)&s6->sin6_addr;
-    int len = s4->sin_family == AF_INET ? 4 : 16;
+    const uint8_t *p = addr_ip(&a, &len);
     uint32_t h = 2166136261u;
     for (int i = 0; i < len; i++) h = (h ^ p[i]) * 16777619u;
     return h % n;
@@ -115,38 +112,31 @@ int upstream_open(struct conn *c)
 int upstream_proxy_header(int version, const struct addr *src, const struct addr *dst, char *buf)
 {
     struct addr s = *src, d = *dst;
+    int len, dlen;
     addr_unmap(&s);
     addr_unmap(&d);
-    int fam = s.sa.ss_family;
-    if (fam != d.sa.ss_family) fam = AF_UNSPEC;
-    const struct sockaddr_in *s4 = (const void *)&s.sa, *d4 = (const void *)&d.sa;
-    const struct sockaddr_in6 *s6 = (const void *)&s.sa, *d6 = (const void *)&d.sa;
-
+    const uint8_t *sip = addr_ip(&s, &len), *dip = addr_ip(&d, &dlen);
+    if (len != dlen) len = 0; /* families differ: say UNKNOWN */
     if (version == 1) {
         char sa[INET6_ADDRSTRLEN], da[INET6_ADDRSTRLEN];
-        if (fam == AF_UNSPEC) return sprintf(buf, "PROXY UNKNOWN\r\n");
-        const void *sp = fam == AF_INET ? (const void *)&s4->sin_addr : &s6->sin6_addr;
-        const void *dp = fam == AF_INET ? (const void *)&d4->sin_addr : &d6->sin6_addr;
-        return sprintf(buf, "PROXY TCP%c %s %s %u %u\r\n", fam == AF_INET ? '4' : '6',
-                       inet_ntop(fam, sp, sa, sizeof sa), inet_ntop(fam, dp, da, sizeof da),
-                       ntohs(s4->sin_port), ntohs(d4->sin_port));
+        int fam = len == 4 ? AF_INET : AF_INET6;
+        if (!len) return sprintf(buf, "PROXY UNKNOWN\r\n");
+        return sprintf(buf, "PROXY TCP%c %s %s %d %d\r\n", len == 4 ? '4' : '6',
+                       inet_ntop(fam, sip, sa, sizeof sa), inet_ntop(fam, dip, da, sizeof da),
+                       addr_port(&s), addr_port(&d));
     }
     /* Version 2: signature, version+command (2, PROXY), family+protocol, length, addresses. */
     static const char sig[12] = "\r\n\r\n\0\r\nQUIT\n";
-    int alen = fam == AF_INET ? 4 : fam == AF_INET6 ? 16 : 0;
-    char *p = buf;
-    memcpy(p, sig, 12);
-    p[12] = 0x21;
-    p[13] = fam == AF_INET ? 0x11 : fam == AF_INET6 ? 0x21 : 0x00;
-    uint16_t len = htons(alen ? 2 * alen + 4 : 0);
-    memcpy(p + 14, &len, 2);
-    p += 16;
-    if (alen) {
-        memcpy(p, fam == AF_INET ? (const void *)&s4->sin_addr : &s6->sin6_addr, alen);
-        memcpy(p + alen, fam == AF_INET ? (const void *)&d4->sin_addr : &d6->sin6_addr, alen);
-        memcpy(p + 2 * alen, &s4->sin_port, 2); /* sin6_port sits at the same place */
-        memcpy(p + 2 * alen + 2, &d4->sin_port, 2);
-        p += 2 * alen + 4;
-    }
-    return (int)(p - buf);
+    uint16_t body = htons(len ? 2 * len + 4 : 0), sport = htons(addr_port(&s)),
+             dport = htons(addr_port(&d));
+    memcpy(buf, sig, 12);
+    buf[12] = 0x21;
+    buf[13] = len == 4 ? 0x11 : len == 16 ? 0x21 : 0x00; /* TCP over IPv4, IPv6, or unspec */
+    memcpy(buf + 14, &body, 2);
+    if (!len) return 16;
+    memcpy(buf + 16, sip, len);
+    memcpy(buf + 16 + len, dip, len);
+    memcpy(buf + 16 + 2 * len, &sport, 2);
+    memcpy(buf + 18 + 2 * len, &dport, 2);
+    return 20 + 2 * len;
 }
