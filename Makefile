@@ -1,6 +1,7 @@
 # Makefile — build, run, test (plain and under sanitizers), clean. `make help` lists targets.
 # Missing Debian packages are installed with apt-get when run as root, else named.
 
+SHELL    = /bin/bash
 CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN     = -Wall -Wextra -Werror -Wno-missing-field-initializers
@@ -19,7 +20,18 @@ need = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  { apt-get update -q >/dev/null && apt-get install -y -q $(1) >/dev/null; }; \
 	else echo "make: missing packages; run: sudo apt-get install $(1)" >&2; exit 1; fi
 
-.PHONY: all run test asan tsan deps test-deps clean help
+FUZZ     = head chunked auth config
+FUZZ_SECONDS ?= 30
+NUMERIC_DNS  = -Wl,--wrap=getaddrinfo # fuzz_config: no input may reach the DNS
+
+# A sample of the integration tests under valgrind (each is slow there): every mode and
+# the error paths, none that asserts on timing.
+VALGRIND_TESTS = half_close,failover_to,proxy_protocol,curl_through,test_http_curl_gets
+VALGRIND_TESTS := $(VALGRIND_TESTS),test_http_post_bodies,test_http_pipelined,upgrade_101
+VALGRIND_TESTS := $(VALGRIND_TESTS),resets_mid,second_host
+VALGRIND = valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite
+
+.PHONY: all run test asan tsan fuzz fuzz-run valgrind lint soak deps test-deps clean help
 all: $(BIN)
 
 help:
@@ -28,6 +40,10 @@ help:
 	@echo "make test       unit and integration tests; ends with 'N passed, N failed'"
 	@echo "make asan       the same tests against an AddressSanitizer+UBSan build"
 	@echo "make tsan       the same tests against a ThreadSanitizer build"
+	@echo "make fuzz       each libFuzzer target for FUZZ_SECONDS (default 30) under ASan+UBSan"
+	@echo "make valgrind   unit tests and a sample of integration tests under valgrind"
+	@echo "make lint       cppcheck and clang-tidy (.clang-tidy); no finding may remain"
+	@echo "make soak       SOAK_SECONDS (default 600) of mixed load; RSS, fds, threads must stay flat"
 	@echo "make clean"
 
 deps:
@@ -63,6 +79,38 @@ asan:
 tsan:
 	$(MAKE) --no-print-directory B=build/tsan BIN=build/tsan/proxy CFLAGS="-O1 -g" \
 	  SAN="-fsanitize=thread" test
+
+valgrind: $(BIN) $(B)/unit | test-deps
+	@command -v valgrind >/dev/null || { $(call need,valgrind); }
+	$(VALGRIND) $(B)/unit >/dev/null
+	PROXY_WRAPPER="$(VALGRIND)" python3 tests/run.py --proxy ./$(BIN) --unit $(B)/unit \
+	  -k $(VALGRIND_TESTS)
+
+soak: $(BIN) | test-deps
+	PROXY_BIN=./$(BIN) python3 tests/soak.py
+
+lint:
+	@command -v cppcheck >/dev/null && command -v clang-tidy >/dev/null || \
+	  { $(call need,cppcheck clang-tidy); }
+	cppcheck --enable=warning,performance,portability,style --std=c11 --inline-suppr --quiet \
+	  --error-exitcode=1 -D_GNU_SOURCE -I. $(SRC) proxy.c
+	clang-tidy --quiet $(SRC) proxy.c -- -std=c11 -D_GNU_SOURCE -I. 2>/dev/null
+
+# libFuzzer targets (clang): the objects get coverage instrumentation, each target its main.
+fuzz:
+	@command -v clang >/dev/null || { $(call need,clang libclang-rt-dev); }
+	$(MAKE) --no-print-directory B=build/fuzz CC=clang CFLAGS="-O1 -g" \
+	  SAN="-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=all" fuzz-run
+
+fuzz-run: $(FUZZ:%=$(B)/fuzz_%)
+	@for t in $(FUZZ); do mkdir -p $(B)/corpus/$$t; echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; \
+	  $(B)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=20000 -print_final_stats=1 \
+	    $(B)/corpus/$$t tests/corpus/$$t 2>&1 | grep -E "stat::number_of_executed_units|ERROR|SUMMARY|Done"; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; done
+
+$(B)/fuzz_%: tests/fuzz/fuzz_%.c $(OBJ)
+	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer -o $@ $^ $(LDLIBS) \
+	  $(if $(findstring config,$*),$(NUMERIC_DNS))
 
 clean:
 	rm -rf build proxy

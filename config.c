@@ -263,7 +263,8 @@ static char *reader(char *buf, int size, void *user)
         fail(l, l->line, "line longer than %d characters (continue a list on an indented line)",
              size - 2);
         int ch;
-        while ((ch = fgetc(l->f)) != EOF && ch != '\n') continue;
+        do ch = fgetc(l->f);
+        while (ch != EOF && ch != '\n');
         buf[0] = 0;
     }
     const char *s = buf + strspn(buf, " \t");

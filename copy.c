@@ -16,7 +16,7 @@ void copy_prepare(int fd)
     /* Best-effort: a socket without these still works, only slower or less watched. Without
      * TCP_NODELAY a small reply waits for the peer's delayed ACK (~40 ms). */
     int one = 1;
-    struct timeval tick = {TICK_MS / 1000, TICK_MS % 1000 * 1000};
+    struct timeval tick = {TICK_MS / 1000, TICK_MS % 1000 * 1000L};
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one); /* urgent bytes stay in line */
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tick, sizeof tick);
@@ -63,8 +63,10 @@ void conn_end(struct conn *c, enum end reason)
 {
     int none = END_NONE;
     atomic_compare_exchange_strong(&c->end, &none, (int)reason);
-    /* shutdown, not close: it wakes a thread blocked on the fd without freeing the number. */
-    shutdown(c->client, SHUT_RDWR);
+    /* shutdown, not close: it wakes a thread blocked on the fd without freeing the number.
+     * When the upstream failed, the client may still be owed a reply (http: 502), so only its
+     * reading side is shut; the front thread closes the socket once the reply is out. */
+    shutdown(c->client, reason == END_UPSTREAM ? SHUT_RD : SHUT_RDWR);
     if (c->upstream >= 0) shutdown(c->upstream, SHUT_RDWR);
 }
 

@@ -64,24 +64,34 @@ static void quiesce(struct worker *w)
     pthread_mutex_unlock(&w->mu);
 }
 
-/* Queues x for the back thread (waiting while PIPELINE_MAX are in flight); returns its
- * number, which answered passes once its response is relayed. */
-static uint64_t push(struct worker *w, const struct exchange *x)
+/* Queues x for the back thread (waiting while PIPELINE_MAX are in flight) and sets *seq to
+ * the count that answered passes once its response is relayed. Returns -1 when the back
+ * thread has left (the upstream closed): then x was not queued and a new connection is due. */
+static int push(struct worker *w, const struct exchange *x, uint64_t *seq)
 {
     pthread_mutex_lock(&w->mu);
-    while (w->sent - w->answered == PIPELINE_MAX && w->job) pthread_cond_wait(&w->cv, &w->mu);
-    w->sent_x[w->sent % PIPELINE_MAX] = *x;
-    uint64_t seq = ++w->sent;
+    while (w->sent - w->answered == PIPELINE_MAX && w->job && !w->gone)
+        pthread_cond_wait(&w->cv, &w->mu);
+    int ok = w->job && !w->gone;
+    if (ok) {
+        w->sent_x[w->sent % PIPELINE_MAX] = *x;
+        *seq = ++w->sent;
+    }
     pthread_mutex_unlock(&w->mu);
-    return seq;
+    return ok ? 0 : -1;
 }
 
-/* The back thread: the request the next response answers; 0 if none is waiting. */
+/* The back thread: the request the next response answers. With none waiting it returns 0 and
+ * marks the upstream gone, in the same lock as push() checks it, so that no request can slip
+ * in after the back thread decided to leave. */
 static int oldest(struct worker *w, struct exchange *x)
 {
     pthread_mutex_lock(&w->mu);
     int pending = w->sent != w->answered;
-    if (pending) *x = w->sent_x[w->answered % PIPELINE_MAX];
+    if (pending)
+        *x = w->sent_x[w->answered % PIPELINE_MAX];
+    else
+        w->gone = 1;
     pthread_mutex_unlock(&w->mu);
     return pending;
 }
@@ -169,12 +179,12 @@ static int relay_n(struct conn *c, struct copier *k, struct stream *s, int from,
     return n == have || copy_bytes(c, k, from, to, n - have) == (int64_t)(n - have) ? 0 : -1;
 }
 
-/* Relays a chunked body, checking every size line; the bytes go on as they came. The loop is
- * flat on purpose: no recursion, no limit on the number of chunks, each one bounded. */
-static int relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to)
+/* The loop is flat on purpose: no recursion, no limit on the number of chunks, each one
+ * bounded. */
+int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to)
 {
     uint64_t size;
-    do {
+    for (;;) {
         long n = read_line(c, s, from);
         if (n < 0 || http_chunk_size(s->buf + s->off, (size_t)n, &size) < 0) return -1;
         if (copy_send(c, to, s->buf + s->off, (size_t)n + 2) < 0) return -1;
@@ -183,7 +193,7 @@ static int relay_chunked(struct conn *c, struct copier *k, struct stream *s, int
         if (relay_n(c, k, s, from, to, size) < 0 || read_line(c, s, from) != 0) return -1;
         if (copy_send(c, to, "\r\n", 2) < 0) return -1;
         s->off += 2;
-    } while (size);
+    }
     for (;;) { /* the trailer section: field lines, then an empty line */
         long n = read_line(c, s, from);
         if (n < 0 || (n > 0 && http_field_line(s->buf + s->off, (size_t)n) < 0)) return -1;
@@ -211,7 +221,8 @@ static void no_response(struct worker *w, struct conn *c, struct exchange *x)
 {
     static const char bad[] = "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\n"
                               "Content-Length: 16\r\nConnection: close\r\n\r\n502 Bad Gateway\n";
-    if (!atomic_load(&c->end)) copy_send(c, c->client, bad, sizeof bad - 1);
+    int end = atomic_load(&c->end);
+    if (end == END_NONE || end == END_UPSTREAM) copy_send(c, c->client, bad, sizeof bad - 1);
     stats_request(c, x, 502);
     answered(w, 0);
     conn_end(c, END_UPSTREAM);
@@ -237,7 +248,7 @@ static void responses(struct worker *w, struct conn *c)
         if (m.status == 101 || x.head || m.status == 204 || m.status == 304)
             rc = 0;
         else if (m.chunked)
-            rc = relay_chunked(c, &w->cp[DOWN], s, c->upstream, c->client);
+            rc = http_relay_chunked(c, &w->cp[DOWN], s, c->upstream, c->client);
         else if (m.length >= 0)
             rc = relay_n(c, &w->cp[DOWN], s, c->upstream, c->client, (uint64_t)m.length);
         else
@@ -385,7 +396,7 @@ static int route(struct worker *w, struct conn *c, char *key, const char *want, 
                  int port)
 {
     pthread_mutex_lock(&w->mu);
-    int alive = w->job != NULL;
+    int alive = w->job && !w->gone;
     pthread_mutex_unlock(&w->mu);
     if (alive && !strcmp(key, want)) return 0;
     end_upstream(w, c);
@@ -394,6 +405,7 @@ static int route(struct worker *w, struct conn *c, char *key, const char *want, 
     if (fd < 0) return errno == ETIMEDOUT ? 504 : 502;
     pool_set_upstream(w, fd);
     snprintf(key, 300, "%s", want);
+    w->gone = 0; /* the back thread is not running: no lock needed */
     pool_back_start(w, c, responses);
     return 0;
 }
@@ -441,18 +453,23 @@ static int request(struct worker *w, struct conn *c, const struct msg *m, long h
     if (is_connect) return tunnel(w, c, m, &x);
     if (!authority && (!cfg.nup || (m->version && !m->host))) return reply(w, c, &x, 400, 0);
 
-    snprintf(want, sizeof want, "%s:%d", authority ? host : "=", port);
-    if ((status = route(w, c, key, want, authority ? host : NULL, port)))
-        return reply(w, c, &x, status, 0);
-    if (!authority) snprintf(x.target, sizeof x.target, "%.127s", c->up->name);
     long n = rewrite(w, m, path, plen, authority, alen);
     if (n < 0) return reply(w, c, &x, 431, 0);
     x.upgrade = m->upgrade;
     /* Counted before it goes: the response (and its log line) may beat the body upstream. */
     x.up = (uint64_t)n + (m->length > 0 ? (uint64_t)m->length : 0);
-    uint64_t seq = push(w, &x), up = c->bytes[UP];
+    snprintf(want, sizeof want, "%s:%d", authority ? host : "=", port);
+    uint64_t seq, up = c->bytes[UP];
+    for (int tries = 0;; tries++) { /* a kept-alive upstream may have just closed: once more */
+        if ((status = route(w, c, key, want, authority ? host : NULL, port)))
+            return reply(w, c, &x, status, 0);
+        if (!authority) snprintf(x.target, sizeof x.target, "%.127s", c->up->name);
+        if (push(w, &x, &seq) == 0) break;
+        if (tries || atomic_load(&c->end)) return reply(w, c, &x, 502, 0);
+        key[0] = 0;
+    }
     if (copy_send(c, c->upstream, w->out, (size_t)n) < 0) return -1;
-    int rc = m->chunked ? relay_chunked(c, &w->cp[UP], in, c->client, c->upstream)
+    int rc = m->chunked ? http_relay_chunked(c, &w->cp[UP], in, c->client, c->upstream)
              : m->length > 0
                  ? relay_n(c, &w->cp[UP], in, c->client, c->upstream, (uint64_t)m->length)
                  : 0;

@@ -180,7 +180,7 @@ int http_chunk_size(const char *line, size_t len, uint64_t *size)
     *size = 0;
     while (n < len && isxdigit((unsigned char)line[n])) {
         if (n == 16) return -1; /* more than 64 bits: refuse, never wrap */
-        int d = line[n];
+        int d = (unsigned char)line[n];
         *size = *size << 4 | (uint64_t)(isdigit(d) ? d - '0' : (tolower(d) - 'a' + 10));
         n++;
     }

@@ -24,7 +24,7 @@
 #define MAX_USERS 256
 #endif
 #ifndef HEAD_MAX
-#define HEAD_MAX (16 * 1024) /* an HTTP request or response head, in bytes */
+#define HEAD_MAX 16384 /* bytes in an HTTP request or response head: 16 KiB */
 #endif
 #ifndef HTTP_MAX_FIELDS
 #define HTTP_MAX_FIELDS 100 /* header fields in one head */
@@ -33,7 +33,7 @@
 #define PIPELINE_MAX 16 /* requests forwarded and not yet answered, per connection */
 #endif
 #ifndef STACK_SIZE
-#define STACK_SIZE (256 * 1024) /* per thread; getaddrinfo needs more than 32 KiB */
+#define STACK_SIZE 262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
 #endif
 #ifndef TICK_MS
 #define TICK_MS 1000 /* a blocked read or write wakes this often to check idle_timeout */
@@ -164,6 +164,7 @@ struct worker {
     struct exchange sent_x[PIPELINE_MAX]; /* forwarded, not yet answered: a ring */
     uint64_t sent, answered;              /* counts; the ring holds sent - answered */
     int upgraded;                         /* the back thread relayed a 101 */
+    int gone;                             /* the back thread is leaving: nothing to answer */
 };
 
 /* ---- config.c: proxy.ini, addresses, networks, the memory plan ------------------------ */
@@ -304,6 +305,9 @@ int http_list_has(const char *list, size_t len, const char *item, size_t ilen);
 
 /* Serves one client connection in http mode: every request parsed and authenticated. */
 void http_serve(struct worker *w, struct conn *c);
+/* Relays a chunked body from s (what is buffered, then the socket from) to `to`, checking
+ * every size line and trailer; the bytes go on exactly as they came. Returns 0 or -1. */
+int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to);
 /* Allocates w's http buffers. Returns 0 or -1. */
 int http_init(struct worker *w);
 void http_free(struct worker *w);

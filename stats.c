@@ -211,7 +211,7 @@ static pthread_t admin;
 /* Answers one request on fd: GET /metrics, or an error. One request per connection. */
 static void admin_serve(int fd)
 {
-    char req[2048], head[256];
+    char req[2048] = "", hdr[256];
     size_t got = 0;
     struct timeval tv = {0, 200000};
     uint64_t deadline = mono_ns() + 2000000000u; /* a slow client holds this thread 2 s at most */
@@ -236,11 +236,11 @@ static void admin_serve(int fd)
         status = body ? "200 OK" : "500 Internal Server Error";
         type = "text/plain; version=0.0.4; charset=utf-8";
     }
-    int n = snprintf(head, sizeof head,
+    int n = snprintf(hdr, sizeof hdr,
                      "HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
                      "Connection: close\r\n\r\n",
                      status, type, len);
-    send(fd, head, (size_t)n, MSG_NOSIGNAL);
+    send(fd, hdr, (size_t)n, MSG_NOSIGNAL);
     if (body && req[0] == 'G')
         for (size_t off = 0; off < len;) {
             ssize_t w = send(fd, body + off, len - off, MSG_NOSIGNAL);

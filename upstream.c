@@ -136,7 +136,7 @@ int upstream_proxy_header(int version, const struct addr *src, const struct addr
     if (!len) return 16;
     memcpy(buf + 16, sip, len);
     memcpy(buf + 16 + len, dip, len);
-    memcpy(buf + 16 + 2 * len, &sport, 2);
-    memcpy(buf + 18 + 2 * len, &dport, 2);
+    memcpy(buf + 16 + 2 * (size_t)len, &sport, 2);
+    memcpy(buf + 18 + 2 * (size_t)len, &dport, 2);
     return 20 + 2 * len;
 }

@@ -13,6 +13,8 @@ import time
 import urllib.request
 
 PROXY = os.environ.get("PROXY_BIN", "./proxy")
+# make valgrind runs the proxy under it: PROXY_WRAPPER="valgrind --error-exitcode=1 ..."
+WRAPPER = os.environ.get("PROXY_WRAPPER", "").split()
 # Sanitizer builds are slower: they move less data (set by run.py, 1 = full size).
 SCALE = float(os.environ.get("PROXY_TEST_SCALE", "1"))
 TMP = tempfile.mkdtemp(prefix="proxy-test-")
@@ -59,7 +61,7 @@ def write_ini(sections, name="proxy.ini"):
 class Proxy:
     """Runs ./proxy with the given [proxy] keys (and other sections), reading its stderr."""
 
-    def __init__(self, upstream=None, sections=None, **keys):
+    def __init__(self, upstream=None, sections=None, preexec_fn=None, **keys):
         proxy = {"listen": "127.0.0.1:0", "workers": 8, "log": "-"}
         if upstream is not None:
             proxy["upstream"] = upstream
@@ -70,11 +72,11 @@ class Proxy:
         self.lines = []
         self.expect_failure = False  # set by a test that makes the proxy fail on purpose
         self.cond = threading.Condition()
-        self.p = subprocess.Popen([PROXY, "-c", self.ini], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(WRAPPER + [PROXY, "-c", self.ini], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
         _started.append(self)
         threading.Thread(target=self._read, daemon=True).start()
-        m = self.wait_line(r"listening on (\S+):(\d+) .*metrics on (\S+)")
+        m = self.wait_line(r"listening on (\S+):(\d+) .*metrics on (\S+)", 60 if WRAPPER else 10)
         host = m.group(1).strip("[]")
         self.addr = (host, int(m.group(2)))
         mh, _, mp = m.group(3).rpartition(":")

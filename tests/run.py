@@ -2,7 +2,7 @@
 """tests/run.py — runs the C unit tests, then every test_* function of tests/test_*.py against
 a real ./proxy, each under its own time limit, and ends with the line 'N passed, N failed'.
 
-    python3 tests/run.py --proxy ./proxy --unit build/unit [-k substring]
+    python3 tests/run.py --proxy ./proxy --unit build/unit [-k substring,substring]
 """
 import argparse
 import glob
@@ -30,7 +30,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--proxy", default="./proxy")
     ap.add_argument("--unit", default="build/unit")
-    ap.add_argument("-k", default="", help="run only tests whose name contains this")
+    ap.add_argument("-k", default="", help="run only tests whose name contains one of these "
+                    "comma-separated substrings (and skip the unit tests)")
     args = ap.parse_args()
     os.environ["PROXY_BIN"] = os.path.abspath(args.proxy)
     if "/asan/" in args.proxy or "/tsan/" in args.proxy:
@@ -55,7 +56,9 @@ def main():
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         for name, fn in list(vars(mod).items()):
-            if not name.startswith("test_") or not callable(fn) or args.k not in name:
+            if not name.startswith("test_") or not callable(fn):
+                continue
+            if args.k and not any(k in name for k in args.k.split(",")):
                 continue
             start = time.monotonic()
             signal.alarm(getattr(fn, "limit", 60))

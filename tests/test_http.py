@@ -459,6 +459,21 @@ def test_http_keepalive_second_request_with_bad_credentials_gets_407_not_the_bac
         assert px.metric('proxy_auth_failures_total{reason="missing"}') == 1
 
 
+def test_http_a_second_host_after_a_good_request_still_needs_credentials():
+    with origin(name=b"A") as a, origin(name=b"B") as b, http_proxy() as px:
+        c = Client(px)
+        assert c.ask(get(a, "/1", AUTH)).status == 200
+        for fields in ((), (basic(password=WRONG),), ("Proxy-Authorization: Basic",),
+                       (AUTH, AUTH)):
+            resp = c.ask(get(b, "/sneak", *fields))
+            assert resp.status == 407, (fields, resp.head)
+        resp = c.ask(request("CONNECT", b.addr, "Host: " + b.addr))  # nor a tunnel
+        assert resp.status == 407, resp.head
+        assert b.conns == 0 and b.heads == [], "an unauthenticated request reached B"
+        assert c.ask(get(b, "/2", AUTH)).status == 200
+        assert [r.target for r in b.heads] == ["/2"]
+
+
 def test_http_pipelined_requests_are_each_authenticated():
     with origin() as o, http_proxy() as px:
         c = Client(px)
