@@ -421,7 +421,7 @@ static int request(struct worker *w, struct conn *c, const struct msg *m, long h
     const char *authority = NULL, *path = m->target;
     size_t alen = 0, plen = m->tlen;
     char host[256], want[300];
-    int port = 0, status;
+    int port = 0;
     snprintf(x.method, sizeof x.method, "%.*s", (int)m->mlen, m->method);
     snprintf(x.target, sizeof x.target, "-");
     stats_method(m->method, m->mlen);
@@ -461,8 +461,8 @@ static int request(struct worker *w, struct conn *c, const struct msg *m, long h
     snprintf(want, sizeof want, "%s:%d", authority ? host : "=", port);
     uint64_t seq, up = c->bytes[UP];
     for (int tries = 0;; tries++) { /* a kept-alive upstream may have just closed: once more */
-        if ((status = route(w, c, key, want, authority ? host : NULL, port)))
-            return reply(w, c, &x, status, 0);
+        int status = route(w, c, key, want, authority ? host : NULL, port);
+        if (status) return reply(w, c, &x, status, 0);
         if (!authority) snprintf(x.target, sizeof x.target, "%.127s", c->up->name);
         if (push(w, &x, &seq) == 0) break;
         if (tries || atomic_load(&c->end)) return reply(w, c, &x, 502, 0);
