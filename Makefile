@@ -31,7 +31,8 @@ VALGRIND_TESTS := $(VALGRIND_TESTS),test_http_post_bodies,test_http_pipelined,up
 VALGRIND_TESTS := $(VALGRIND_TESTS),resets_mid,second_host
 VALGRIND = valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite
 
-.PHONY: all run test asan tsan fuzz fuzz-run valgrind lint soak deps test-deps clean help
+.PHONY: all run test asan tsan fuzz fuzz-run valgrind lint soak bench bench-quick deps test-deps \
+  clean help
 all: $(BIN)
 
 help:
@@ -44,6 +45,8 @@ help:
 	@echo "make valgrind   unit tests and a sample of integration tests under valgrind"
 	@echo "make lint       cppcheck and clang-tidy (.clang-tidy); no finding may remain"
 	@echo "make soak       SOAK_SECONDS (default 600) of mixed load; RSS, fds, threads must stay flat"
+	@echo "make bench      side-by-side benchmarks with peers (< 15 min); see bench/README.md"
+	@echo "make bench-quick  the same, one short round (< 2 min)"
 	@echo "make clean"
 
 deps:
@@ -85,6 +88,12 @@ valgrind: $(BIN) $(B)/unit | test-deps
 	$(VALGRIND) $(B)/unit >/dev/null
 	PROXY_WRAPPER="$(VALGRIND)" python3 tests/run.py --proxy ./$(BIN) --unit $(B)/unit \
 	  -k $(VALGRIND_TESTS)
+
+bench:
+	python3 bench/run.py
+
+bench-quick:
+	python3 bench/run.py --quick
 
 soak: $(BIN) | test-deps
 	PROXY_BIN=./$(BIN) python3 tests/soak.py
