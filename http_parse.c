@@ -13,6 +13,12 @@ static int is_tchar(unsigned char ch)
     return isalnum(ch) || (ch && strchr("!#$%&'*+-.^_`|~", ch));
 }
 
+/* Visible ASCII: the characters a request-target may use. */
+static int is_visible(unsigned char ch)
+{
+    return ch > 0x20 && ch < 0x7f;
+}
+
 /* Field-value characters: VCHAR, obs-text, SP and HTAB; never a control character. */
 static int is_vchar(unsigned char ch)
 {
@@ -80,7 +86,7 @@ static int request_line(const char *p, const char *end, struct msg *m)
     m->mlen = (size_t)n;
     p += n + 1;
     m->target = p;
-    while (p<end && * p> 0x20 && *p < 0x7f) p++; /* visible ASCII only */
+    while (p < end && is_visible((unsigned char)*p)) p++;
     m->tlen = (size_t)(p - m->target);
     if (m->tlen == 0 || p == end || *p != ' ') return 400;
     if ((m->version = version(p + 1, end, &ok)) < 0) return 400;
@@ -118,7 +124,6 @@ static int known_field(struct msg *m, const struct field *f)
         if (m->host) return 400;
         m->host = f;
     } else if (http_is(f->name, f->nlen, "connection")) {
-        m->connection = f; /* one is enough to know; several are merged by the list check */
         m->close |= http_list_has(f->value, f->vlen, "close", 5);
         m->keep_alive |= http_list_has(f->value, f->vlen, "keep-alive", 10);
         m->upgrade |= http_list_has(f->value, f->vlen, "upgrade", 7);

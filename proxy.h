@@ -278,8 +278,8 @@ struct msg {
     int nfields;
     int64_t length; /* Content-Length, -1 without */
     int chunked, close, keep_alive, upgrade;
-    const struct field *host, *connection, *auth, *upgrade_to;
-    int nauth; /* Proxy-Authorization fields seen */
+    const struct field *host, *auth, *upgrade_to; /* the last seen of each */
+    int nauth;                                    /* Proxy-Authorization fields seen */
 };
 
 /* Finds the end of a head in buf[0, len), scanning on from *scanned. Returns the head's
