@@ -14,7 +14,8 @@
 void copy_prepare(int fd)
 {
     /* Best-effort: a socket without these still works, only slower or less watched. Without
-     * TCP_NODELAY a small reply waits for the peer's delayed ACK (~40 ms). */
+     * TCP_NODELAY a small reply waits for the peer's delayed ACK (~40 ms). Set on the
+     * listening socket, they are inherited by every socket it accepts (Linux). */
     int one = 1;
     struct timeval tick = {TICK_MS / 1000, TICK_MS % 1000 * 1000L};
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);

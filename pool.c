@@ -127,7 +127,6 @@ static void *front_main(void *arg)
     while (take(&p) == 0) {
         struct conn c = {.client = p.fd, .upstream = -1, .peer = p.peer, .start_ns = mono_ns()};
         atomic_store(&c.last_ns, c.start_ns);
-        copy_prepare(c.client);
         atomic_fetch_add(&stats.busy, 1);
         pthread_mutex_lock(&w->mu);
         w->conn = &c;

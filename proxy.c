@@ -169,6 +169,7 @@ int main(int argc, char **argv)
 
     if ((listen_fd = open_listener(&cfg.listen)) < 0)
         err(1, "cannot listen on %s", addr_format(&cfg.listen, where, sizeof where));
+    copy_prepare(listen_fd); /* accepted sockets inherit these options: no calls per client */
     if (cfg.stats_listen.len && (admin_fd = open_listener(&cfg.stats_listen)) < 0)
         err(1, "cannot listen on %s", addr_format(&cfg.stats_listen, where, sizeof where));
     if (pool_start(cfg.mode == MODE_HTTP ? http_serve : tcp_serve) < 0)

@@ -234,7 +234,8 @@ int pool_queued(void);
 
 /* ---- copy.c: the copy loops ----------------------------------------------------------- */
 
-/* Prepares a fresh connection's sockets: TCP_NODELAY and the TICK_MS timeouts. */
+/* Sets a socket's options for the copy loops: TCP_NODELAY, urgent data in line, and the
+ * TICK_MS timeouts. Called on the listener (accepted sockets inherit them) and upstreams. */
 void copy_prepare(int fd);
 /* A worker's copier: allocated once (buffer or pipe by cfg.copy). Returns 0 or -1. */
 int copy_init(struct copier *k);
