@@ -9,6 +9,8 @@ ALL_CFLAGS = $(CFLAGS) $(WARN) -std=c11 -D_GNU_SOURCE -pthread $(SAN)
 LDLIBS   = $(shell pkg-config --libs inih 2>/dev/null || echo -linih) -pthread
 
 B       ?= build
+PREFIX  ?= /usr/local
+DESTDIR ?=
 BIN     ?= proxy
 SRC      = auth.c config.c copy.c http.c http_parse.c pool.c stats.c upstream.c
 OBJ      = $(SRC:%.c=$(B)/%.o)
@@ -31,8 +33,8 @@ VALGRIND_TESTS := $(VALGRIND_TESTS),test_http_post_bodies,test_http_pipelined,up
 VALGRIND_TESTS := $(VALGRIND_TESTS),resets_mid,second_host
 VALGRIND = valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite
 
-.PHONY: all run test asan tsan fuzz fuzz-run valgrind lint soak bench bench-quick deps test-deps \
-  clean help
+.PHONY: all run test asan tsan fuzz fuzz-run valgrind lint soak bench bench-quick install \
+  uninstall deps test-deps clean help
 all: $(BIN)
 
 help:
@@ -47,6 +49,8 @@ help:
 	@echo "make soak       SOAK_SECONDS (default 600) of mixed load; RSS, fds, threads must stay flat"
 	@echo "make bench      side-by-side benchmarks with peers (< 15 min); see bench/README.md"
 	@echo "make bench-quick  the same, one short round (< 2 min)"
+	@echo "make install    PREFIX=/usr/local DESTDIR=: binary, man page, systemd unit, examples,"
+	@echo "                /etc/proxy/proxy.ini (kept if present); make uninstall undoes it"
 	@echo "make clean"
 
 deps:
@@ -120,6 +124,21 @@ fuzz-run: $(FUZZ:%=$(B)/fuzz_%)
 $(B)/fuzz_%: tests/fuzz/fuzz_%.c $(OBJ)
 	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer -o $@ $^ $(LDLIBS) \
 	  $(if $(findstring config,$*),$(NUMERIC_DNS))
+
+install: $(BIN)
+	install -Dm755 $(BIN) $(DESTDIR)$(PREFIX)/bin/proxy
+	install -Dm644 proxy.1 $(DESTDIR)$(PREFIX)/share/man/man1/proxy.1
+	sed 's|/usr/local|$(PREFIX)|g' proxy.service > $(B)/proxy.service
+	install -Dm644 $(B)/proxy.service $(DESTDIR)$(PREFIX)/lib/systemd/system/proxy.service
+	install -d $(DESTDIR)$(PREFIX)/share/doc/proxy/examples
+	install -m644 README.md $(DESTDIR)$(PREFIX)/share/doc/proxy/
+	install -m644 examples/*.ini $(DESTDIR)$(PREFIX)/share/doc/proxy/examples/
+	test -e $(DESTDIR)/etc/proxy/proxy.ini || install -Dm644 proxy.ini $(DESTDIR)/etc/proxy/proxy.ini
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/proxy $(DESTDIR)$(PREFIX)/share/man/man1/proxy.1 \
+	  $(DESTDIR)$(PREFIX)/lib/systemd/system/proxy.service
+	rm -rf $(DESTDIR)$(PREFIX)/share/doc/proxy
 
 clean:
 	rm -rf build proxy

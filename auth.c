@@ -8,8 +8,7 @@
 
 const char *const auth_names[AUTH_MAX] = {"ok", "missing", "malformed", "bad_credentials"};
 
-static int b64_value(unsigned char ch)
-{
+static int b64_value(unsigned char ch) {
     if (ch >= 'A' && ch <= 'Z') return ch - 'A';
     if (ch >= 'a' && ch <= 'z') return ch - 'a' + 26;
     if (ch >= '0' && ch <= '9') return ch - '0' + 52;
@@ -18,8 +17,7 @@ static int b64_value(unsigned char ch)
     return -1;
 }
 
-int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap)
-{
+int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap) {
     /* Strict: whole quads, the alphabet only, '=' only as the last one or two characters,
      * and zero padding bits, so that one credential has exactly one spelling. */
     size_t n = 0;
@@ -46,8 +44,7 @@ int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t ca
 }
 
 /* Compares in time that depends only on the stored secret's length, not on the guess. */
-static int same_secret(const unsigned char *guess, size_t glen, const char *secret)
-{
+static int same_secret(const unsigned char *guess, size_t glen, const char *secret) {
     size_t slen = strlen(secret);
     unsigned diff = glen != slen;
     for (size_t i = 0; i < slen; i++)
@@ -55,8 +52,7 @@ static int same_secret(const unsigned char *guess, size_t glen, const char *secr
     return diff == 0;
 }
 
-enum auth auth_check(const struct msg *m, char *user, size_t cap)
-{
+enum auth auth_check(const struct msg *m, char *user, size_t cap) {
     unsigned char cred[256];
     user[0] = 0;
     if (!cfg.nusers) return AUTH_OK;
@@ -83,7 +79,6 @@ enum auth auth_check(const struct msg *m, char *user, size_t cap)
     return result;
 }
 
-int auth_port_allowed(int port)
-{
+int auth_port_allowed(int port) {
     return port > 0 && port < 65536 && (cfg.connect_ports[port / 8] >> (port % 8) & 1);
 }

@@ -43,6 +43,7 @@ static const struct key keys[] = {
     {"proxy", "header_timeout", INT, F(header_timeout), 1, 3600},
     {"proxy", "rate_limit", SIZE, F(rate_limit), 0, 0x7fffffff},
     {"proxy", "send_proxy", ENUM, F(send_proxy), .enums = "off v1 v2"},
+    {"proxy", "reuse_port", ENUM, F(reuse_port), .enums = "no yes"},
     {"proxy", "log", TEXT, F(log), 0, sizeof cfg.log},
     {"access", "allow", CIDRS, F(allow)},
     {"access", "connect_ports", PORTS, F(connect_ports)},
@@ -66,8 +67,7 @@ struct loader {
 };
 
 /* Records the first error only: later ones are often its consequences. */
-static int fail(struct loader *l, int line, const char *fmt, ...)
-{
+static int fail(struct loader *l, int line, const char *fmt, ...) {
     if (l->err_line) return 0;
     va_list ap;
     int n = snprintf(l->err, l->errlen, "%s:%d: ", l->c->file, line);
@@ -79,8 +79,7 @@ static int fail(struct loader *l, int line, const char *fmt, ...)
 }
 
 /* Parses a whole number with an optional k, m or g (binary) suffix. */
-static int parse_number(const char *s, int suffixes, long long *out)
-{
+static int parse_number(const char *s, int suffixes, long long *out) {
     char *end;
     if (!isdigit((unsigned char)*s)) return -1;
     errno = 0;
@@ -103,8 +102,7 @@ static int parse_number(const char *s, int suffixes, long long *out)
 
 /* Splits a comma-separated value into trimmed items and calls add for each. A trailing comma
  * is allowed, so that a long list can go on on the next, indented line. */
-static int each_item(struct loader *l, const char *value, int (*add)(struct loader *, char *))
-{
+static int each_item(struct loader *l, const char *value, int (*add)(struct loader *, char *)) {
     char buf[256];
     if (strlen(value) >= sizeof buf) return fail(l, l->line, "value too long");
     strcpy(buf, value);
@@ -120,8 +118,7 @@ static int each_item(struct loader *l, const char *value, int (*add)(struct load
     return 1;
 }
 
-static int add_upstream(struct loader *l, char *s)
-{
+static int add_upstream(struct loader *l, char *s) {
     struct config *c = l->c;
     char why[160];
     if (c->nup == MAX_UPSTREAMS) return fail(l, l->line, "more than %d upstreams", MAX_UPSTREAMS);
@@ -138,8 +135,7 @@ static int add_upstream(struct loader *l, char *s)
     return 1;
 }
 
-static int add_ports(struct loader *l, char *s)
-{
+static int add_ports(struct loader *l, char *s) {
     long long lo = 1, hi = 65535;
     char *dash = strchr(s, '-');
     if (dash) *dash = 0;
@@ -151,8 +147,7 @@ static int add_ports(struct loader *l, char *s)
     return 1;
 }
 
-static int add_user(struct loader *l, const char *name, const char *pass)
-{
+static int add_user(struct loader *l, const char *name, const char *pass) {
     struct config *c = l->c;
     if (c->nusers == MAX_USERS) return fail(l, l->line, "more than %d users", MAX_USERS);
     if (strlen(name) >= sizeof c->users[0].name || strchr(name, ':'))
@@ -168,8 +163,7 @@ static int add_user(struct loader *l, const char *name, const char *pass)
     return 1;
 }
 
-static int add_cidr(struct loader *l, char *s)
-{
+static int add_cidr(struct loader *l, char *s) {
     struct config *c = l->c;
     if (c->nallow == MAX_ALLOW) return fail(l, l->line, "more than %d networks", MAX_ALLOW);
     if (cidr_parse(s, &c->allow[c->nallow]) < 0)
@@ -179,8 +173,7 @@ static int add_cidr(struct loader *l, char *s)
 }
 
 /* inih calls this for every key = value; returns 0 on an error (recorded by fail). */
-static int handler(void *user, const char *section, const char *name, const char *value)
-{
+static int handler(void *user, const char *section, const char *name, const char *value) {
     struct loader *l = user;
     struct config *c = l->c;
     const struct key *k = NULL;
@@ -253,8 +246,7 @@ static int handler(void *user, const char *section, const char *name, const char
 
 /* inih reads lines through this so that we know each line's number and catch lines too long
  * for inih's fixed buffer instead of letting it split them silently. */
-static char *reader(char *buf, int size, void *user)
-{
+static char *reader(char *buf, int size, void *user) {
     struct loader *l = user;
     if (!fgets(buf, size, l->f)) return NULL;
     l->line++;
@@ -273,8 +265,7 @@ static char *reader(char *buf, int size, void *user)
     return buf;
 }
 
-static void defaults(struct config *c, const char *file)
-{
+static void defaults(struct config *c, const char *file) {
     char err[64];
     memset(c, 0, sizeof *c);
     c->file = file;
@@ -300,8 +291,7 @@ static void defaults(struct config *c, const char *file)
 
 /* Whether two listen addresses would collide: the same port on the same host, or on a
  * wildcard that covers it ([::] covers IPv4 too, 0.0.0.0 only IPv4). */
-static int same_listener(const struct addr *a, const struct addr *b)
-{
+static int same_listener(const struct addr *a, const struct addr *b) {
     char x[64], y[64];
     addr_format(a, x, sizeof x), addr_format(b, y, sizeof y);
     const char *px = strrchr(x, ':'), *py = strrchr(y, ':');
@@ -312,16 +302,14 @@ static int same_listener(const struct addr *a, const struct addr *b)
 }
 
 /* The line a key was set on, or def if it was not: where to point an error about it. */
-static int line_of(const struct loader *l, const char *section, const char *name, int def)
-{
+static int line_of(const struct loader *l, const char *section, const char *name, int def) {
     for (size_t i = 0; i < NKEYS; i++)
         if (!strcmp(keys[i].section, section) && !strcmp(keys[i].name, name) && l->seen[i])
             return l->seen[i];
     return def;
 }
 
-int config_load(struct config *c, const char *file, char *err, size_t errlen)
-{
+int config_load(struct config *c, const char *file, char *err, size_t errlen) {
     struct loader l = {.c = c, .err = err, .errlen = errlen};
     defaults(c, file);
     l.f = fopen(file, "r");
@@ -356,8 +344,7 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen)
 
 /* ---- addresses and networks ----------------------------------------------------------- */
 
-int addr_parse(const char *s, struct addr *a, char *err, size_t errlen)
-{
+int addr_parse(const char *s, struct addr *a, char *err, size_t errlen) {
     char host[256];
     const char *port;
     size_t hl;
@@ -392,21 +379,18 @@ int addr_parse(const char *s, struct addr *a, char *err, size_t errlen)
     return 0;
 }
 
-const uint8_t *addr_ip(const struct addr *a, int *len)
-{
+const uint8_t *addr_ip(const struct addr *a, int *len) {
     const struct sockaddr_in *s4 = (const void *)&a->sa;
     const struct sockaddr_in6 *s6 = (const void *)&a->sa;
     *len = s4->sin_family == AF_INET ? 4 : 16;
     return *len == 4 ? (const uint8_t *)&s4->sin_addr : (const uint8_t *)&s6->sin6_addr;
 }
 
-int addr_port(const struct addr *a)
-{
+int addr_port(const struct addr *a) {
     return ntohs(((const struct sockaddr_in *)&a->sa)->sin_port); /* where sin6_port is, too */
 }
 
-char *addr_format(const struct addr *a, char *buf, size_t len)
-{
+char *addr_format(const struct addr *a, char *buf, size_t len) {
     char ip[INET6_ADDRSTRLEN] = "?";
     int n;
     inet_ntop(a->sa.ss_family, addr_ip(a, &n), ip, sizeof ip);
@@ -414,8 +398,7 @@ char *addr_format(const struct addr *a, char *buf, size_t len)
     return buf;
 }
 
-void addr_unmap(struct addr *a)
-{
+void addr_unmap(struct addr *a) {
     struct sockaddr_in6 s6;
     memcpy(&s6, &a->sa, sizeof s6);
     if (s6.sin6_family != AF_INET6 || !IN6_IS_ADDR_V4MAPPED(&s6.sin6_addr)) return;
@@ -426,8 +409,7 @@ void addr_unmap(struct addr *a)
     a->len = sizeof s4;
 }
 
-int cidr_parse(const char *s, struct cidr *n)
-{
+int cidr_parse(const char *s, struct cidr *n) {
     char ip[INET6_ADDRSTRLEN];
     const char *slash = strchr(s, '/');
     size_t len = slash ? (size_t)(slash - s) : strlen(s);
@@ -458,8 +440,7 @@ int cidr_parse(const char *s, struct cidr *n)
     return 0;
 }
 
-int cidr_match(const struct cidr *list, int count, const struct addr *a)
-{
+int cidr_match(const struct cidr *list, int count, const struct addr *a) {
     struct addr u = *a;
     int len;
     addr_unmap(&u);
@@ -477,8 +458,7 @@ int cidr_match(const struct cidr *list, int count, const struct addr *a)
 /* ---- the memory plan (-t) ------------------------------------------------------------- */
 
 /* Writes a byte count the way a person reads it: 512 KiB, 32 MiB, 1.5 GiB. */
-static const char *human(long long n, char *buf, size_t len)
-{
+static const char *human(long long n, char *buf, size_t len) {
     const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
     double v = (double)n;
     int u = 0;
@@ -487,13 +467,11 @@ static const char *human(long long n, char *buf, size_t len)
     return buf;
 }
 
-long long config_fds(const struct config *c)
-{
+long long config_fds(const struct config *c) {
     return (long long)c->workers * (c->copy == COPY_SPLICE ? 6 : 2) + c->queue + 16;
 }
 
-void config_plan(const struct config *c, FILE *o)
-{
+void config_plan(const struct config *c, FILE *o) {
     static const char *modes[] = {"tcp", "http"}, *copies[] = {"splice", "buffer"};
     char listen[64], admin[64] = "off", a[16], b[16], d[16], e[16];
     int splice = c->copy == COPY_SPLICE, fds = splice ? 6 : 2;

@@ -11,8 +11,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
-void copy_prepare(int fd)
-{
+void copy_prepare(int fd) {
     /* Best-effort: a socket without these still works, only slower or less watched. Without
      * TCP_NODELAY a small reply waits for the peer's delayed ACK (~40 ms). Set on the
      * listening socket, they are inherited by every socket it accepts (Linux). */
@@ -24,8 +23,7 @@ void copy_prepare(int fd)
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tick, sizeof tick);
 }
 
-int copy_init(struct copier *k)
-{
+int copy_init(struct copier *k) {
     static _Atomic int warned;
     k->buf = NULL;
     k->pipe[0] = k->pipe[1] = -1;
@@ -40,8 +38,7 @@ int copy_init(struct copier *k)
     return 0;
 }
 
-void copy_reset(struct copier *k)
-{
+void copy_reset(struct copier *k) {
     char sink[4096];
     k->tat = 0;
     /* A connection that ended with bytes still in the pipe must not hand them to the next
@@ -54,14 +51,12 @@ void copy_reset(struct copier *k)
     }
 }
 
-void copy_free(struct copier *k)
-{
+void copy_free(struct copier *k) {
     free(k->buf);
     if (k->pipe[0] >= 0) close(k->pipe[0]), close(k->pipe[1]);
 }
 
-void conn_end(struct conn *c, enum end reason)
-{
+void conn_end(struct conn *c, enum end reason) {
     int none = END_NONE;
     atomic_compare_exchange_strong(&c->end, &none, (int)reason);
     /* shutdown, not close: it wakes a thread blocked on the fd without freeing the number.
@@ -71,14 +66,12 @@ void conn_end(struct conn *c, enum end reason)
     if (c->upstream >= 0) shutdown(c->upstream, SHUT_RDWR);
 }
 
-static void touch(struct conn *c)
-{
+static void touch(struct conn *c) {
     atomic_store_explicit(&c->last_ns, mono_ns(), memory_order_relaxed);
 }
 
 /* A read or write waited TICK_MS without progress: whether the connection goes on. */
-static int still_alive(struct conn *c)
-{
+static int still_alive(struct conn *c) {
     if (atomic_load(&c->end)) return 0;
     uint64_t last = atomic_load_explicit(&c->last_ns, memory_order_relaxed), now = mono_ns();
     if (cfg.idle_timeout && now > last && now - last >= (uint64_t)cfg.idle_timeout * 1000000000u) {
@@ -89,8 +82,7 @@ static int still_alive(struct conn *c)
 }
 
 /* Whether a failed call may simply be retried: interrupted, or a tick with the peer alive. */
-static int retry(struct conn *c, int fd, int err)
-{
+static int retry(struct conn *c, int fd, int err) {
     if (err == EINTR) return 1;
     if (err == EAGAIN) return still_alive(c);
     conn_end(c, fd == c->client ? END_CLIENT : END_UPSTREAM);
@@ -99,16 +91,14 @@ static int retry(struct conn *c, int fd, int err)
 
 /* Counts n bytes sent to fd, as they go, so that a connection that fails still counts what
  * it moved. */
-static void sent(struct conn *c, int to, size_t n)
-{
+static void sent(struct conn *c, int to, size_t n) {
     enum dir d = to == c->upstream ? UP : DOWN;
     c->bytes[d] += n;
     atomic_fetch_add_explicit(&stats.bytes[d], n, memory_order_relaxed);
     touch(c);
 }
 
-int copy_send(struct conn *c, int to, const char *p, size_t n)
-{
+int copy_send(struct conn *c, int to, const char *p, size_t n) {
     while (n) {
         ssize_t w = send(to, p, n, MSG_NOSIGNAL);
         if (w > 0) {
@@ -122,8 +112,7 @@ int copy_send(struct conn *c, int to, const char *p, size_t n)
     return 0;
 }
 
-ssize_t copy_recv(struct conn *c, int fd, void *buf, size_t len)
-{
+ssize_t copy_recv(struct conn *c, int fd, void *buf, size_t len) {
     for (;;) {
         ssize_t n = recv(fd, buf, len, 0);
         if (n > 0) touch(c);
@@ -134,8 +123,7 @@ ssize_t copy_recv(struct conn *c, int fd, void *buf, size_t len)
 }
 
 /* Moves the n bytes just spliced into the pipe on to the socket. */
-static int drain_pipe(struct conn *c, struct copier *k, int to, size_t n)
-{
+static int drain_pipe(struct conn *c, struct copier *k, int to, size_t n) {
     k->pending = (int)n;
     while (k->pending) {
         ssize_t w = splice(k->pipe[0], NULL, to, NULL, (size_t)k->pending, SPLICE_F_MOVE);
@@ -149,20 +137,17 @@ static int drain_pipe(struct conn *c, struct copier *k, int to, size_t n)
     return 0;
 }
 
-uint64_t copy_pace_wait(const struct copier *k, uint64_t now)
-{
+uint64_t copy_pace_wait(const struct copier *k, uint64_t now) {
     return k->tat > now ? k->tat - now : 0;
 }
 
-void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate)
-{
+void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate) {
     /* GCRA: each byte pushes the theoretical arrival time on by 1/rate s; an idle spell
      * earns no credit beyond the next read, so a burst is at most one chunk. */
     k->tat = (k->tat > now ? k->tat : now) + n * 1000000000ull / (uint64_t)rate;
 }
 
-int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit)
-{
+int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit) {
     uint64_t moved = 0;
     size_t chunk = (size_t)cfg.buffer_size;
     if (cfg.rate_limit && chunk > (size_t)cfg.rate_limit / 8) /* ~8 reads a second when paced */
@@ -200,14 +185,12 @@ int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t 
     return (int64_t)moved;
 }
 
-void copy_stream(struct conn *c, struct copier *k, enum dir d)
-{
+void copy_stream(struct conn *c, struct copier *k, enum dir d) {
     int from = d == UP ? c->client : c->upstream, to = d == UP ? c->upstream : c->client;
     if (copy_bytes(c, k, from, to, UINT64_MAX) >= 0)
         shutdown(to, SHUT_WR); /* EOF: pass the half-close on; the other direction goes on */
 }
 
-void copy_down(struct worker *w, struct conn *c)
-{
+void copy_down(struct worker *w, struct conn *c) {
     copy_stream(c, &w->cp[DOWN], DOWN);
 }

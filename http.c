@@ -20,8 +20,7 @@ _Static_assert(sizeof BUSY_BODY - 1 == 25, "Content-Length of http_busy");
 
 static char via[48]; /* "1.1 proxy-PID": added to forwarded requests, and how loops are seen */
 
-int http_init(struct worker *w)
-{
+int http_init(struct worker *w) {
     snprintf(via, sizeof via, "1.1 proxy-%d", (int)getpid());
     w->in[UP].buf = malloc(HEAD_MAX);
     w->in[DOWN].buf = malloc(HEAD_MAX);
@@ -29,15 +28,13 @@ int http_init(struct worker *w)
     return w->in[UP].buf && w->in[DOWN].buf && w->out ? 0 : -1;
 }
 
-void http_free(struct worker *w)
-{
+void http_free(struct worker *w) {
     free(w->in[UP].buf);
     free(w->in[DOWN].buf);
     free(w->out);
 }
 
-static const char *reason(int status)
-{
+static const char *reason(int status) {
     switch (status) {
     case 400: return "Bad Request";
     case 403: return "Forbidden";
@@ -57,8 +54,7 @@ static const char *reason(int status)
 
 /* Waits until every forwarded request is answered, or the back thread has stopped. Only then
  * may the front thread write to the client, or the two would interleave. */
-static void quiesce(struct worker *w)
-{
+static void quiesce(struct worker *w) {
     pthread_mutex_lock(&w->mu);
     while (w->answered != w->sent && w->job) pthread_cond_wait(&w->cv, &w->mu);
     pthread_mutex_unlock(&w->mu);
@@ -67,8 +63,7 @@ static void quiesce(struct worker *w)
 /* Queues x for the back thread (waiting while PIPELINE_MAX are in flight) and sets *seq to
  * the count that answered passes once its response is relayed. Returns -1 when the back
  * thread has left (the upstream closed): then x was not queued and a new connection is due. */
-static int push(struct worker *w, const struct exchange *x, uint64_t *seq)
-{
+static int push(struct worker *w, const struct exchange *x, uint64_t *seq) {
     pthread_mutex_lock(&w->mu);
     while (w->sent - w->answered == PIPELINE_MAX && w->job && !w->gone)
         pthread_cond_wait(&w->cv, &w->mu);
@@ -84,8 +79,7 @@ static int push(struct worker *w, const struct exchange *x, uint64_t *seq)
 /* The back thread: the request the next response answers. With none waiting it returns 0 and
  * marks the upstream gone, in the same lock as push() checks it, so that no request can slip
  * in after the back thread decided to leave. */
-static int oldest(struct worker *w, struct exchange *x)
-{
+static int oldest(struct worker *w, struct exchange *x) {
     pthread_mutex_lock(&w->mu);
     int pending = w->sent != w->answered;
     if (pending)
@@ -96,8 +90,7 @@ static int oldest(struct worker *w, struct exchange *x)
     return pending;
 }
 
-static void answered(struct worker *w, int upgraded)
-{
+static void answered(struct worker *w, int upgraded) {
     pthread_mutex_lock(&w->mu);
     w->answered++;
     w->upgraded = upgraded;
@@ -106,8 +99,7 @@ static void answered(struct worker *w, int upgraded)
 }
 
 /* Closes the upstream connection once its responses are relayed, and stops the back thread. */
-static void end_upstream(struct worker *w, struct conn *c)
-{
+static void end_upstream(struct worker *w, struct conn *c) {
     if (c->upstream < 0) return;
     quiesce(w);
     shutdown(c->upstream, SHUT_RDWR); /* wakes the back thread waiting for a next response */
@@ -122,8 +114,7 @@ static void end_upstream(struct worker *w, struct conn *c)
 /* Reads until s holds a whole head, and parses it. Returns the head's length; 0 at EOF
  * before any byte; -1 when the connection ended or the peer left mid-head; or -status. */
 static long read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
-                      uint64_t deadline)
-{
+                      uint64_t deadline) {
     size_t scanned = 0;
     memmove(s->buf, s->buf + s->off, s->len - s->off);
     s->len -= s->off;
@@ -150,8 +141,7 @@ static long read_head(struct conn *c, struct stream *s, int fd, struct msg *m, i
 }
 
 /* Reads until s holds a CRLF-ended line at off; returns its length without the CRLF, or -1. */
-static long read_line(struct conn *c, struct stream *s, int fd)
-{
+static long read_line(struct conn *c, struct stream *s, int fd) {
     for (;;) {
         char *p = s->buf + s->off, *lf = memchr(p, '\n', s->len - s->off);
         if (lf) return lf > p && lf[-1] == '\r' ? lf - p - 1 : -1;
@@ -170,8 +160,8 @@ static long read_line(struct conn *c, struct stream *s, int fd)
 }
 
 /* Relays exactly n body bytes from s (what is buffered, then the socket) to `to`. */
-static int relay_n(struct conn *c, struct copier *k, struct stream *s, int from, int to, uint64_t n)
-{
+static int relay_n(struct conn *c, struct copier *k, struct stream *s, int from, int to,
+                   uint64_t n) {
     size_t have = s->len - s->off;
     if (have > n) have = (size_t)n;
     if (have && copy_send(c, to, s->buf + s->off, have) < 0) return -1;
@@ -181,8 +171,7 @@ static int relay_n(struct conn *c, struct copier *k, struct stream *s, int from,
 
 /* The loop is flat on purpose: no recursion, no limit on the number of chunks, each one
  * bounded. */
-int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to)
-{
+int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to) {
     uint64_t size;
     for (;;) {
         long n = read_line(c, s, from);
@@ -207,8 +196,7 @@ int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int f
 
 /* Relays what is buffered in s, then everything until EOF (a tunnel, or a body that ends
  * when the connection does), then passes the half-close on. */
-static void relay_rest(struct worker *w, struct conn *c, enum dir d)
-{
+static void relay_rest(struct worker *w, struct conn *c, enum dir d) {
     struct stream *s = &w->in[d];
     int to = d == UP ? c->upstream : c->client;
     if (s->len > s->off && copy_send(c, to, s->buf + s->off, s->len - s->off) < 0) return;
@@ -217,8 +205,7 @@ static void relay_rest(struct worker *w, struct conn *c, enum dir d)
 }
 
 /* Answers a request that will get no response from upstream: 502, then the end. */
-static void no_response(struct worker *w, struct conn *c, struct exchange *x)
-{
+static void no_response(struct worker *w, struct conn *c, struct exchange *x) {
     static const char bad[] = "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\n"
                               "Content-Length: 16\r\nConnection: close\r\n\r\n502 Bad Gateway\n";
     int end = atomic_load(&c->end);
@@ -228,8 +215,7 @@ static void no_response(struct worker *w, struct conn *c, struct exchange *x)
     conn_end(c, END_UPSTREAM);
 }
 
-static void responses(struct worker *w, struct conn *c)
-{
+static void responses(struct worker *w, struct conn *c) {
     struct stream *s = &w->in[DOWN];
     for (;;) {
         struct msg m;
@@ -273,8 +259,7 @@ static void responses(struct worker *w, struct conn *c)
 
 /* Answers the client with an error (after any responses in flight) and logs it. Returns 0
  * when the connection may go on (keep), else -1. */
-static int reply(struct worker *w, struct conn *c, struct exchange *x, int status, int keep)
-{
+static int reply(struct worker *w, struct conn *c, struct exchange *x, int status, int keep) {
     char buf[512], body[64];
     quiesce(w);
     int blen = snprintf(body, sizeof body, "%d %s\n", status, reason(status));
@@ -305,8 +290,7 @@ static int reply(struct worker *w, struct conn *c, struct exchange *x, int statu
 /* Whether f must not be forwarded: hop-by-hop fields, those the Connection fields name, the
  * credentials, and Host when the target supplies a new one. Framing fields are never dropped
  * because Connection names them: that would make us and the upstream disagree on the body. */
-static int hop_by_hop(const struct msg *m, const struct field *f, int new_host)
-{
+static int hop_by_hop(const struct msg *m, const struct field *f, int new_host) {
     static const char *const hop[] = {
         "connection", "proxy-connection",    "keep-alive",        "te",
         "trailer",    "proxy-authorization", "proxy-authenticate"};
@@ -327,8 +311,7 @@ static int hop_by_hop(const struct msg *m, const struct field *f, int new_host)
 /* Writes the head to forward into w->out: origin-form target, hop-by-hop fields dropped, Host
  * from the target (authority, if not NULL), Via added. Returns its length, or -1. */
 static long rewrite(struct worker *w, const struct msg *m, const char *path, size_t plen,
-                    const char *authority, size_t alen)
-{
+                    const char *authority, size_t alen) {
     char *o = w->out;
     size_t n = 0;
 #define PUT(p, l)                                                                                  \
@@ -365,8 +348,7 @@ static long rewrite(struct worker *w, const struct msg *m, const char *path, siz
 }
 
 /* CONNECT host:port: an allowed port, a connection, 200, then raw bytes both ways. */
-static int tunnel(struct worker *w, struct conn *c, const struct msg *m, struct exchange *x)
-{
+static int tunnel(struct worker *w, struct conn *c, const struct msg *m, struct exchange *x) {
     static const char ok[] = "HTTP/1.1 200 Connection established\r\n\r\n";
     char host[256];
     int port;
@@ -393,8 +375,7 @@ static int tunnel(struct worker *w, struct conn *c, const struct msg *m, struct 
 /* Makes sure c->upstream goes to key (connecting host:port, or the configured upstreams when
  * host is NULL), reusing the open connection when it does. Returns 0 or an error status. */
 static int route(struct worker *w, struct conn *c, char *key, const char *want, const char *host,
-                 int port)
-{
+                 int port) {
     pthread_mutex_lock(&w->mu);
     int alive = w->job && !w->gone;
     pthread_mutex_unlock(&w->mu);
@@ -412,8 +393,7 @@ static int route(struct worker *w, struct conn *c, char *key, const char *want, 
 
 /* Handles one parsed request whose head is hl bytes. Returns 0 to read the next one, -1 to
  * end the connection. */
-static int request(struct worker *w, struct conn *c, const struct msg *m, long hl, char *key)
-{
+static int request(struct worker *w, struct conn *c, const struct msg *m, long hl, char *key) {
     struct stream *in = &w->in[UP];
     struct exchange x = {.start_ns = mono_ns(), .head = http_is(m->method, m->mlen, "HEAD")};
     int is_connect = m->mlen == 7 && !memcmp(m->method, "CONNECT", 7);
@@ -487,8 +467,7 @@ static int request(struct worker *w, struct conn *c, const struct msg *m, long h
     return m->close ? -1 : 0;
 }
 
-void http_serve(struct worker *w, struct conn *c)
-{
+void http_serve(struct worker *w, struct conn *c) {
     char key[300] = ""; /* where c->upstream goes: "host:port", "=" (configured), "" (none) */
     uint64_t deadline = c->start_ns + (uint64_t)cfg.header_timeout * 1000000000u;
     w->in[UP].off = w->in[UP].len = 0;

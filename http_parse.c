@@ -8,37 +8,31 @@
 #include <strings.h>
 
 /* tchar (RFC 9110 5.6.2): the characters of a token, such as a method or a field name. */
-static int is_tchar(unsigned char ch)
-{
+static int is_tchar(unsigned char ch) {
     return isalnum(ch) || (ch && strchr("!#$%&'*+-.^_`|~", ch));
 }
 
 /* Visible ASCII: the characters a request-target may use. */
-static int is_visible(unsigned char ch)
-{
+static int is_visible(unsigned char ch) {
     return ch > 0x20 && ch < 0x7f;
 }
 
 /* Field-value characters: VCHAR, obs-text, SP and HTAB; never a control character. */
-static int is_vchar(unsigned char ch)
-{
+static int is_vchar(unsigned char ch) {
     return ch == ' ' || ch == '\t' || (ch > 0x20 && ch != 0x7f);
 }
 
-static int token_len(const char *p, const char *end)
-{
+static int token_len(const char *p, const char *end) {
     const char *s = p;
     while (p < end && is_tchar((unsigned char)*p)) p++;
     return (int)(p - s);
 }
 
-int http_is(const char *s, size_t len, const char *word)
-{
+int http_is(const char *s, size_t len, const char *word) {
     return strlen(word) == len && !strncasecmp(s, word, len);
 }
 
-int http_list_has(const char *list, size_t len, const char *item, size_t ilen)
-{
+int http_list_has(const char *list, size_t len, const char *item, size_t ilen) {
     const char *p = list, *end = list + len;
     while (p < end) {
         while (p < end && (*p == ',' || *p == ' ' || *p == '\t')) p++;
@@ -51,8 +45,7 @@ int http_list_has(const char *list, size_t len, const char *item, size_t ilen)
     return 0;
 }
 
-long http_head_end(const char *buf, size_t len, size_t *scanned)
-{
+long http_head_end(const char *buf, size_t len, size_t *scanned) {
     /* Scans only what is new since the last call, so a head that arrives a byte at a time
      * costs linear, not quadratic, time. */
     for (size_t i = *scanned; i < len; i++) {
@@ -67,8 +60,7 @@ long http_head_end(const char *buf, size_t len, size_t *scanned)
 }
 
 /* Parses "HTTP/1.x" at p; returns the minor version (0 or 1), or -1. */
-static int version(const char *p, const char *end, int *major_ok)
-{
+static int version(const char *p, const char *end, int *major_ok) {
     *major_ok = 1;
     if (end - p != 8 || memcmp(p, "HTTP/", 5) || !isdigit((unsigned char)p[5]) || p[6] != '.' ||
         !isdigit((unsigned char)p[7]))
@@ -78,8 +70,7 @@ static int version(const char *p, const char *end, int *major_ok)
 }
 
 /* The request line: method SP request-target SP HTTP-version. Returns 0 or a status. */
-static int request_line(const char *p, const char *end, struct msg *m)
-{
+static int request_line(const char *p, const char *end, struct msg *m) {
     int n = token_len(p, end), ok;
     if (n == 0 || p + n >= end || p[n] != ' ') return 400; /* no method */
     m->method = p;
@@ -94,8 +85,7 @@ static int request_line(const char *p, const char *end, struct msg *m)
 }
 
 /* The status line: HTTP-version SP 3DIGIT [SP reason]. Returns 0 or 502. */
-static int status_line(const char *p, const char *end, struct msg *m)
-{
+static int status_line(const char *p, const char *end, struct msg *m) {
     int ok;
     if (end - p < 12 || (m->version = version(p, p + 8, &ok)) < 0 || !ok || p[8] != ' ') return 502;
     for (int i = 9; i < 12; i++)
@@ -108,8 +98,7 @@ static int status_line(const char *p, const char *end, struct msg *m)
 }
 
 /* Records what the proxy must know of one field. Returns 0 or a status. */
-static int known_field(struct msg *m, const struct field *f)
-{
+static int known_field(struct msg *m, const struct field *f) {
     if (http_is(f->name, f->nlen, "content-length")) {
         if (m->length >= 0 || f->vlen == 0 || f->vlen > 18) return 400;
         m->length = 0;
@@ -136,8 +125,7 @@ static int known_field(struct msg *m, const struct field *f)
     return 0;
 }
 
-int http_parse(const char *buf, size_t len, struct msg *m, int request)
-{
+int http_parse(const char *buf, size_t len, struct msg *m, int request) {
     const char *p = buf, *end = buf + len - 2; /* the head ends with an empty line */
     const char *eol = memchr(p, '\r', (size_t)(end - p));
     int bad = request ? 400 : 502, rc;
@@ -170,8 +158,7 @@ int http_parse(const char *buf, size_t len, struct msg *m, int request)
     return 0;
 }
 
-int http_field_line(const char *p, size_t len)
-{
+int http_field_line(const char *p, size_t len) {
     int n = token_len(p, p + len);
     if (n == 0 || (size_t)n == len || p[n] != ':') return -1;
     for (size_t i = (size_t)n + 1; i < len; i++)
@@ -179,8 +166,7 @@ int http_field_line(const char *p, size_t len)
     return 0;
 }
 
-int http_chunk_size(const char *line, size_t len, uint64_t *size)
-{
+int http_chunk_size(const char *line, size_t len, uint64_t *size) {
     size_t n = 0;
     *size = 0;
     while (n < len && isxdigit((unsigned char)line[n])) {
@@ -198,8 +184,7 @@ int http_chunk_size(const char *line, size_t len, uint64_t *size)
 }
 
 /* Parses "host[:port]" or "[v6][:port]"; port defaults to def, or is required if def is 0. */
-int http_authority(const char *s, size_t len, char *host, size_t cap, int *port, int def)
-{
+int http_authority(const char *s, size_t len, char *host, size_t cap, int *port, int def) {
     const char *end = s + len, *h = s, *he;
     int v6 = len && *s == '[';
     if (v6) {

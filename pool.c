@@ -26,8 +26,7 @@ static int started;
 static _Atomic int forced; /* the grace period is over: end every connection */
 static serve_fn serve;
 
-int pool_submit(int fd, const struct addr *peer)
-{
+int pool_submit(int fd, const struct addr *peer) {
     pthread_mutex_lock(&q.mu);
     /* Idle workers take a connection at once, so they do not count against the queue. */
     int ok = !q.stopping && q.len < cfg.queue + q.idle;
@@ -39,8 +38,7 @@ int pool_submit(int fd, const struct addr *peer)
     return ok ? 0 : -1;
 }
 
-int pool_queued(void)
-{
+int pool_queued(void) {
     pthread_mutex_lock(&q.mu);
     int n = q.len;
     pthread_mutex_unlock(&q.mu);
@@ -48,8 +46,7 @@ int pool_queued(void)
 }
 
 /* Blocks until a connection is queued; -1 once the pool stops and the queue is empty. */
-static int take(struct pending *p)
-{
+static int take(struct pending *p) {
     pthread_mutex_lock(&q.mu);
     q.idle++;
     while (!q.len && !q.stopping) pthread_cond_wait(&q.cv, &q.mu);
@@ -64,8 +61,7 @@ static int take(struct pending *p)
     return got ? 0 : -1;
 }
 
-void pool_set_upstream(struct worker *w, int fd)
-{
+void pool_set_upstream(struct worker *w, int fd) {
     pthread_mutex_lock(&w->mu);
     int old = w->conn->upstream;
     w->conn->upstream = fd;
@@ -76,8 +72,7 @@ void pool_set_upstream(struct worker *w, int fd)
     if (old >= 0) close(old);
 }
 
-void pool_back_start(struct worker *w, struct conn *c, serve_fn fn)
-{
+void pool_back_start(struct worker *w, struct conn *c, serve_fn fn) {
     pthread_mutex_lock(&w->mu);
     w->job = c;
     w->back_fn = fn;
@@ -85,23 +80,20 @@ void pool_back_start(struct worker *w, struct conn *c, serve_fn fn)
     pthread_mutex_unlock(&w->mu);
 }
 
-void pool_back_wait(struct worker *w)
-{
+void pool_back_wait(struct worker *w) {
     pthread_mutex_lock(&w->mu);
     while (w->job) pthread_cond_wait(&w->cv, &w->mu);
     pthread_mutex_unlock(&w->mu);
 }
 
-void pool_relay(struct worker *w, struct conn *c)
-{
+void pool_relay(struct worker *w, struct conn *c) {
     pool_back_start(w, c, copy_down);
     copy_stream(c, &w->cp[UP], UP);
     pool_back_wait(w);
 }
 
 /* The back thread: runs the upstream → client side of each connection the front hands it. */
-static void *back_main(void *arg)
-{
+static void *back_main(void *arg) {
     struct worker *w = arg;
     pthread_mutex_lock(&w->mu);
     for (;;) {
@@ -120,8 +112,7 @@ static void *back_main(void *arg)
 }
 
 /* The front thread: takes a connection, serves it, cleans up, takes the next. */
-static void *front_main(void *arg)
-{
+static void *front_main(void *arg) {
     struct worker *w = arg;
     struct pending p;
     while (take(&p) == 0) {
@@ -154,8 +145,7 @@ static void *front_main(void *arg)
     return NULL;
 }
 
-int pool_start(serve_fn fn)
-{
+int pool_start(serve_fn fn) {
     pthread_attr_t attr;
     serve = fn;
     q.size = cfg.queue + cfg.workers;
@@ -177,8 +167,7 @@ int pool_start(serve_fn fn)
     return 0;
 }
 
-void pool_stop(void)
-{
+void pool_stop(void) {
     pthread_mutex_lock(&q.mu);
     q.stopping = 1;
     pthread_cond_broadcast(&q.cv);

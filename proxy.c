@@ -13,8 +13,7 @@
 static int listen_fd = -1;
 static _Atomic int stopping;
 
-static void usage(FILE *out)
-{
+static void usage(FILE *out) {
     fprintf(out, "usage: proxy [-c FILE] [-t] [-h] [-V]\n"
                  "  -c FILE  configuration (default proxy.ini)\n"
                  "  -t       check the configuration, print the memory plan, exit\n"
@@ -24,24 +23,25 @@ static void usage(FILE *out)
                  "metrics.\n");
 }
 
-/* Opens a listening socket on a; -1 with errno on failure. */
-static int open_listener(const struct addr *a)
-{
-    int one = 1, fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+/* Opens a listening socket on a; -1 with errno on failure. With reuse_port, several proxy
+ * processes may listen on the same address and the kernel spreads connections over them. */
+static int open_listener(const struct addr *a, int reuse_port) {
+    int e, one = 1, fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (bind(fd, (const struct sockaddr *)&a->sa, a->len) < 0 || listen(fd, SOMAXCONN) < 0) {
-        int e = errno;
-        close(fd);
-        errno = e;
-        return -1;
-    }
+    if (reuse_port && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0) goto error;
+    if (bind(fd, (const struct sockaddr *)&a->sa, a->len) < 0 || listen(fd, SOMAXCONN) < 0)
+        goto error;
     return fd;
+error:
+    e = errno;
+    close(fd);
+    errno = e;
+    return -1;
 }
 
 /* The address a listener really got (port 0 becomes the port the kernel chose). */
-static char *bound(int fd, char *buf, size_t len)
-{
+static char *bound(int fd, char *buf, size_t len) {
     struct addr a = {.len = sizeof a.sa};
     getsockname(fd, (struct sockaddr *)&a.sa, &a.len);
     return addr_format(&a, buf, len);
@@ -49,8 +49,7 @@ static char *bound(int fd, char *buf, size_t len)
 
 /* Logs a refused connection (peer NULL: accept itself failed), at most one line a second:
  * a flood of refusals must not flood the log too. */
-static void log_refused(const char *why, const struct addr *peer)
-{
+static void log_refused(const char *why, const struct addr *peer) {
     static uint64_t last;
     static unsigned quiet;
     uint64_t now = mono_ns();
@@ -67,8 +66,7 @@ static void log_refused(const char *why, const struct addr *peer)
 
 /* The acceptor thread: accept, check the allow-list, hand to the pool. Nothing slow here:
  * every socket option is set later by the worker. */
-static void *acceptor_main(void *arg)
-{
+static void *acceptor_main(void *arg) {
     (void)arg;
     for (;;) {
         struct addr peer = {.len = sizeof peer.sa};
@@ -85,7 +83,7 @@ static void *acceptor_main(void *arg)
         }
         atomic_fetch_add(&stats.accepted, 1);
         if (!cidr_match(cfg.allow, cfg.nallow, &peer)) {
-            atomic_fetch_add(&stats.refused_acl, 1);
+            atomic_fetch_add(&stats.refused[REFUSED_NOT_ALLOWED], 1);
             log_refused("not in [access] allow", &peer);
             close(fd);
             continue;
@@ -93,7 +91,7 @@ static void *acceptor_main(void *arg)
         atomic_fetch_add(&stats.active, 1);
         if (pool_submit(fd, &peer) < 0) {
             atomic_fetch_sub(&stats.active, 1);
-            atomic_fetch_add(&stats.refused_queue, 1);
+            atomic_fetch_add(&stats.refused[REFUSED_QUEUE_FULL], 1);
             log_refused("queue full", &peer);
             /* Best-effort and never blocking: the acceptor must not wait on one client. */
             if (cfg.mode == MODE_HTTP)
@@ -105,8 +103,7 @@ static void *acceptor_main(void *arg)
 }
 
 /* tcp mode: connect an upstream, tell it who the client is if asked, relay both ways. */
-static void tcp_serve(struct worker *w, struct conn *c)
-{
+static void tcp_serve(struct worker *w, struct conn *c) {
     int fd = upstream_open(c);
     if (fd < 0) return conn_end(c, END_NO_UPSTREAM);
     pool_set_upstream(w, fd);
@@ -121,8 +118,7 @@ static void tcp_serve(struct worker *w, struct conn *c)
 }
 
 /* Raises the soft fd limit to the hard one and warns when even that is below a full load. */
-static void fd_limit(void)
-{
+static void fd_limit(void) {
     struct rlimit rl;
     long long need = config_fds(&cfg);
     if (getrlimit(RLIMIT_NOFILE, &rl) < 0) return;
@@ -133,8 +129,7 @@ static void fd_limit(void)
                 (unsigned long long)rl.rlim_cur);
 }
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     const char *file = "proxy.ini";
     int check = 0, opt, sig, admin_fd = -1;
     char msg[512], where[64], admin[64] = "off";
@@ -167,10 +162,10 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     fd_limit();
 
-    if ((listen_fd = open_listener(&cfg.listen)) < 0)
+    if ((listen_fd = open_listener(&cfg.listen, cfg.reuse_port)) < 0)
         err(1, "cannot listen on %s", addr_format(&cfg.listen, where, sizeof where));
     copy_prepare(listen_fd); /* accepted sockets inherit these options: no calls per client */
-    if (cfg.stats_listen.len && (admin_fd = open_listener(&cfg.stats_listen)) < 0)
+    if (cfg.stats_listen.len && (admin_fd = open_listener(&cfg.stats_listen, 0)) < 0)
         err(1, "cannot listen on %s", addr_format(&cfg.stats_listen, where, sizeof where));
     if (pool_start(cfg.mode == MODE_HTTP ? http_serve : tcp_serve) < 0)
         err(1, "cannot start %d workers", cfg.workers);

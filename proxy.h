@@ -80,7 +80,7 @@ struct user {
 struct config {
     const char *file;
     struct addr listen, stats_listen; /* stats_listen.len == 0: no admin listener */
-    int mode, balance, copy, send_proxy;
+    int mode, balance, copy, send_proxy, reuse_port;
     struct upstream up[MAX_UPSTREAMS];
     int nup;
     int workers, queue, buffer_size;
@@ -239,7 +239,7 @@ int pool_queued(void);
 void copy_prepare(int fd);
 /* A worker's copier: allocated once (buffer or pipe by cfg.copy). Returns 0 or -1. */
 int copy_init(struct copier *k);
-/* Between connections: forgets pacing; replaces a pipe that still holds bytes. */
+/* Between connections: forgets pacing; drains bytes a failed connection left in the pipe. */
 void copy_reset(struct copier *k);
 void copy_free(struct copier *k);
 /* Moves up to limit bytes from → to, counting them. Returns the bytes moved
@@ -331,13 +331,14 @@ int auth_port_allowed(int port);
 
 /* ---- stats.c: counters, /metrics, the log --------------------------------------------- */
 
+enum refusal { REFUSED_QUEUE_FULL, REFUSED_NOT_ALLOWED };
 #define DURATION_BUCKETS 8
 #define HTTP_METHODS     9
 extern const char *const method_names[HTTP_METHODS]; /* GET ... CONNECT, "other" last */
 struct stats {
     _Atomic uint64_t accepted, active, busy, accept_errors;
-    _Atomic uint64_t refused_queue, refused_acl;
-    _Atomic uint64_t bytes[2]; /* by enum dir */
+    _Atomic uint64_t refused[2]; /* by enum refusal */
+    _Atomic uint64_t bytes[2];   /* by enum dir */
     _Atomic uint64_t ended[END_MAX];
     _Atomic uint64_t duration[DURATION_BUCKETS]; /* per bucket, not cumulative */
     _Atomic uint64_t duration_us;                /* sum */
@@ -371,8 +372,7 @@ void log_line(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void log_raw(const char *buf, size_t len);
 
 /* Monotonic time in ns: every duration and deadline uses it. */
-static inline uint64_t mono_ns(void)
-{
+static inline uint64_t mono_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;

@@ -23,8 +23,7 @@ static const double bucket_le[DURATION_BUCKETS - 1] = {0.001, 0.01, 0.1, 1, 10, 
 
 static _Atomic int log_fd = 2; /* -1: off */
 
-int log_open(const char *where)
-{
+int log_open(const char *where) {
     if (!strcmp(where, "off")) return atomic_store(&log_fd, -1), 0;
     if (!strcmp(where, "-")) return atomic_store(&log_fd, 2), 0;
     int fd = open(where, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
@@ -41,14 +40,12 @@ int log_open(const char *where)
     return 0;
 }
 
-void log_raw(const char *buf, size_t len)
-{
+void log_raw(const char *buf, size_t len) {
     int fd = atomic_load(&log_fd);
     if (fd >= 0 && write(fd, buf, len) < 0) return; /* best-effort: nowhere to report it */
 }
 
-void log_line(const char *fmt, ...)
-{
+void log_line(const char *fmt, ...) {
     char buf[1024];
     struct timespec ts;
     struct tm tm;
@@ -68,8 +65,7 @@ void log_line(const char *fmt, ...)
 
 /* ---- counting a connection ------------------------------------------------------------ */
 
-void stats_conn_done(const struct conn *c)
-{
+void stats_conn_done(const struct conn *c) {
     int end = atomic_load(&c->end);
     if (end == END_NONE) end = END_DONE;
     uint64_t us = (mono_ns() - c->start_ns) / 1000;
@@ -87,8 +83,7 @@ void stats_conn_done(const struct conn *c)
              (unsigned long long)c->bytes[DOWN], (double)us / 1000, end_names[end]);
 }
 
-void stats_method(const char *method, size_t len)
-{
+void stats_method(const char *method, size_t len) {
     int i = 0;
     while (i < HTTP_METHODS - 1 &&
            !(strlen(method_names[i]) == len && !memcmp(method, method_names[i], len)))
@@ -96,8 +91,7 @@ void stats_method(const char *method, size_t len)
     atomic_fetch_add(&stats.methods[i], 1);
 }
 
-void stats_request(const struct conn *c, const struct exchange *x, int status)
-{
+void stats_request(const struct conn *c, const struct exchange *x, int status) {
     char peer[64];
     if (status >= 100 && status < 600) atomic_fetch_add(&stats.classes[status / 100], 1);
     log_line("%s %s %s %s %d up=%llu down=%llu ms=%.3f", addr_format(&c->peer, peer, sizeof peer),
@@ -107,30 +101,33 @@ void stats_request(const struct conn *c, const struct exchange *x, int status)
 
 /* ---- Prometheus text ------------------------------------------------------------------ */
 
-static void head(FILE *f, const char *name, const char *type, const char *help)
-{
+static void head(FILE *f, const char *name, const char *type, const char *help) {
     fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-static void one(FILE *f, const char *name, const char *type, const char *help, uint64_t v)
-{
+static void one(FILE *f, const char *name, const char *type, const char *help, uint64_t v) {
     head(f, name, type, help);
     fprintf(f, "%s %llu\n", name, (unsigned long long)v);
 }
 
-char *stats_render(size_t *len)
-{
+/* A family of n samples that differ in one label: name{label="keys[i]"} v[i]. */
+static void family(FILE *f, const char *name, const char *type, const char *help, const char *label,
+                   const char *const *keys, _Atomic uint64_t *v, int n) {
+    head(f, name, type, help);
+    for (int i = 0; i < n; i++)
+        fprintf(f, "%s{%s=\"%s\"} %llu\n", name, label, keys[i],
+                (unsigned long long)atomic_load(&v[i]));
+}
+
+char *stats_render(size_t *len) {
+    static const char *const refusals[] = {"queue_full", "not_allowed"}, *dirs[] = {"up", "down"};
     char *out = NULL;
     FILE *f = open_memstream(&out, len);
     if (!f) return NULL;
-#define LOAD(x) (unsigned long long)atomic_load(&(x))
     one(f, "proxy_connections_accepted_total", "counter", "Connections accepted.",
         atomic_load(&stats.accepted));
-    head(f, "proxy_connections_refused_total", "counter", "Connections closed at once, by reason.");
-    fprintf(f, "proxy_connections_refused_total{reason=\"queue_full\"} %llu\n",
-            LOAD(stats.refused_queue));
-    fprintf(f, "proxy_connections_refused_total{reason=\"not_allowed\"} %llu\n",
-            LOAD(stats.refused_acl));
+    family(f, "proxy_connections_refused_total", "counter", "Connections closed at once.", "reason",
+           refusals, stats.refused, 2);
     one(f, "proxy_accept_errors_total", "counter",
         "accept() failures such as running out of file descriptors.",
         atomic_load(&stats.accept_errors));
@@ -141,21 +138,17 @@ char *stats_render(size_t *len)
         atomic_load(&stats.busy));
     one(f, "proxy_queue_length", "gauge", "Connections waiting for a worker.",
         (uint64_t)pool_queued());
-    head(f, "proxy_connections_closed_total", "counter", "Connections ended, by how they ended.");
-    for (int i = END_DONE; i < END_MAX; i++)
-        fprintf(f, "proxy_connections_closed_total{reason=\"%s\"} %llu\n", end_names[i],
-                LOAD(stats.ended[i]));
-    head(f, "proxy_bytes_total", "counter",
-         "Bytes relayed: up is client to upstream, down is upstream to client.");
-    fprintf(f, "proxy_bytes_total{direction=\"up\"} %llu\n", LOAD(stats.bytes[UP]));
-    fprintf(f, "proxy_bytes_total{direction=\"down\"} %llu\n", LOAD(stats.bytes[DOWN]));
-
+    family(f, "proxy_connections_closed_total", "counter", "Connections ended, by how.", "reason",
+           end_names + END_DONE, stats.ended + END_DONE, END_MAX - END_DONE);
+    family(f, "proxy_bytes_total", "counter",
+           "Bytes relayed: up is client to upstream, down is upstream to client.", "direction",
+           dirs, stats.bytes, 2);
+#define LOAD(x) (unsigned long long)atomic_load(&(x))
     head(f, "proxy_upstream_connects_total", "counter", "Successful connects, by upstream.");
     for (int i = 0; i < cfg.nup; i++)
         fprintf(f, "proxy_upstream_connects_total{upstream=\"%s\"} %llu\n", cfg.up[i].name,
                 LOAD(cfg.up[i].connects));
-    head(f, "proxy_upstream_connect_failures_total", "counter",
-         "Failed connects (refused, unreachable, timed out), by upstream.");
+    head(f, "proxy_upstream_connect_failures_total", "counter", "Failed connects, by upstream.");
     for (int i = 0; i < cfg.nup; i++)
         fprintf(f, "proxy_upstream_connect_failures_total{upstream=\"%s\"} %llu\n", cfg.up[i].name,
                 LOAD(cfg.up[i].failures));
@@ -163,21 +156,16 @@ char *stats_render(size_t *len)
     for (int i = 0; i < cfg.nup; i++)
         fprintf(f, "proxy_upstream_up{upstream=\"%s\"} %d\n", cfg.up[i].name,
                 atomic_load(&cfg.up[i].down_until) <= mono_ns());
-
     if (cfg.mode == MODE_HTTP) {
-        head(f, "proxy_http_requests_total", "counter", "Requests by method.");
-        for (int i = 0; i < HTTP_METHODS; i++)
-            fprintf(f, "proxy_http_requests_total{method=\"%s\"} %llu\n", method_names[i],
-                    LOAD(stats.methods[i]));
-        head(f, "proxy_http_responses_total", "counter",
-             "Responses by status class, relayed or the proxy's own.");
-        for (int i = 1; i <= 5; i++)
-            fprintf(f, "proxy_http_responses_total{code=\"%dxx\"} %llu\n", i,
-                    LOAD(stats.classes[i]));
-        head(f, "proxy_auth_failures_total", "counter", "Requests answered 407, by reason.");
-        for (int i = AUTH_MISSING; i < AUTH_MAX; i++)
-            fprintf(f, "proxy_auth_failures_total{reason=\"%s\"} %llu\n", auth_names[i],
-                    LOAD(stats.auth_failures[i]));
+        static const char *const classes[] = {"1xx", "2xx", "3xx", "4xx", "5xx"};
+        family(f, "proxy_http_requests_total", "counter", "Requests by method.", "method",
+               method_names, stats.methods, HTTP_METHODS);
+        family(f, "proxy_http_responses_total", "counter",
+               "Responses by status class, relayed or the proxy's own.", "code", classes,
+               stats.classes + 1, 5);
+        family(f, "proxy_auth_failures_total", "counter", "Requests answered 407, by reason.",
+               "reason", auth_names + AUTH_MISSING, stats.auth_failures + AUTH_MISSING,
+               AUTH_MAX - AUTH_MISSING);
         one(f, "proxy_http_tunnels_total", "counter", "CONNECT tunnels established.",
             atomic_load(&stats.tunnels));
         one(f, "proxy_http_upgrades_total", "counter", "Upgrades (101) relayed.",
@@ -209,8 +197,7 @@ static _Atomic int admin_stopping;
 static pthread_t admin;
 
 /* Answers one request on fd: GET /metrics, or an error. One request per connection. */
-static void admin_serve(int fd)
-{
+static void admin_serve(int fd) {
     char req[2048] = "", hdr[256];
     size_t got = 0;
     struct timeval tv = {0, 200000};
@@ -250,8 +237,7 @@ static void admin_serve(int fd)
     free(body);
 }
 
-static void *admin_main(void *arg)
-{
+static void *admin_main(void *arg) {
     (void)arg;
     while (!atomic_load(&admin_stopping)) {
         int fd = accept4(admin_fd, NULL, NULL, SOCK_CLOEXEC);
@@ -265,8 +251,7 @@ static void *admin_main(void *arg)
     return NULL;
 }
 
-int stats_start(int fd)
-{
+int stats_start(int fd) {
     pthread_attr_t attr;
     admin_fd = fd;
     pthread_attr_init(&attr);
@@ -276,8 +261,7 @@ int stats_start(int fd)
     return rc ? -1 : 0;
 }
 
-void stats_stop(void)
-{
+void stats_stop(void) {
     if (admin_fd < 0) return;
     atomic_store(&admin_stopping, 1);
     shutdown(admin_fd, SHUT_RDWR); /* wakes accept() */

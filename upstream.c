@@ -7,14 +7,13 @@
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/tcp.h>
-#include <sys/time.h>
 #include <string.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 static _Atomic unsigned next_rr;
 
-int upstream_connect(const struct addr *a, int timeout_s)
-{
+int upstream_connect(const struct addr *a, int timeout_s) {
     struct timeval limit = {timeout_s, 0};
     int e, fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
@@ -34,8 +33,7 @@ error:
     return -1;
 }
 
-int upstream_dial(const char *host, int port)
-{
+int upstream_dial(const char *host, int port) {
     struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV}, *res;
     char service[8];
     int fd = -1, tries = 0;
@@ -54,8 +52,7 @@ int upstream_dial(const char *host, int port)
 }
 
 /* FNV-1a over the address bytes (not the port: one client machine, one upstream). */
-unsigned upstream_hash(const struct addr *client, unsigned n)
-{
+unsigned upstream_hash(const struct addr *client, unsigned n) {
     struct addr a = *client;
     int len;
     addr_unmap(&a);
@@ -65,8 +62,7 @@ unsigned upstream_hash(const struct addr *client, unsigned n)
     return h % n;
 }
 
-int upstream_open(struct conn *c)
-{
+int upstream_open(struct conn *c) {
     unsigned n = (unsigned)cfg.nup, tried = 0;
     unsigned start = cfg.balance == BALANCE_SOURCE ? upstream_hash(&c->peer, n)
                                                    : atomic_fetch_add(&next_rr, 1) % n;
@@ -101,8 +97,7 @@ int upstream_open(struct conn *c)
     return -1;
 }
 
-int upstream_proxy_header(int version, const struct addr *src, const struct addr *dst, char *buf)
-{
+int upstream_proxy_header(int version, const struct addr *src, const struct addr *dst, char *buf) {
     struct addr s = *src, d = *dst;
     int len, dlen;
     addr_unmap(&s);

@@ -540,3 +540,18 @@ def test_no_nagle_stall_on_small_writes_either_way():
                     got += s.recv(2)
                 assert got == b"AB"
             assert time.monotonic() - start < 0.6, (copy, time.monotonic() - start)
+
+
+def test_reuse_port_lets_several_processes_share_one_port():
+    port = closed_port()
+    with Server(echo_handler, name=b"") as echo:
+        a = Proxy(echo.addr, listen="127.0.0.1:%d" % port, reuse_port="yes")
+        b = Proxy(echo.addr, listen="127.0.0.1:%d" % port, reuse_port="yes")
+        for i in range(40):
+            assert exchange(a.addr, b"%d" % i) == (sha(b"%d" % i), len(b"%d" % i))
+        served = [px.metric("proxy_connections_accepted_total") for px in (a, b)]
+        assert sum(served) == 40 and min(served) > 0, served  # the kernel spread them
+    r = subprocess.run([PROXY, "-c", write_ini({"proxy": {"mode": "tcp", "listen":
+                        "127.0.0.1:%d" % port, "upstream": "127.0.0.1:9"}})],
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1 and "Address already in use" in r.stderr, r  # without it: taken

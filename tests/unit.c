@@ -26,8 +26,7 @@ static int passed, failed, test_failed;
         }                                                                                          \
     } while (0)
 
-static void run(const char *name, void (*fn)(void))
-{
+static void run(const char *name, void (*fn)(void)) {
     test_failed = 0;
     fn();
     printf("%s %s\n", test_failed ? "FAIL" : "ok  ", name);
@@ -41,8 +40,7 @@ static char ini_path[] = "/tmp/proxy-unit-XXXXXX";
 static struct config c;
 
 /* Loads text as a config file; returns config_load's result, message in err. */
-static int load(const char *text, char *err, size_t len)
-{
+static int load(const char *text, char *err, size_t len) {
     FILE *f = fopen(ini_path, "w");
     fputs(text, f);
     fclose(f);
@@ -50,8 +48,7 @@ static int load(const char *text, char *err, size_t len)
     return config_load(&c, ini_path, err, len);
 }
 
-static void test_config_golden_errors(void)
-{
+static void test_config_golden_errors(void) {
     static const struct {
         const char *ini, *want; /* want: the message after "FILE:" */
     } cases[] = {
@@ -145,8 +142,7 @@ static void test_config_golden_errors(void)
     STR_EQ(err, "/nonexistent/proxy.ini: cannot open: No such file or directory");
 }
 
-static void test_config_values(void)
-{
+static void test_config_values(void) {
     char err[512];
     int rc = load("[proxy]\n"
                   "mode = tcp\n"
@@ -199,8 +195,7 @@ static void test_config_values(void)
     CHECK(auth_port_allowed(1) && auth_port_allowed(65535) && !auth_port_allowed(65536));
 }
 
-static void test_addresses(void)
-{
+static void test_addresses(void) {
     struct addr a;
     char err[128], buf[64];
     CHECK(addr_parse("127.0.0.1:80", &a, err, sizeof err) == 0);
@@ -218,8 +213,7 @@ static void test_addresses(void)
     STR_EQ(addr_format(&a, buf, sizeof buf), "10.1.2.3:5");
 }
 
-static int matches(const char *net, const char *ip)
-{
+static int matches(const char *net, const char *ip) {
     struct cidr n;
     struct addr a;
     char err[128], hostport[80];
@@ -228,8 +222,7 @@ static int matches(const char *net, const char *ip)
     return cidr_match(&n, 1, &a);
 }
 
-static void test_cidr(void)
-{
+static void test_cidr(void) {
     struct cidr n;
     CHECK(matches("10.0.0.0/8", "10.200.3.4") == 1);
     CHECK(matches("10.0.0.0/8", "11.0.0.1") == 0);
@@ -255,8 +248,7 @@ static void test_cidr(void)
     CHECK(cidr_parse("", &n) == -1);
 }
 
-static void test_source_hash(void)
-{
+static void test_source_hash(void) {
     struct addr a, b;
     char err[128];
     addr_parse("192.0.2.7:1000", &a, err, sizeof err);
@@ -275,8 +267,7 @@ static void test_source_hash(void)
     for (int i = 0; i < 4; i++) CHECK(seen[i] > 20); /* spread, roughly */
 }
 
-static void test_proxy_header(void)
-{
+static void test_proxy_header(void) {
     struct addr s, d, m;
     char err[128], buf[128];
     addr_parse("192.0.2.1:56324", &s, err, sizeof err);
@@ -314,8 +305,7 @@ static void test_proxy_header(void)
     CHECK(n == 16 && buf[13] == 0 && buf[15] == 0);
 }
 
-static void test_pacing(void)
-{
+static void test_pacing(void) {
     struct copier k = {0};
     uint64_t s = 1000000000ull, t0 = 50 * s;
     int rate = 256 * 1024;
@@ -344,16 +334,14 @@ static void test_pacing(void)
 /* Parses a request head; returns http_parse's status, or -1 when the head is incomplete or
  * http_head_end refused it (then *end_status holds its verdict). */
 static struct msg m;
-static int parse(const char *head, int request)
-{
+static int parse(const char *head, int request) {
     size_t scanned = 0, len = strlen(head);
     long end = http_head_end(head, len, &scanned);
     if (end <= 0) return end < 0 ? (int)-end : -1;
     return http_parse(head, (size_t)end, &m, request);
 }
 
-static void test_http_request_heads(void)
-{
+static void test_http_request_heads(void) {
     CHECK(parse("GET /a?b=c HTTP/1.1\r\nHost: x\r\nAccept:  */*  \r\n\r\n", 1) == 0);
     CHECK(m.mlen == 3 && m.tlen == 6 && m.version == 1 && m.nfields == 2 && m.length == -1);
     CHECK(m.host && m.field[1].vlen == 3 && !memcmp(m.field[1].value, "*/*", 3));
@@ -427,8 +415,7 @@ static void test_http_request_heads(void)
     CHECK(parse(flood, 1) == 431);
 }
 
-static void test_http_response_heads(void)
-{
+static void test_http_response_heads(void) {
     CHECK(parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", 0) == 0);
     CHECK(m.status == 200 && m.length == 5);
     CHECK(parse("HTTP/1.1 204\r\n\r\n", 0) == 0 && m.status == 204);
@@ -442,8 +429,7 @@ static void test_http_response_heads(void)
           502);
 }
 
-static void test_http_chunks_and_authority(void)
-{
+static void test_http_chunks_and_authority(void) {
     uint64_t n;
     CHECK(http_chunk_size("1a", 2, &n) == 0 && n == 26);
     CHECK(http_chunk_size("FFFFFFFFFFFFFFFF", 16, &n) == 0 && n == UINT64_MAX);
@@ -480,8 +466,7 @@ static void test_http_chunks_and_authority(void)
     CHECK(http_authority("h:+80", 5, host, sizeof host, &port, 0) == -1);
 }
 
-static void test_base64_and_credentials(void)
-{
+static void test_base64_and_credentials(void) {
     unsigned char out[64];
     CHECK(auth_base64_decode("YWxpY2U6czNjcmV0", 16, out, sizeof out) == 12 &&
           !memcmp(out, "alice:s3cret", 12));
@@ -538,8 +523,7 @@ static void test_base64_and_credentials(void)
     CHECK(parse("GET / HTTP/1.1\r\n\r\n", 1) == 0 && auth_check(&m, user, sizeof user) == AUTH_OK);
 }
 
-int main(void)
-{
+int main(void) {
     int fd = mkstemp(ini_path);
     if (fd < 0) return 1;
     close(fd);

@@ -6,8 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static size_t encode(const uint8_t *in, size_t n, char *out)
-{
+static size_t encode(const uint8_t *in, size_t n, char *out) {
     static const char a[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     size_t o = 0;
     for (size_t i = 0; i < n; i += 3) {
@@ -21,8 +20,7 @@ static size_t encode(const uint8_t *in, size_t n, char *out)
     return o;
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
-{
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static unsigned char dec[8192];
     static char enc[16384];
     if (size > 4096) return 0;

@@ -8,8 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static int pair(int fds[2])
-{
+static int pair(int fds[2]) {
     int big = 1 << 20;
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) < 0) abort();
     for (int i = 0; i < 2; i++) {
@@ -19,8 +18,7 @@ static int pair(int fds[2])
     return 0;
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
-{
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static struct copier k;
     static struct stream s;
     static char *out;

@@ -10,15 +10,13 @@
 
 int __real_getaddrinfo(const char *, const char *, const struct addrinfo *, struct addrinfo **);
 int __wrap_getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
-                       struct addrinfo **res)
-{
+                       struct addrinfo **res) {
     struct addrinfo h = *hints;
     h.ai_flags |= AI_NUMERICHOST;
     return __real_getaddrinfo(node, service, &h, res);
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
-{
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static char path[64];
     static struct config c;
     char err[1024];

@@ -7,13 +7,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void inside(const char *buf, size_t len, const char *p, size_t n)
-{
+static void inside(const char *buf, size_t len, const char *p, size_t n) {
     if (n && (p < buf || p + n > buf + len)) abort();
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
-{
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const char *buf = (const char *)data;
     size_t scanned = 0, step = 0;
     long whole = http_head_end(buf, size, &scanned), part = 0;

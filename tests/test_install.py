@@ -1,0 +1,57 @@
+"""tests/test_install.py — what a newcomer and a packager rely on: the example configs pass
+the check, `make install` lays out binary, man page, unit and config under DESTDIR, the man
+page renders, and systemd accepts the unit."""
+import glob
+import os
+import shutil
+import subprocess
+
+from lib import PROXY, TMP
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_example_configs_pass_the_check():
+    examples = sorted(glob.glob(os.path.join(ROOT, "examples", "*.ini")))
+    assert len(examples) >= 3, examples
+    for path in examples + [os.path.join(ROOT, "proxy.ini")]:
+        r = subprocess.run([PROXY, "-t", "-c", path], capture_output=True, text=True, timeout=10)
+        assert r.returncode == 0 and "configuration ok" in r.stdout, (path, r.stderr)
+
+
+def test_make_install_into_destdir():
+    dest = os.path.join(TMP, "destdir")
+    shutil.rmtree(dest, ignore_errors=True)
+    binary = os.path.relpath(PROXY, ROOT)
+    build = os.path.dirname(binary) or "build"  # build/asan for build/asan/proxy
+    r = subprocess.run(["make", "-s", "-o", binary, "install", "BIN=" + binary, "B=" + build,
+                        "DESTDIR=" + dest, "PREFIX=/usr"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    usr = os.path.join(dest, "usr")
+    installed = os.path.join(usr, "bin", "proxy")
+    assert subprocess.run([installed, "-V"], capture_output=True, text=True).stdout.startswith(
+        "proxy ")
+    r = subprocess.run([installed, "-t", "-c", os.path.join(dest, "etc/proxy/proxy.ini")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    unit = os.path.join(usr, "lib/systemd/system/proxy.service")
+    with open(unit) as f:
+        text = f.read()
+    assert "ExecStart=/usr/bin/proxy -c ${CREDENTIALS_DIRECTORY}/proxy.ini" in text
+    for hardening in ("DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                      "LimitNOFILE=", "LoadCredential=proxy.ini:/etc/proxy/proxy.ini"):
+        assert hardening in text, hardening
+    assert len(glob.glob(os.path.join(usr, "share/doc/proxy/examples/*.ini"))) >= 3
+    page = os.path.join(usr, "share/man/man1/proxy.1")
+    if shutil.which("man"):
+        r = subprocess.run(["man", "--warnings", "-l", page], capture_output=True, text=True,
+                           env=dict(os.environ, MANWIDTH="80", MANPAGER="cat"), timeout=20)
+        assert r.returncode == 0 and "reuse_port" in r.stdout and not r.stderr, r.stderr
+    if shutil.which("systemd-analyze"):  # it checks that ExecStart exists: point it at ours
+        check = os.path.join(TMP, "proxy.service")
+        with open(check, "w") as f:
+            f.write(text.replace("/usr/bin/proxy", installed))
+        r = subprocess.run(["systemd-analyze", "verify", check], capture_output=True, text=True,
+                           timeout=30, env=dict(os.environ, MANPATH=os.path.join(usr, "share/man")))
+        assert r.returncode == 0, r.stdout + r.stderr
