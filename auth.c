@@ -8,6 +8,7 @@
 
 const char *const auth_names[AUTH_MAX] = {"ok", "missing", "malformed", "bad_credentials"};
 
+/* The 6-bit value of a base64 character, or -1 for anything outside the alphabet. */
 static int b64_value(unsigned char ch) {
     if (ch >= 'A' && ch <= 'Z') return ch - 'A';
     if (ch >= 'a' && ch <= 'z') return ch - 'a' + 26;

@@ -118,6 +118,8 @@ static int each_item(struct loader *l, const char *value, int (*add)(struct load
     return 1;
 }
 
+/* One item of upstream: a host:port of safe characters (it becomes a metric label),
+ * resolved now so that a bad name stops start-up instead of failing every connection. */
 static int add_upstream(struct loader *l, char *s) {
     struct config *c = l->c;
     char why[160];
@@ -135,6 +137,7 @@ static int add_upstream(struct loader *l, char *s) {
     return 1;
 }
 
+/* One item of connect_ports: a port, a range lo-hi, or * for all; sets their bits. */
 static int add_ports(struct loader *l, char *s) {
     long long lo = 1, hi = 65535;
     char *dash = strchr(s, '-');
@@ -147,6 +150,7 @@ static int add_ports(struct loader *l, char *s) {
     return 1;
 }
 
+/* One [users] line. Names cannot hold a colon: Basic credentials split at the first one. */
 static int add_user(struct loader *l, const char *name, const char *pass) {
     struct config *c = l->c;
     if (c->nusers == MAX_USERS) return fail(l, l->line, "more than %d users", MAX_USERS);
@@ -163,6 +167,7 @@ static int add_user(struct loader *l, const char *name, const char *pass) {
     return 1;
 }
 
+/* One item of allow: an address or a network. */
 static int add_cidr(struct loader *l, char *s) {
     struct config *c = l->c;
     if (c->nallow == MAX_ALLOW) return fail(l, l->line, "more than %d networks", MAX_ALLOW);
@@ -265,6 +270,7 @@ static char *reader(char *buf, int size, void *user) {
     return buf;
 }
 
+/* Every key's default, as proxy.ini documents them: loopback only, auth off. */
 static void defaults(struct config *c, const char *file) {
     char err[64];
     memset(c, 0, sizeof *c);

@@ -66,6 +66,7 @@ void conn_end(struct conn *c, enum end reason) {
     if (c->upstream >= 0) shutdown(c->upstream, SHUT_RDWR);
 }
 
+/* Records that bytes moved: the idle clock both directions share. */
 static void touch(struct conn *c) {
     atomic_store_explicit(&c->last_ns, mono_ns(), memory_order_relaxed);
 }

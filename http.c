@@ -34,6 +34,7 @@ void http_free(struct worker *w) {
     free(w->out);
 }
 
+/* The reason phrase of a status the proxy answers with itself. */
 static const char *reason(int status) {
     switch (status) {
     case 400: return "Bad Request";
@@ -90,6 +91,7 @@ static int oldest(struct worker *w, struct exchange *x) {
     return pending;
 }
 
+/* The back thread: the oldest request's response is relayed (upgraded: it was a 101). */
 static void answered(struct worker *w, int upgraded) {
     pthread_mutex_lock(&w->mu);
     w->answered++;
@@ -215,6 +217,8 @@ static void no_response(struct worker *w, struct conn *c, struct exchange *x) {
     conn_end(c, END_UPSTREAM);
 }
 
+/* The back thread in http mode: relays each response in order, reading its head to know
+ * where its body ends (none for HEAD, 1xx, 204, 304), and logs the request it answers. */
 static void responses(struct worker *w, struct conn *c) {
     struct stream *s = &w->in[DOWN];
     for (;;) {

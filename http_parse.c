@@ -22,6 +22,7 @@ static int is_vchar(unsigned char ch) {
     return ch == ' ' || ch == '\t' || (ch > 0x20 && ch != 0x7f);
 }
 
+/* How many tchars start at p (a method, a field name). */
 static int token_len(const char *p, const char *end) {
     const char *s = p;
     while (p < end && is_tchar((unsigned char)*p)) p++;

@@ -13,6 +13,7 @@
 static int listen_fd = -1;
 static _Atomic int stopping;
 
+/* The -h text. */
 static void usage(FILE *out) {
     fprintf(out, "usage: proxy [-c FILE] [-t] [-h] [-V]\n"
                  "  -c FILE  configuration (default proxy.ini)\n"
@@ -129,6 +130,8 @@ static void fd_limit(void) {
                 (unsigned long long)rl.rlim_cur);
 }
 
+/* Reads the options and the config, sets up the listeners, the pool and the threads, then
+ * waits for signals until a SIGTERM or SIGINT stops it gracefully. */
 int main(int argc, char **argv) {
     const char *file = "proxy.ini";
     int check = 0, opt, sig, admin_fd = -1;

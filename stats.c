@@ -101,10 +101,12 @@ void stats_request(const struct conn *c, const struct exchange *x, int status) {
 
 /* ---- Prometheus text ------------------------------------------------------------------ */
 
+/* A family's HELP and TYPE lines. */
 static void head(FILE *f, const char *name, const char *type, const char *help) {
     fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+/* A family of one sample. */
 static void one(FILE *f, const char *name, const char *type, const char *help, uint64_t v) {
     head(f, name, type, help);
     fprintf(f, "%s %llu\n", name, (unsigned long long)v);
@@ -237,6 +239,8 @@ static void admin_serve(int fd) {
     free(body);
 }
 
+/* The admin thread: one request per connection, one connection at a time; a slow client
+ * holds it at most two seconds (admin_serve). */
 static void *admin_main(void *arg) {
     (void)arg;
     while (!atomic_load(&admin_stopping)) {
