@@ -898,40 +898,35 @@ def wrk_line(r):
     return text
 
 
+def latency_rounds(b, number, systems, seconds):
+    """Scenario 1's measurement (wrk -c1 on /test1 and /test2), round after round."""
+    b.results.commands[number] = [
+        f"wrk -t1 -c1 -d{seconds}s --latency http://127.0.0.1:PORT{path}"
+        for path in ("/test1", "/test2")]
+    with running(systems, b.backend):
+        for rnd in range(1, b.settings.rounds + 1):
+            for system in systems:
+                for path in ("/test1", "/test2"):
+                    r = measure(system, lambda: wrk(system.port, path, 1, seconds))
+                    b.results.add(number, system.name, path, r)
+                    progress(int(number), rnd, b.settings.rounds, f"{system.name} {path}", r)
+
+
 def scenario_latency(b):
     """1. proxy-bench latency: one connection, sequential keep-alive GETs (wrk -t1 -c1)."""
     s = b.settings
-    b.results.commands["1"] = [
-        f"wrk -t1 -c1 -d{s.latency_seconds}s --latency http://127.0.0.1:PORT{path}"
-        for path in ("/test1", "/test2")]
-    systems = tcp_systems(b.work, b.backend.port, s.workers)
-    with running(systems, b.backend):
-        for rnd in range(1, s.rounds + 1):
-            for system in systems:
-                for path in ("/test1", "/test2"):
-                    r = measure(system, lambda: wrk(system.port, path, 1, s.latency_seconds))
-                    b.results.add("1", system.name, path, r)
-                    progress(1, rnd, s.rounds, f"{system.name} {path}", r)
+    latency_rounds(b, "1", tcp_systems(b.work, b.backend.port, s.workers), s.latency_seconds)
 
 
 def scenario_sweep(b):
     """2. Buffer-size sweep: scenario 1 through ours in buffer mode at each buffer size,
     and in splice mode."""
     s = b.settings
-    b.results.commands["2"] = [
-        f"wrk -t1 -c1 -d{s.sweep_seconds}s --latency http://127.0.0.1:PORT{path}"
-        for path in ("/test1", "/test2")]
     systems = [Ours(b.work, b.backend.port, "buffer", size, workers=16, name=f"buffer {size}")
                for size in s.sweep_sizes]
     systems.append(Ours(b.work, b.backend.port, "splice", "64k", workers=16,
                         name="splice 64k"))
-    with running(systems, b.backend):
-        for rnd in range(1, s.rounds + 1):
-            for system in systems:
-                for path in ("/test1", "/test2"):
-                    r = measure(system, lambda: wrk(system.port, path, 1, s.sweep_seconds))
-                    b.results.add("2", system.name, path, r)
-                    progress(2, rnd, s.rounds, f"{system.name} {path}", r)
+    latency_rounds(b, "2", systems, s.sweep_seconds)
 
 
 def scenario_throughput(b):

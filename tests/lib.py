@@ -245,6 +245,14 @@ def capture_handler(c, server):
         server.received.append(data)
 
 
+def wait_received(server, timeout=5):
+    """What a capture_handler server has stored, once it has stored something."""
+    deadline = time.monotonic() + timeout
+    while not server.received and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server.received
+
+
 def hold_handler(c, server):
     """Holds the connection open until the peer closes."""
     while c.recv(65536):

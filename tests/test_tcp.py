@@ -13,7 +13,7 @@ import time
 import lib
 from lib import (PROXY, SCALE, TMP, Server, blackhole, capture_handler, closed_port,
                  connect, echo_handler, exchange, hold_handler, random_bytes, recv_all,
-                 recv_line, sha, sink_handler, write_ini)
+                 recv_line, sha, sink_handler, wait_received, write_ini)
 
 
 def Proxy(*args, **keys):
@@ -241,9 +241,7 @@ def test_proxy_protocol_v1_and_v2_headers_are_byte_exact():
                     s.sendall(b"hello")
                     s.shutdown(socket.SHUT_WR)
                     assert recv_all(s) == b""
-                    deadline = time.monotonic() + 5
-                    while not cap.received and time.monotonic() < deadline:
-                        time.sleep(0.02)
+                    wait_received(cap)
                     if version == "v1":
                         want = ("PROXY TCP%s %s %s %d %d\r\n" % ("6" if ":" in host else "4",
                                 src[0], dst[0], src[1], dst[1])).encode()
@@ -475,10 +473,8 @@ def test_a_pipe_left_full_by_a_dead_connection_is_not_handed_on():
         t.sendall(b"hello")
         t.shutdown(socket.SHUT_WR)
         recv_all(t)
-        deadline = time.monotonic() + 5
-        while not srv.received and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert srv.received == [b"hello"], srv.received[0][:64] if srv.received else None
+        got = wait_received(srv)
+        assert got == [b"hello"], got[0][:64] if got else None
 
 
 def test_urgent_data_is_relayed_in_line_in_both_copy_modes():
@@ -492,10 +488,7 @@ def test_urgent_data_is_relayed_in_line_in_both_copy_modes():
             s.sendall(b"def")
             s.shutdown(socket.SHUT_WR)
             recv_all(s)
-            deadline = time.monotonic() + 5
-            while not cap.received and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert cap.received == [b"abcXdef"], (copy, cap.received)
+            assert wait_received(cap) == [b"abcXdef"], (copy, cap.received)
 
 
 def test_allow_list_on_a_dual_stack_listener_matches_v4_clients_as_v4():
