@@ -74,7 +74,8 @@ static void *acceptor_main(void *arg) {
         int fd = accept4(listen_fd, (struct sockaddr *)&peer.sa, &peer.len, SOCK_CLOEXEC);
         if (fd < 0) {
             if (atomic_load(&stopping)) break;
-            if (errno == EINTR || errno == ECONNABORTED) continue;
+            /* EAGAIN: the listener's SO_RCVTIMEO tick (set for the sockets it accepts). */
+            if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED) continue;
             /* Out of fds or memory: the connection stays in the kernel's backlog. Pause
              * instead of spinning on it; it is served once descriptors free up. */
             atomic_fetch_add(&stats.accept_errors, 1);

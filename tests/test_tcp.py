@@ -398,6 +398,15 @@ def test_access_log_file_sighup_reopens_and_sigusr1_dumps_metrics():
         assert px.stop() == 0
 
 
+def test_an_idle_proxy_counts_no_accept_errors_and_logs_nothing():
+    with Server(echo_handler) as echo, Proxy(echo.addr) as px:
+        time.sleep(2.5)  # past two ticks of the listener's timeout
+        assert px.metric("proxy_accept_errors_total") == 0
+        assert exchange(px.addr, b"x") == (sha(b"x"), 1)
+        px.wait_line(r"up=1 down=1 ")
+        assert "refused" not in px.text(), px.text()
+
+
 def test_metrics_are_well_formed_prometheus_text():
     with Server(echo_handler) as echo, Proxy(echo.addr) as px:
         exchange(px.addr, b"x" * 1000)
