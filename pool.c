@@ -14,12 +14,14 @@ struct pending {
 /* The queue: a ring of accepted sockets, room for `queue` beyond the idle workers. */
 static struct {
     pthread_mutex_t mu;
-    pthread_cond_t cv;
+    pthread_cond_t cv, all_idle; /* cv: a connection or the stop; all_idle: for pool_start */
     struct pending *ring;
     int size, head, len;
     int idle;     /* front threads waiting in take() */
     int stopping; /* SIGTERM: the acceptor has stopped; drain what is queued, then exit */
-} q = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+} q = {.mu = PTHREAD_MUTEX_INITIALIZER,
+       .cv = PTHREAD_COND_INITIALIZER,
+       .all_idle = PTHREAD_COND_INITIALIZER};
 
 static struct worker *workers;
 static int started;
@@ -48,7 +50,7 @@ int pool_queued(void) {
 /* Blocks until a connection is queued; -1 once the pool stops and the queue is empty. */
 static int take(struct pending *p) {
     pthread_mutex_lock(&q.mu);
-    q.idle++;
+    if (++q.idle == cfg.workers) pthread_cond_signal(&q.all_idle);
     while (!q.len && !q.stopping) pthread_cond_wait(&q.cv, &q.mu);
     q.idle--;
     int got = q.len > 0;
@@ -164,6 +166,11 @@ int pool_start(serve_fn fn) {
         if (pthread_create(&w->front, &attr, front_main, w)) return -1;
     }
     pthread_attr_destroy(&attr);
+    /* Ready means every worker waits for work: with queue = 0, a connection that came before
+     * they did would otherwise be refused. */
+    pthread_mutex_lock(&q.mu);
+    while (q.idle < cfg.workers) pthread_cond_wait(&q.all_idle, &q.mu);
+    pthread_mutex_unlock(&q.mu);
     return 0;
 }
 

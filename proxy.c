@@ -4,6 +4,7 @@
 
 #include <err.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,16 +67,24 @@ static void log_refused(const char *why, const struct addr *peer) {
 }
 
 /* The acceptor thread: accept, check the allow-list, hand to the pool. Nothing slow here:
- * every socket option is set later by the worker. */
+ * the sockets it accepts inherit their options from the listener. When stopping, it takes
+ * what is already in the backlog (those clients are connected) without blocking, then ends. */
 static void *acceptor_main(void *arg) {
+    int left = -1; /* how many more it may take once stopping: a flood must not keep it */
     (void)arg;
     for (;;) {
+        if (left < 0 && atomic_load(&stopping)) {
+            fcntl(listen_fd, F_SETFL, O_NONBLOCK);
+            left = cfg.queue + cfg.workers;
+        }
+        if (left == 0) break;
         struct addr peer = {.len = sizeof peer.sa};
         int fd = accept4(listen_fd, (struct sockaddr *)&peer.sa, &peer.len, SOCK_CLOEXEC);
         if (fd < 0) {
-            if (atomic_load(&stopping)) break;
-            /* EAGAIN: the listener's SO_RCVTIMEO tick (set for the sockets it accepts). */
-            if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED) continue;
+            /* EAGAIN: the listener's SO_RCVTIMEO tick, or, once stopping, an empty backlog. */
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            if (left >= 0) break;
+            if (errno == EAGAIN) continue;
             /* Out of fds or memory: the connection stays in the kernel's backlog. Pause
              * instead of spinning on it; it is served once descriptors free up. */
             atomic_fetch_add(&stats.accept_errors, 1);
@@ -83,6 +92,7 @@ static void *acceptor_main(void *arg) {
             usleep(100000);
             continue;
         }
+        if (left > 0) left--; /* (accepted sockets never inherit O_NONBLOCK on Linux) */
         atomic_fetch_add(&stats.accepted, 1);
         if (!cidr_match(cfg.allow, cfg.nallow, &peer)) {
             atomic_fetch_add(&stats.refused[REFUSED_NOT_ALLOWED], 1);
@@ -193,12 +203,13 @@ int main(int argc, char **argv) {
         }
         if (sig == SIGTERM || sig == SIGINT) break;
     }
-    log_line("stopping: %llu connections open get up to %d s to finish",
-             (unsigned long long)atomic_load(&stats.active), GRACE_SECONDS);
+    /* The acceptor sees this within one tick of its accept(); no shutdown() of the listener,
+     * which would reset the connections still waiting in its backlog. */
     atomic_store(&stopping, 1);
-    shutdown(listen_fd, SHUT_RDWR); /* wakes accept() */
     pthread_join(acceptor, NULL);
     close(listen_fd);
+    log_line("stopping: %llu connections open get up to %d s to finish",
+             (unsigned long long)atomic_load(&stats.active), GRACE_SECONDS);
     pool_stop();
     stats_stop();
     log_line("stopped");

@@ -212,7 +212,8 @@ int upstream_proxy_header(int version, const struct addr *src, const struct addr
 
 /* ---- pool.c: the bounded queue, the workers, the graceful stop ------------------------ */
 
-/* Creates cfg.workers workers that call serve for each connection. Returns 0 or -1. */
+/* Creates cfg.workers workers that call serve for each connection, and returns once all of
+ * them wait for work. Returns 0 or -1. */
 int pool_start(serve_fn serve);
 /* Hands an accepted socket to the pool. Returns 0, or -1 when the queue is full or the
  * pool is stopping (the caller closes fd). */
