@@ -24,32 +24,33 @@ struct key {
     const char *section, *name; /* name "*": any key (a user name) */
     enum kind kind;
     size_t off;        /* into struct config */
+    const char *def;   /* the default, parsed like a value in the file; NULL: none */
     int min, max;      /* INT and SIZE: the range; TEXT: max is the field's size */
     const char *enums; /* ENUM: the words, in the order of the enum's values */
 };
 
 #define F(field) offsetof(struct config, field)
 static const struct key keys[] = {
-    {"proxy", "listen", ADDR, F(listen)},
-    {"proxy", "mode", ENUM, F(mode), .enums = "tcp http"},
+    {"proxy", "listen", ADDR, F(listen), "127.0.0.1:8888"},
+    {"proxy", "mode", ENUM, F(mode), "http", .enums = "tcp http"},
     {"proxy", "upstream", UPSTREAMS, F(up)},
-    {"proxy", "balance", ENUM, F(balance), .enums = "source roundrobin"},
-    {"proxy", "workers", INT, F(workers), 1, 50000},
-    {"proxy", "queue", INT, F(queue), 0, 1000000},
-    {"proxy", "buffer_size", SIZE, F(buffer_size), 1024, 64 << 20},
-    {"proxy", "copy", ENUM, F(copy), .enums = "splice buffer"},
-    {"proxy", "connect_timeout", INT, F(connect_timeout), 1, 600},
-    {"proxy", "idle_timeout", INT, F(idle_timeout), 0, 604800},
-    {"proxy", "header_timeout", INT, F(header_timeout), 1, 3600},
-    {"proxy", "rate_limit", SIZE, F(rate_limit), 0, 0x7fffffff},
-    {"proxy", "send_proxy", ENUM, F(send_proxy), .enums = "off v1 v2"},
-    {"proxy", "reuse_port", ENUM, F(reuse_port), .enums = "no yes"},
-    {"proxy", "log", TEXT, F(log), 0, sizeof cfg.log},
-    {"access", "allow", CIDRS, F(allow)},
-    {"access", "connect_ports", PORTS, F(connect_ports)},
-    {"auth", "realm", TEXT, F(realm), 0, sizeof cfg.realm},
-    {"users", "*", USER, F(users)},
-    {"stats", "listen", ADDR, F(stats_listen)},
+    {"proxy", "balance", ENUM, F(balance), "source", .enums = "source roundrobin"},
+    {"proxy", "workers", INT, F(workers), "256", 1, 50000},
+    {"proxy", "queue", INT, F(queue), "1024", 0, 1000000},
+    {"proxy", "buffer_size", SIZE, F(buffer_size), "64k", 1024, 64 << 20},
+    {"proxy", "copy", ENUM, F(copy), "splice", .enums = "splice buffer"},
+    {"proxy", "connect_timeout", INT, F(connect_timeout), "5", 1, 600},
+    {"proxy", "idle_timeout", INT, F(idle_timeout), "300", 0, 604800},
+    {"proxy", "header_timeout", INT, F(header_timeout), "10", 1, 3600},
+    {"proxy", "rate_limit", SIZE, F(rate_limit), "0", 0, 0x7fffffff},
+    {"proxy", "send_proxy", ENUM, F(send_proxy), "off", .enums = "off v1 v2"},
+    {"proxy", "reuse_port", ENUM, F(reuse_port), "no", .enums = "no yes"},
+    {"proxy", "log", TEXT, F(log), "-", 0, sizeof cfg.log},
+    {"access", "allow", CIDRS, F(allow), "127.0.0.0/8, ::1"}, /* loopback only */
+    {"access", "connect_ports", PORTS, F(connect_ports), "443"},
+    {"auth", "realm", TEXT, F(realm), "proxy", 0, sizeof cfg.realm},
+    {"users", "*", USER, F(users)}, /* none: auth is off */
+    {"stats", "listen", ADDR, F(stats_listen), "127.0.0.1:9100"},
 };
 #define NKEYS (sizeof keys / sizeof keys[0])
 
@@ -177,33 +178,10 @@ static int add_cidr(struct loader *l, char *s) {
     return 1;
 }
 
-/* inih calls this for every key = value; returns 0 on an error (recorded by fail). */
-static int handler(void *user, const char *section, const char *name, const char *value) {
-    struct loader *l = user;
+/* Sets key k (called name in the file) to value: a default, or a line of the file. Returns 1,
+ * or 0 on an error (recorded by fail). */
+static int set(struct loader *l, const struct key *k, const char *name, const char *value) {
     struct config *c = l->c;
-    const struct key *k = NULL;
-    int known_section = 0;
-    for (size_t i = 0; i < NKEYS; i++) {
-        if (strcmp(keys[i].section, section)) continue;
-        known_section = 1;
-        if (!strcmp(keys[i].name, name) || !strcmp(keys[i].name, "*")) k = &keys[i];
-    }
-    if (!*section) return fail(l, l->line, "'%s' is outside any [section]", name);
-    if (!known_section) return fail(l, l->line, "unknown section [%s]", section);
-    if (!k) return fail(l, l->line, "unknown key '%s' in [%s]", name, section);
-
-    if (k->kind == USER) return add_user(l, name, value);
-    int *first = &l->seen[k - keys];
-    int list = k->kind == UPSTREAMS || k->kind == CIDRS || k->kind == PORTS;
-    if (*first && (!list || !l->indented)) /* a list goes on only on indented lines */
-        return fail(l, l->line, "'%s' is set twice (first on line %d)", name, *first);
-    if (!*first) {
-        *first = l->line;
-        if (k->kind == UPSTREAMS) c->nup = 0; /* a list in the file replaces the default */
-        if (k->kind == CIDRS) c->nallow = 0;
-        if (k->kind == PORTS) memset(c->connect_ports, 0, sizeof c->connect_ports);
-    }
-
     void *field = (char *)c + k->off;
     long long v;
     char why[160];
@@ -238,7 +216,7 @@ static int handler(void *user, const char *section, const char *name, const char
     case UPSTREAMS: return each_item(l, value, add_upstream);
     case CIDRS: return each_item(l, value, add_cidr);
     case PORTS: return each_item(l, value, add_ports);
-    case USER: return 0; /* handled above */
+    case USER: return add_user(l, name, value);
     case TEXT:
         if (!*value || strlen(value) >= (size_t)k->max || strpbrk(value, "\"\\"))
             return fail(l, l->line, "%s = '%s': empty, too long, or has a quote or backslash", name,
@@ -247,6 +225,34 @@ static int handler(void *user, const char *section, const char *name, const char
         return 1;
     }
     return 0;
+}
+
+/* inih calls this for every key = value; returns 0 on an error (recorded by fail). */
+static int handler(void *user, const char *section, const char *name, const char *value) {
+    struct loader *l = user;
+    struct config *c = l->c;
+    const struct key *k = NULL;
+    int known_section = 0;
+    for (size_t i = 0; i < NKEYS; i++) {
+        if (strcmp(keys[i].section, section)) continue;
+        known_section = 1;
+        if (!strcmp(keys[i].name, name) || !strcmp(keys[i].name, "*")) k = &keys[i];
+    }
+    if (!*section) return fail(l, l->line, "'%s' is outside any [section]", name);
+    if (!known_section) return fail(l, l->line, "unknown section [%s]", section);
+    if (!k) return fail(l, l->line, "unknown key '%s' in [%s]", name, section);
+
+    int *first = &l->seen[k - keys];
+    int list = k->kind == UPSTREAMS || k->kind == CIDRS || k->kind == PORTS;
+    if (k->kind != USER && *first && (!list || !l->indented)) /* lists go on, indented */
+        return fail(l, l->line, "'%s' is set twice (first on line %d)", name, *first);
+    if (!*first) {
+        *first = l->line;
+        if (k->kind == UPSTREAMS) c->nup = 0; /* a list in the file replaces the default */
+        if (k->kind == CIDRS) c->nallow = 0;
+        if (k->kind == PORTS) memset(c->connect_ports, 0, sizeof c->connect_ports);
+    }
+    return set(l, k, name, value);
 }
 
 /* inih reads lines through this so that we know each line's number and catch lines too long
@@ -268,31 +274,6 @@ static char *reader(char *buf, int size, void *user) {
     l->indented = s != buf;
     if (!strncmp(s, "[proxy]", 7)) l->proxy_line = l->line;
     return buf;
-}
-
-/* Every key's default, as proxy.ini documents them: loopback only, auth off. */
-static void defaults(struct config *c, const char *file) {
-    char err[64];
-    memset(c, 0, sizeof *c);
-    c->file = file;
-    addr_parse("127.0.0.1:8888", &c->listen, err, sizeof err);
-    addr_parse("127.0.0.1:9100", &c->stats_listen, err, sizeof err);
-    c->mode = MODE_HTTP;
-    c->balance = BALANCE_SOURCE;
-    c->copy = COPY_SPLICE;
-    c->send_proxy = SEND_PROXY_OFF;
-    c->workers = 256;
-    c->queue = 1024;
-    c->buffer_size = 65536;
-    c->connect_timeout = 5;
-    c->idle_timeout = 300;
-    c->header_timeout = 10;
-    strcpy(c->realm, "proxy");
-    c->connect_ports[443 / 8] = 1 << (443 % 8);
-    strcpy(c->log, "-");
-    cidr_parse("127.0.0.0/8", &c->allow[0]);
-    cidr_parse("::1", &c->allow[1]);
-    c->nallow = 2;
 }
 
 /* Whether two listen addresses would collide: the same port on the same host, or on a
@@ -317,7 +298,10 @@ static int line_of(const struct loader *l, const char *section, const char *name
 
 int config_load(struct config *c, const char *file, char *err, size_t errlen) {
     struct loader l = {.c = c, .err = err, .errlen = errlen};
-    defaults(c, file);
+    memset(c, 0, sizeof *c);
+    c->file = file;
+    for (size_t i = 0; i < NKEYS; i++) /* the defaults, checked like the file's values */
+        if (keys[i].def) set(&l, &keys[i], keys[i].name, keys[i].def);
     l.f = fopen(file, "r");
     if (!l.f) {
         snprintf(err, errlen, "%s: cannot open: %s", file, strerror(errno));
@@ -352,26 +336,19 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
 
 int addr_parse(const char *s, struct addr *a, char *err, size_t errlen) {
     char host[256];
-    const char *port;
-    size_t hl;
+    const char *colon = strrchr(s, ':'), *port = colon + 1;
+    size_t hl = colon ? (size_t)(colon - s) : 0;
+    long long p;
+    if (!colon) return snprintf(err, errlen, "expected host:port"), -1;
     if (*s == '[') {
-        const char *e = strchr(s, ']');
-        if (!e || e[1] != ':') return snprintf(err, errlen, "expected [IPv6]:port"), -1;
-        hl = e - s - 1;
-        memcpy(host, s + 1, hl < sizeof host ? hl : 0);
-        port = e + 2;
-    } else {
-        const char *colon = strrchr(s, ':');
-        if (!colon) return snprintf(err, errlen, "expected host:port"), -1;
-        if (memchr(s, ':', colon - s))
-            return snprintf(err, errlen, "IPv6 addresses go in brackets, like [::1]:8888"), -1;
-        hl = colon - s;
-        memcpy(host, s, hl < sizeof host ? hl : 0);
-        port = colon + 1;
+        if (hl < 2 || colon[-1] != ']') return snprintf(err, errlen, "expected [IPv6]:port"), -1;
+        s++, hl -= 2;
+    } else if (memchr(s, ':', hl)) {
+        return snprintf(err, errlen, "IPv6 addresses go in brackets, like [::1]:8888"), -1;
     }
     if (hl == 0 || hl >= sizeof host) return snprintf(err, errlen, "expected a host before :"), -1;
+    memcpy(host, s, hl);
     host[hl] = 0;
-    long long p;
     if (strlen(port) > 5 || parse_number(port, 0, &p) < 0 || p > 65535)
         return snprintf(err, errlen, "port must be a number from 0 to 65535"), -1;
     if (!strcmp(host, "*")) strcpy(host, "0.0.0.0");
@@ -463,42 +440,26 @@ int cidr_match(const struct cidr *list, int count, const struct addr *a) {
 
 /* ---- the memory plan (-t) ------------------------------------------------------------- */
 
-/* Writes a byte count the way a person reads it: 512 KiB, 32 MiB, 1.5 GiB. */
-static const char *human(long long n, char *buf, size_t len) {
-    const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    double v = (double)n;
-    int u = 0;
-    while (v >= 1024 && u < 4) v /= 1024, u++;
-    snprintf(buf, len, v < 10 && u ? "%.1f %s" : "%.0f %s", v, unit[u]);
-    return buf;
-}
-
 long long config_fds(const struct config *c) {
     return (long long)c->workers * (c->copy == COPY_SPLICE ? 6 : 2) + c->queue + 16;
 }
 
 void config_plan(const struct config *c, FILE *o) {
     static const char *modes[] = {"tcp", "http"}, *copies[] = {"splice", "buffer"};
-    char listen[64], admin[64] = "off", a[16], b[16], d[16], e[16];
-    int splice = c->copy == COPY_SPLICE, fds = splice ? 6 : 2;
-    long long w = c->workers, io = 2LL * c->buffer_size;
+    char listen[64], admin[64] = "off";
+    double w = c->workers, mib = 1 << 20;
     struct rlimit rl = {0};
     getrlimit(RLIMIT_NOFILE, &rl);
     if (c->stats_listen.len) addr_format(&c->stats_listen, admin, sizeof admin);
-    fprintf(o, "%s: configuration ok\n", c->file);
-    fprintf(o, "mode %s on %s, %d upstream(s), copy %s, metrics on %s\n", modes[c->mode],
-            addr_format(&c->listen, listen, sizeof listen), c->nup, copies[c->copy], admin);
-    long long heads = c->mode == MODE_HTTP ? 3LL * HEAD_MAX : 0; /* http.c: in, in, out */
-    fprintf(o, "per worker: 2 threads, stacks 2 x %s, %s 2 x %s, %d fds",
-            human(STACK_SIZE, a, sizeof a), splice ? "pipes" : "buffers",
-            human(c->buffer_size, b, sizeof b), fds);
-    fprintf(o, heads ? ", http heads 3 x %s\n" : "\n", human(HEAD_MAX, a, sizeof a));
+    fprintf(o, "%s: configuration ok\nmode %s on %s, %d upstream(s), copy %s, metrics on %s\n",
+            c->file, modes[c->mode], addr_format(&c->listen, listen, sizeof listen), c->nup,
+            copies[c->copy], admin);
     fprintf(o,
-            "%lld workers: %lld threads, %s of stack address space (resident only as touched), "
-            "%s of %s at most",
-            w, 2 * w, human(w * 2 * STACK_SIZE, d, sizeof d), human(w * io, e, sizeof e),
-            splice ? "pipe buffers in the kernel" : "buffers");
-    fprintf(o, heads ? ", %s of http heads\n" : "\n", human(w * heads, a, sizeof a));
-    fprintf(o, "fds at full load: %lld (limit %llu); queue: %d connections may wait\n",
+            "%d workers: %d threads, %.1f MiB of stacks (resident only as touched), %.1f MiB of %s",
+            c->workers, 2 * c->workers, w * 2 * STACK_SIZE / mib, w * 2 * c->buffer_size / mib,
+            c->copy == COPY_SPLICE ? "pipe buffers in the kernel at most" : "buffers");
+    if (c->mode == MODE_HTTP) /* http.c: two input buffers and a rewritten head */
+        fprintf(o, ", %.1f MiB of http heads", w * 3 * HEAD_MAX / mib);
+    fprintf(o, "\nfds at full load: %lld (limit %llu); queue: %d connections may wait\n",
             config_fds(c), (unsigned long long)rl.rlim_max, c->queue);
 }

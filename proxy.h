@@ -13,37 +13,17 @@
 
 #define PROXY_VERSION "0.1.0"
 
-/* Build-time limits; override with -D. */
-#ifndef MAX_UPSTREAMS
-#define MAX_UPSTREAMS 32
-#endif
-#ifndef MAX_ALLOW
-#define MAX_ALLOW 64 /* [access] allow networks */
-#endif
-#ifndef MAX_USERS
-#define MAX_USERS 256
-#endif
-#ifndef HEAD_MAX
-#define HEAD_MAX 16384 /* bytes in an HTTP request or response head: 16 KiB */
-#endif
-#ifndef HTTP_MAX_FIELDS
-#define HTTP_MAX_FIELDS 100 /* header fields in one head */
-#endif
-#ifndef PIPELINE_MAX
-#define PIPELINE_MAX 16 /* requests forwarded and not yet answered, per connection */
-#endif
-#ifndef STACK_SIZE
-#define STACK_SIZE 262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
-#endif
-#ifndef TICK_MS
-#define TICK_MS 1000 /* a blocked read or write wakes this often to check idle_timeout */
-#endif
-#ifndef DOWN_SECONDS
-#define DOWN_SECONDS 10 /* an upstream that failed a connect is skipped this long */
-#endif
-#ifndef GRACE_SECONDS
-#define GRACE_SECONDS 10 /* SIGTERM: how long active connections may finish */
-#endif
+/* Build-time limits: change them here. */
+#define MAX_UPSTREAMS   32
+#define MAX_ALLOW       64 /* [access] allow networks */
+#define MAX_USERS       256
+#define HEAD_MAX        16384  /* bytes in an HTTP request or response head: 16 KiB */
+#define HTTP_MAX_FIELDS 100    /* header fields in one head */
+#define PIPELINE_MAX    16     /* requests forwarded and not yet answered, per connection */
+#define STACK_SIZE      262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
+#define TICK_MS         1000   /* a blocked read or write wakes this often to check idle_timeout */
+#define DOWN_SECONDS    10     /* an upstream that failed a connect is skipped this long */
+#define GRACE_SECONDS   10     /* SIGTERM: how long active connections may finish */
 
 /* ---- shared structs ------------------------------------------------------------------- */
 

@@ -176,6 +176,9 @@ static void test_config_values(void) {
     CHECK(c.mode == MODE_HTTP && c.balance == BALANCE_SOURCE && c.idle_timeout == 300);
     CHECK(c.stats_listen.len != 0 && c.header_timeout == 10 && c.nusers == 0);
     STR_EQ(c.realm, "proxy");
+    STR_EQ(c.log, "-");
+    CHECK(c.buffer_size == 65536 && c.rate_limit == 0 && c.connect_timeout == 5);
+    CHECK(addr_port(&c.listen) == 8888 && addr_port(&c.stats_listen) == 9100);
     CHECK(c.connect_ports[443 / 8] == 1 << (443 % 8) && c.connect_ports[0] == 0);
 
     CHECK(load("[proxy]\n[access]\nconnect_ports = 8000-8002, 22\n[users]\nalice = s3cret ; c\n"
