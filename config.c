@@ -424,10 +424,8 @@ int cidr_parse(const char *s, struct cidr *n) {
 }
 
 int cidr_match(const struct cidr *list, int count, const struct addr *a) {
-    struct addr u = *a;
     int len;
-    addr_unmap(&u);
-    const uint8_t *ip = addr_ip(&u, &len);
+    const uint8_t *ip = addr_ip(a, &len);
     for (int i = 0; i < count; i++) {
         const struct cidr *n = &list[i];
         int full = n->bits / 8, rest = n->bits % 8;

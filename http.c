@@ -10,12 +10,6 @@
 #include <strings.h>
 #include <unistd.h>
 
-#define BUSY_BODY "503 all workers are busy\n"
-const char http_busy[] =
-    "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
-    "Content-Type: text/plain\r\nContent-Length: 25\r\nConnection: close\r\n\r\n" BUSY_BODY;
-_Static_assert(sizeof BUSY_BODY - 1 == 25, "Content-Length of http_busy");
-
 #define OUT_MAX (HEAD_MAX + 1024) /* a rewritten head: Host and Via may add a little */
 
 static char via[48]; /* "1.1 proxy-PID": added to forwarded requests, and how loops are seen */
@@ -44,11 +38,24 @@ static const char *reason(int status) {
     case 414: return "URI Too Long";
     case 431: return "Request Header Fields Too Large";
     case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
     case 504: return "Gateway Timeout";
     case 505: return "HTTP Version Not Supported";
     case 508: return "Loop Detected";
     default: return "Error";
     }
+}
+
+int http_error(char *buf, size_t cap, int status, int keep) {
+    char body[64];
+    int blen = snprintf(body, sizeof body, "%d %s\n", status, reason(status));
+    return snprintf(buf, cap,
+                    "HTTP/1.1 %d %s\r\n%s%s%s%sContent-Type: text/plain\r\nContent-Length: "
+                    "%d\r\n%s\r\n%s",
+                    status, reason(status), status == 503 ? "Retry-After: 1\r\n" : "",
+                    status == 407 ? "Proxy-Authenticate: Basic realm=\"" : "",
+                    status == 407 ? cfg.realm : "", status == 407 ? "\"\r\n" : "", blen,
+                    keep ? "" : "Connection: close\r\n", body);
 }
 
 /* ---- the pipeline: requests forwarded, responses awaited ------------------------------ */
@@ -208,10 +215,9 @@ static void relay_rest(struct worker *w, struct conn *c, enum dir d) {
 
 /* Answers a request that will get no response from upstream: 502, then the end. */
 static void no_response(struct worker *w, struct conn *c, struct exchange *x) {
-    static const char bad[] = "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\n"
-                              "Content-Length: 16\r\nConnection: close\r\n\r\n502 Bad Gateway\n";
-    int end = atomic_load(&c->end);
-    if (end == END_NONE || end == END_UPSTREAM) copy_send(c, c->client, bad, sizeof bad - 1);
+    char buf[256];
+    int end = atomic_load(&c->end), n = http_error(buf, sizeof buf, 502, 0);
+    if (end == END_NONE || end == END_UPSTREAM) copy_send(c, c->client, buf, (size_t)n);
     stats_request(c, x, 502);
     answered(w, 0);
     conn_end(c, END_UPSTREAM);
@@ -264,16 +270,9 @@ static void responses(struct worker *w, struct conn *c) {
 /* Answers the client with an error (after any responses in flight) and logs it. Returns 0
  * when the connection may go on (keep), else -1. */
 static int reply(struct worker *w, struct conn *c, struct exchange *x, int status, int keep) {
-    char buf[512], body[64];
+    char buf[512];
     quiesce(w);
-    int blen = snprintf(body, sizeof body, "%d %s\n", status, reason(status));
-    int n =
-        snprintf(buf, sizeof buf,
-                 "HTTP/1.1 %d %s\r\n%s%s%sContent-Type: text/plain\r\nContent-Length: "
-                 "%d\r\n%s\r\n%s",
-                 status, reason(status), status == 407 ? "Proxy-Authenticate: Basic realm=\"" : "",
-                 status == 407 ? cfg.realm : "", status == 407 ? "\"\r\n" : "", blen,
-                 keep ? "" : "Connection: close\r\n", body);
+    int n = http_error(buf, sizeof buf, status, keep);
     uint64_t before = c->bytes[DOWN];
     int rc = copy_send(c, c->client, buf, (size_t)n);
     x->down = c->bytes[DOWN] - before;

@@ -28,18 +28,13 @@ static void usage(FILE *out) {
 /* Opens a listening socket on a; -1 with errno on failure. With reuse_port, several proxy
  * processes may listen on the same address and the kernel spreads connections over them. */
 static int open_listener(const struct addr *a, int reuse_port) {
-    int e, one = 1, fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1, fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (reuse_port && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0) goto error;
-    if (bind(fd, (const struct sockaddr *)&a->sa, a->len) < 0 || listen(fd, SOMAXCONN) < 0)
-        goto error;
+    if ((reuse_port && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0) ||
+        bind(fd, (const struct sockaddr *)&a->sa, a->len) < 0 || listen(fd, SOMAXCONN) < 0)
+        return close_failed(fd);
     return fd;
-error:
-    e = errno;
-    close(fd);
-    errno = e;
-    return -1;
 }
 
 /* The address a listener really got (port 0 becomes the port the kernel chose). */
@@ -93,6 +88,7 @@ static void *acceptor_main(void *arg) {
             continue;
         }
         if (left > 0) left--; /* (accepted sockets never inherit O_NONBLOCK on Linux) */
+        addr_unmap(&peer);    /* a dual-stack listener's IPv4 clients are IPv4 from here on */
         atomic_fetch_add(&stats.accepted, 1);
         if (!cidr_match(cfg.allow, cfg.nallow, &peer)) {
             atomic_fetch_add(&stats.refused[REFUSED_NOT_ALLOWED], 1);
@@ -106,8 +102,10 @@ static void *acceptor_main(void *arg) {
             atomic_fetch_add(&stats.refused[REFUSED_QUEUE_FULL], 1);
             log_refused("queue full", &peer);
             /* Best-effort and never blocking: the acceptor must not wait on one client. */
+            char busy[256];
             if (cfg.mode == MODE_HTTP)
-                send(fd, http_busy, strlen(http_busy), MSG_DONTWAIT | MSG_NOSIGNAL);
+                send(fd, busy, (size_t)http_error(busy, sizeof busy, 503, 0),
+                     MSG_DONTWAIT | MSG_NOSIGNAL);
             close(fd);
         }
     }
@@ -123,6 +121,7 @@ static void tcp_serve(struct worker *w, struct conn *c) {
         char hdr[128];
         struct addr local = {.len = sizeof local.sa};
         getsockname(c->client, (struct sockaddr *)&local.sa, &local.len);
+        addr_unmap(&local);
         int n = upstream_proxy_header(cfg.send_proxy, &c->peer, &local, hdr);
         if (copy_send(c, c->upstream, hdr, (size_t)n) < 0) return;
     }

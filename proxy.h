@@ -3,6 +3,7 @@
 #ifndef PROXY_H
 #define PROXY_H
 
+#include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -10,6 +11,7 @@
 #include <stdio.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #define PROXY_VERSION "0.1.0"
 
@@ -166,7 +168,8 @@ const uint8_t *addr_ip(const struct addr *a, int *len);
 int addr_port(const struct addr *a);
 /* Writes "1.2.3.4:80" or "[::1]:80" into buf; returns buf. */
 char *addr_format(const struct addr *a, char *buf, size_t len);
-/* Rewrites an IPv4-mapped IPv6 address (::ffff:1.2.3.4) as plain IPv4. */
+/* Rewrites an IPv4-mapped IPv6 address (::ffff:1.2.3.4) as plain IPv4: done once, on accept,
+ * so that the allow-list, the source hash, the PROXY header and the log all see IPv4. */
 void addr_unmap(struct addr *a);
 /* Parses "10.0.0.0/8", "::1" (a single host) and so on. Returns 0 or -1. */
 int cidr_parse(const char *s, struct cidr *n);
@@ -293,8 +296,9 @@ int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int f
 /* Allocates w's http buffers. Returns 0 or -1. */
 int http_init(struct worker *w);
 void http_free(struct worker *w);
-/* The response the acceptor sends when the queue is full. */
-extern const char http_busy[];
+/* Writes the proxy's own response for status (reason as a text body; for 407 the Basic
+ * challenge, for 503 Retry-After) into buf and returns its length. */
+int http_error(char *buf, size_t cap, int status, int keep);
 
 /* ---- auth.c: Proxy-Authorization and CONNECT ports ------------------------------------ */
 
@@ -351,6 +355,14 @@ int log_open(const char *where);
 void log_line(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Writes len bytes as they are, with one write(2). */
 void log_raw(const char *buf, size_t len);
+
+/* Closes fd, keeping errno for the caller: `return close_failed(fd);` ends a failed setup. */
+static inline int close_failed(int fd) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+}
 
 /* Monotonic time in ns: every duration and deadline uses it. */
 static inline uint64_t mono_ns(void) {

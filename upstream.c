@@ -15,22 +15,17 @@ static _Atomic unsigned next_rr;
 
 int upstream_connect(const struct addr *a, int timeout_s) {
     struct timeval limit = {timeout_s, 0};
-    int e, fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
     /* A blocking connect gives up after SO_SNDTIMEO (with EINPROGRESS), so the timeout costs
      * no poll and no fcntl; copy_prepare then sets the copy loops' tick instead. */
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof limit);
     if (connect(fd, (const struct sockaddr *)&a->sa, a->len) < 0) {
         if (errno == EINPROGRESS || errno == EAGAIN) errno = ETIMEDOUT;
-        goto error;
+        return close_failed(fd);
     }
     copy_prepare(fd);
     return fd;
-error:
-    e = errno;
-    close(fd);
-    errno = e;
-    return -1;
 }
 
 int upstream_dial(const char *host, int port) {
@@ -53,10 +48,8 @@ int upstream_dial(const char *host, int port) {
 
 /* FNV-1a over the address bytes (not the port: one client machine, one upstream). */
 unsigned upstream_hash(const struct addr *client, unsigned n) {
-    struct addr a = *client;
     int len;
-    addr_unmap(&a);
-    const uint8_t *p = addr_ip(&a, &len);
+    const uint8_t *p = addr_ip(client, &len);
     uint32_t h = 2166136261u;
     for (int i = 0; i < len; i++) h = (h ^ p[i]) * 16777619u;
     return h % n;
@@ -98,11 +91,8 @@ int upstream_open(struct conn *c) {
 }
 
 int upstream_proxy_header(int version, const struct addr *src, const struct addr *dst, char *buf) {
-    struct addr s = *src, d = *dst;
     int len, dlen;
-    addr_unmap(&s);
-    addr_unmap(&d);
-    const uint8_t *sip = addr_ip(&s, &len), *dip = addr_ip(&d, &dlen);
+    const uint8_t *sip = addr_ip(src, &len), *dip = addr_ip(dst, &dlen);
     if (len != dlen) len = 0; /* families differ: say UNKNOWN */
     if (version == 1) {
         char sa[INET6_ADDRSTRLEN], da[INET6_ADDRSTRLEN];
@@ -110,12 +100,12 @@ int upstream_proxy_header(int version, const struct addr *src, const struct addr
         if (!len) return sprintf(buf, "PROXY UNKNOWN\r\n");
         return sprintf(buf, "PROXY TCP%c %s %s %d %d\r\n", len == 4 ? '4' : '6',
                        inet_ntop(fam, sip, sa, sizeof sa), inet_ntop(fam, dip, da, sizeof da),
-                       addr_port(&s), addr_port(&d));
+                       addr_port(src), addr_port(dst));
     }
     /* Version 2: signature, version+command (2, PROXY), family+protocol, length, addresses. */
     static const char sig[12] = "\r\n\r\n\0\r\nQUIT\n";
-    uint16_t body = htons(len ? 2 * len + 4 : 0), sport = htons(addr_port(&s)),
-             dport = htons(addr_port(&d));
+    uint16_t body = htons(len ? 2 * len + 4 : 0), sport = htons(addr_port(src)),
+             dport = htons(addr_port(dst));
     memcpy(buf, sig, 12);
     buf[12] = 0x21;
     buf[13] = len == 4 ? 0x11 : len == 16 ? 0x21 : 0x00; /* TCP over IPv4, IPv6, or unspec */

@@ -500,7 +500,7 @@ def test_urgent_data_is_relayed_in_line_in_both_copy_modes():
             assert wait_received(cap) == [b"abcXdef"], (copy, cap.received)
 
 
-def test_allow_list_on_a_dual_stack_listener_matches_v4_clients_as_v4():
+def test_a_dual_stack_listener_sees_v4_clients_as_v4_in_allow_list_and_log():
     with Server(echo_handler) as echo:
         with Proxy(echo.addr, listen="[::]:0", sections={"access": {"allow": "127.0.0.0/8"}}) as px:
             v4 = connect(("127.0.0.1", px.addr[1]))  # arrives as ::ffff:127.0.0.1
@@ -512,6 +512,8 @@ def test_allow_list_on_a_dual_stack_listener_matches_v4_clients_as_v4():
             except ConnectionResetError:
                 pass
             px.wait_metric('proxy_connections_refused_total{reason="not_allowed"}', 1)
+            v4.close()
+            px.wait_line(r"^\S+ 127\.0\.0\.1:\d+ -> ")  # logged as IPv4, not [::ffff:127.0.0.1]
 
 
 def test_no_nagle_stall_on_small_writes_either_way():

@@ -222,6 +222,7 @@ static int matches(const char *net, const char *ip) {
     char err[128], hostport[80];
     snprintf(hostport, sizeof hostport, strchr(ip, ':') ? "[%s]:1" : "%s:1", ip);
     if (cidr_parse(net, &n) < 0 || addr_parse(hostport, &a, err, sizeof err) < 0) return -1;
+    addr_unmap(&a); /* as the acceptor does */
     return cidr_match(&n, 1, &a);
 }
 
@@ -259,6 +260,7 @@ static void test_source_hash(void) {
     CHECK(upstream_hash(&a, 7) == upstream_hash(&b, 7)); /* the port does not matter */
     CHECK(upstream_hash(&a, 1000) == 214);               /* pinned: FNV-1a of 192.0.2.7 */
     addr_parse("[::ffff:192.0.2.7]:3000", &b, err, sizeof err);
+    addr_unmap(&b);                                            /* as the acceptor does */
     CHECK(upstream_hash(&a, 1000) == upstream_hash(&b, 1000)); /* mapped = plain v4 */
     int seen[4] = {0};
     for (int i = 1; i <= 200; i++) {
@@ -297,6 +299,7 @@ static void test_proxy_header(void) {
 
     addr_parse("[::ffff:127.0.0.1]:5000", &m, err, sizeof err); /* dual-stack listener */
     addr_parse("[::ffff:127.0.0.1]:80", &d, err, sizeof err);
+    addr_unmap(&m), addr_unmap(&d); /* as the acceptor and tcp_serve do */
     n = upstream_proxy_header(1, &m, &d, buf);
     buf[n] = 0;
     STR_EQ(buf, "PROXY TCP4 127.0.0.1 127.0.0.1 5000 80\r\n");
