@@ -230,7 +230,6 @@ static int set(struct loader *l, const struct key *k, const char *name, const ch
 /* inih calls this for every key = value; returns 0 on an error (recorded by fail). */
 static int handler(void *user, const char *section, const char *name, const char *value) {
     struct loader *l = user;
-    struct config *c = l->c;
     const struct key *k = NULL;
     int known_section = 0;
     for (size_t i = 0; i < NKEYS; i++) {
@@ -246,12 +245,7 @@ static int handler(void *user, const char *section, const char *name, const char
     int list = k->kind == UPSTREAMS || k->kind == CIDRS || k->kind == PORTS;
     if (k->kind != USER && *first && (!list || !l->indented)) /* lists go on, indented */
         return fail(l, l->line, "'%s' is set twice (first on line %d)", name, *first);
-    if (!*first) {
-        *first = l->line;
-        if (k->kind == UPSTREAMS) c->nup = 0; /* a list in the file replaces the default */
-        if (k->kind == CIDRS) c->nallow = 0;
-        if (k->kind == PORTS) memset(c->connect_ports, 0, sizeof c->connect_ports);
-    }
+    if (!*first) *first = l->line;
     return set(l, k, name, value);
 }
 
@@ -300,8 +294,6 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
     struct loader l = {.c = c, .err = err, .errlen = errlen};
     memset(c, 0, sizeof *c);
     c->file = file;
-    for (size_t i = 0; i < NKEYS; i++) /* the defaults, checked like the file's values */
-        if (keys[i].def) set(&l, &keys[i], keys[i].name, keys[i].def);
     l.f = fopen(file, "r");
     if (!l.f) {
         snprintf(err, errlen, "%s: cannot open: %s", file, strerror(errno));
@@ -309,37 +301,40 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
     }
     int bad = ini_parse_stream(reader, &l, handler, &l);
     fclose(l.f);
-    if (bad > 0 && !l.err_line) fail(&l, bad, "expected 'key = value' or '[section]'");
-    if (bad < 0 && !l.err_line) fail(&l, 0, "out of memory");
-    if (l.err_line) return -1;
+    if (bad > 0) fail(&l, bad, "expected 'key = value' or '[section]'");
+    if (bad < 0) fail(&l, l.line, "out of memory");
+    if (bad || l.err_line) return -1;
+    /* Then the defaults of the keys the file left out, checked like the file's values. A
+     * list the file gives replaces the default instead of adding to it. */
+    for (size_t i = 0; i < NKEYS; i++)
+        if (keys[i].def && !l.seen[i]) set(&l, &keys[i], keys[i].name, keys[i].def);
 
+    /* Checks across keys: fail() keeps the first error only. */
     int where = l.proxy_line ? l.proxy_line : 1;
     if (c->mode == MODE_TCP && c->nup == 0)
-        return fail(&l, where, "[proxy] needs 'upstream = host:port' in tcp mode"), -1;
+        fail(&l, where, "[proxy] needs 'upstream = host:port' in tcp mode");
     if (c->mode == MODE_TCP && c->nusers)
-        return fail(&l, where, "[users] needs mode = http: tcp mode has no way to ask"), -1;
-    if (c->mode == MODE_HTTP && c->send_proxy)
-        return fail(&l, where, "send_proxy works in tcp mode only"), -1;
+        fail(&l, where, "[users] needs mode = http: tcp mode has no way to ask");
+    if (c->mode == MODE_HTTP && c->send_proxy) fail(&l, where, "send_proxy works in tcp mode only");
     for (int i = 0; i < c->nup; i++)
         if (same_listener(&c->listen, &c->up[i].addr))
-            return fail(&l, line_of(&l, "proxy", "upstream", where),
-                        "upstream %s is this proxy's own listen address", c->up[i].name),
-                   -1;
+            fail(&l, line_of(&l, "proxy", "upstream", where),
+                 "upstream %s is this proxy's own listen address", c->up[i].name);
     if (same_listener(&c->listen, &c->stats_listen))
-        return fail(&l, line_of(&l, "stats", "listen", where),
-                    "[stats] listen must differ from the proxy's listen address"),
-               -1;
-    return 0;
+        fail(&l, line_of(&l, "stats", "listen", where),
+             "[stats] listen must differ from the proxy's listen address");
+    return l.err_line ? -1 : 0;
 }
 
 /* ---- addresses and networks ----------------------------------------------------------- */
 
 int addr_parse(const char *s, struct addr *a, char *err, size_t errlen) {
     char host[256];
-    const char *colon = strrchr(s, ':'), *port = colon + 1;
-    size_t hl = colon ? (size_t)(colon - s) : 0;
+    const char *colon = strrchr(s, ':'), *port;
     long long p;
     if (!colon) return snprintf(err, errlen, "expected host:port"), -1;
+    size_t hl = (size_t)(colon - s);
+    port = colon + 1;
     if (*s == '[') {
         if (hl < 2 || colon[-1] != ']') return snprintf(err, errlen, "expected [IPv6]:port"), -1;
         s++, hl -= 2;

@@ -25,10 +25,7 @@ void copy_prepare(int fd) {
 
 int copy_init(struct copier *k) {
     static _Atomic int warned;
-    k->buf = NULL;
-    k->pipe[0] = k->pipe[1] = -1;
-    k->pending = 0;
-    k->tat = 0;
+    *k = (struct copier){.pipe = {-1, -1}};
     if (cfg.copy == COPY_BUFFER) return (k->buf = malloc(cfg.buffer_size)) ? 0 : -1;
     if (pipe2(k->pipe, O_CLOEXEC) < 0) return -1;
     if (fcntl(k->pipe[1], F_SETPIPE_SZ, cfg.buffer_size) < 0 && !atomic_exchange(&warned, 1))

@@ -193,8 +193,9 @@ int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int f
         s->off += 2;
     }
     for (;;) { /* the trailer section: field lines, then an empty line */
+        struct field f;
         long n = read_line(c, s, from);
-        if (n < 0 || (n > 0 && http_field_line(s->buf + s->off, (size_t)n) < 0)) return -1;
+        if (n < 0 || (n > 0 && http_field(s->buf + s->off, (size_t)n, &f) < 0)) return -1;
         if (copy_send(c, to, s->buf + s->off, (size_t)n + 2) < 0) return -1;
         s->off += (size_t)n + 2;
         if (n == 0) return 0;
@@ -235,7 +236,8 @@ static void responses(struct worker *w, struct conn *c) {
             if (hl != 0 && hl != -1) conn_end(c, END_UPSTREAM);
             return;
         }
-        if (hl < 0 || hl == 0) return no_response(w, c, &x);
+        /* A 101 nobody asked for would turn the connection into a tunnel behind our back. */
+        if (hl <= 0 || (m.status == 101 && !x.upgrade)) return no_response(w, c, &x);
         uint64_t before = c->bytes[DOWN];
         if (copy_send(c, c->client, s->buf, (size_t)hl) < 0) return;
         s->off = (size_t)hl;
@@ -398,14 +400,16 @@ static int route(struct worker *w, struct conn *c, char *key, const char *want, 
  * end the connection. */
 static int request(struct worker *w, struct conn *c, const struct msg *m, long hl, char *key) {
     struct stream *in = &w->in[UP];
-    struct exchange x = {.start_ns = mono_ns(), .head = http_is(m->method, m->mlen, "HEAD")};
-    int is_connect = m->mlen == 7 && !memcmp(m->method, "CONNECT", 7);
+    struct exchange x = {.start_ns = mono_ns()};
     int has_body = m->chunked || m->length > 0;
     const char *authority = NULL, *path = m->target;
     size_t alen = 0, plen = m->tlen;
     char host[256], want[300];
     int port = 0;
     snprintf(x.method, sizeof x.method, "%.*s", (int)m->mlen, m->method);
+    /* Methods are case-sensitive (RFC 9110 9.1): "head" is not HEAD; its response has a body. */
+    int is_connect = !strcmp(x.method, "CONNECT");
+    x.head = !strcmp(x.method, "HEAD");
     snprintf(x.target, sizeof x.target, "-");
     stats_method(m->method, m->mlen);
     in->off = (size_t)hl;

@@ -136,22 +136,11 @@ int http_parse(const char *buf, size_t len, struct msg *m, int request) {
     if ((rc = request ? request_line(p, eol, m) : status_line(p, eol, m))) return rc;
     for (p = eol + 2; p < end; p = eol + 2) {
         eol = memchr(p, '\r', (size_t)(end - p + 1));
-        /* obs-fold, and whitespace between the name and the colon, are refused: both were
-         * ways to make two parsers disagree on where a field starts or what it is called. */
-        int n = token_len(p, eol);
-        if (n == 0 || p[n] != ':') return bad;
+        struct field f;
+        if (http_field(p, (size_t)(eol - p), &f) < 0) return bad;
         if (m->nfields == HTTP_MAX_FIELDS) return request ? 431 : 502;
-        struct field *f = &m->field[m->nfields++];
-        f->name = p;
-        f->nlen = (size_t)n;
-        const char *v = p + n + 1, *ve = eol;
-        while (v < ve && (*v == ' ' || *v == '\t')) v++;
-        while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
-        for (const char *c = v; c < ve; c++)
-            if (!is_vchar((unsigned char)*c)) return bad;
-        f->value = v;
-        f->vlen = (size_t)(ve - v);
-        if ((rc = known_field(m, f))) return request ? rc : 502;
+        m->field[m->nfields++] = f;
+        if ((rc = known_field(m, &m->field[m->nfields - 1]))) return request ? rc : 502;
     }
     if (m->chunked && m->length >= 0) return bad; /* both framings: refuse, never guess */
     if (!m->version && !m->keep_alive) m->close = 1;
@@ -159,11 +148,17 @@ int http_parse(const char *buf, size_t len, struct msg *m, int request) {
     return 0;
 }
 
-int http_field_line(const char *p, size_t len) {
+int http_field(const char *p, size_t len, struct field *f) {
+    /* obs-fold, and whitespace between the name and the colon, are refused: both were ways
+     * to make two parsers disagree on where a field starts or what it is called. */
     int n = token_len(p, p + len);
     if (n == 0 || (size_t)n == len || p[n] != ':') return -1;
-    for (size_t i = (size_t)n + 1; i < len; i++)
-        if (!is_vchar((unsigned char)p[i])) return -1;
+    const char *v = p + n + 1, *ve = p + len;
+    while (v < ve && (*v == ' ' || *v == '\t')) v++;
+    while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+    for (const char *c = v; c < ve; c++)
+        if (!is_vchar((unsigned char)*c)) return -1;
+    *f = (struct field){p, v, (size_t)n, (size_t)(ve - v)};
     return 0;
 }
 

@@ -88,12 +88,6 @@ void pool_back_wait(struct worker *w) {
     pthread_mutex_unlock(&w->mu);
 }
 
-void pool_relay(struct worker *w, struct conn *c) {
-    pool_back_start(w, c, copy_down);
-    copy_stream(c, &w->cp[UP], UP);
-    pool_back_wait(w);
-}
-
 /* The back thread: runs the upstream → client side of each connection the front hands it. */
 static void *back_main(void *arg) {
     struct worker *w = arg;

@@ -125,7 +125,9 @@ static void tcp_serve(struct worker *w, struct conn *c) {
         int n = upstream_proxy_header(cfg.send_proxy, &c->peer, &local, hdr);
         if (copy_send(c, c->upstream, hdr, (size_t)n) < 0) return;
     }
-    pool_relay(w, c);
+    pool_back_start(w, c, copy_down); /* the back thread: upstream → client */
+    copy_stream(c, &w->cp[UP], UP);
+    pool_back_wait(w);
 }
 
 /* Raises the soft fd limit to the hard one and warns when even that is below a full load. */

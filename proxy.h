@@ -153,8 +153,8 @@ struct worker {
 
 extern struct config cfg;
 
-/* Loads and validates FILE into *c (defaults first). Returns 0, or -1 with a message
- * "FILE:LINE: what is wrong" in err. Names in upstream and listen are resolved here. */
+/* Loads and validates FILE into *c (then defaults for the keys it left out). Returns 0, or -1 with
+ * a message "FILE:LINE: what is wrong" in err. Names in upstream and listen are resolved here. */
 int config_load(struct config *c, const char *file, char *err, size_t errlen);
 /* File descriptors a full load needs: sockets, pipes, the queue, a few to spare. */
 long long config_fds(const struct config *c);
@@ -204,8 +204,6 @@ int pool_submit(int fd, const struct addr *peer);
 /* Makes fd the upstream socket of w's connection (closing the one before, if any). Only
  * through here, so that a forced stop never shuts down an fd number already reused. */
 void pool_set_upstream(struct worker *w, int fd);
-/* Relays both directions of c (front: client → upstream, back: the other) until both end. */
-void pool_relay(struct worker *w, struct conn *c);
 /* Starts the back thread running fn(w, c); fn handles the upstream → client side. */
 void pool_back_start(struct worker *w, struct conn *c, serve_fn fn);
 /* Waits until the back thread has finished with c. */
@@ -274,8 +272,9 @@ long http_head_end(const char *buf, size_t len, size_t *scanned);
 /* Parses a whole head (request if request, else response) into m. Returns 0, or the status
  * to refuse it with: 400, 431, 505 for requests; 502 for responses. */
 int http_parse(const char *buf, size_t len, struct msg *m, int request);
-/* Whether p[0, len) is a valid field line "name: value" (a trailer). 0 or -1. */
-int http_field_line(const char *p, size_t len);
+/* Parses the field line p[0, len) "name: value" (a header field or a trailer) into f.
+ * Returns 0 or -1. */
+int http_field(const char *p, size_t len, struct field *f);
 /* Parses a chunk-size line without its CRLF (hex size, optional extensions). 0 or -1. */
 int http_chunk_size(const char *line, size_t len, uint64_t *size);
 /* Parses "host[:port]" or "[v6][:port]" into host (cap bytes) and port; the port defaults

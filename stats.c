@@ -145,15 +145,14 @@ char *stats_render(size_t *len) {
     family(f, "proxy_bytes_total", "counter",
            "Bytes relayed: up is client to upstream, down is upstream to client.", "direction",
            dirs, stats.bytes, 2);
-#define LOAD(x) (unsigned long long)atomic_load(&(x))
     head(f, "proxy_upstream_connects_total", "counter", "Successful connects, by upstream.");
     for (int i = 0; i < cfg.nup; i++)
         fprintf(f, "proxy_upstream_connects_total{upstream=\"%s\"} %llu\n", cfg.up[i].name,
-                LOAD(cfg.up[i].connects));
+                (unsigned long long)atomic_load(&cfg.up[i].connects));
     head(f, "proxy_upstream_connect_failures_total", "counter", "Failed connects, by upstream.");
     for (int i = 0; i < cfg.nup; i++)
         fprintf(f, "proxy_upstream_connect_failures_total{upstream=\"%s\"} %llu\n", cfg.up[i].name,
-                LOAD(cfg.up[i].failures));
+                (unsigned long long)atomic_load(&cfg.up[i].failures));
     head(f, "proxy_upstream_up", "gauge", "0 while an upstream is skipped after a failure.");
     for (int i = 0; i < cfg.nup; i++)
         fprintf(f, "proxy_upstream_up{upstream=\"%s\"} %d\n", cfg.up[i].name,
@@ -187,7 +186,6 @@ char *stats_render(size_t *len) {
     fprintf(f, "proxy_connection_duration_seconds_sum %.6f\n",
             (double)atomic_load(&stats.duration_us) / 1e6);
     fprintf(f, "proxy_connection_duration_seconds_count %llu\n", (unsigned long long)total);
-#undef LOAD
     if (fclose(f)) return free(out), NULL;
     return out;
 }

@@ -721,6 +721,24 @@ def test_http_upgrade_answered_200_keeps_speaking_http():
         assert px.metric("proxy_http_upgrades_total") == 0
 
 
+def test_http_a_101_to_a_request_that_did_not_ask_to_upgrade_gets_502():
+    def rogue(server, req, r):  # switches protocols unasked, then would relay raw bytes
+        return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+    with origin(rogue) as o, http_proxy() as px:
+        c = Client(px)
+        assert_error(c.ask(get(o, "/", AUTH)), 502, "Bad Gateway")
+        assert px.metric("proxy_http_upgrades_total") == 0
+
+
+def test_http_lowercase_head_is_not_head_so_its_response_body_is_relayed():
+    with origin() as o, http_proxy() as px:
+        c = Client(px)
+        c.send(request("head", url(o, "/a"), "Host: h", AUTH) + get(o, "/b", AUTH))
+        first, second = c.response(), c.response()
+        assert first.status == 200 and first.body == b"origin /a", first.head
+        assert second.status == 200 and second.body == b"origin /b", second.head
+
+
 # ---- access log and metrics -------------------------------------------------------------
 
 def test_http_access_log_and_metrics_name_the_user_never_the_password():

@@ -410,6 +410,7 @@ def test_an_idle_proxy_counts_no_accept_errors_and_logs_nothing():
 def test_metrics_are_well_formed_prometheus_text():
     with Server(echo_handler) as echo, Proxy(echo.addr) as px:
         exchange(px.addr, b"x" * 1000)
+        px.wait_metric("proxy_connection_duration_seconds_count", 1)  # counted after the close
         import urllib.request
         with urllib.request.urlopen("http://%s:%d/metrics" % px.metrics_addr) as r:
             assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
