@@ -330,11 +330,11 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
 
 int addr_parse(const char *s, struct addr *a, char *err, size_t errlen) {
     char host[256];
-    const char *colon = strrchr(s, ':'), *port;
+    const char *colon = strrchr(s, ':');
     long long p;
     if (!colon) return snprintf(err, errlen, "expected host:port"), -1;
+    const char *port = colon + 1;
     size_t hl = (size_t)(colon - s);
-    port = colon + 1;
     if (*s == '[') {
         if (hl < 2 || colon[-1] != ']') return snprintf(err, errlen, "expected [IPv6]:port"), -1;
         s++, hl -= 2;
