@@ -102,10 +102,11 @@ static void *acceptor_main(void *arg) {
             atomic_fetch_add(&stats.refused[REFUSED_QUEUE_FULL], 1);
             log_refused("queue full", &peer);
             /* Best-effort and never blocking: the acceptor must not wait on one client. */
-            char busy[256];
-            if (cfg.mode == MODE_HTTP)
-                send(fd, busy, (size_t)http_error(busy, sizeof busy, 503, 0),
-                     MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (cfg.mode == MODE_HTTP) {
+                char busy[256];
+                int n = http_error(busy, sizeof busy, 503, 0);
+                send(fd, busy, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+            }
             close(fd);
         }
     }
