@@ -243,7 +243,8 @@ static int handler(void *user, const char *section, const char *name, const char
 
     int *first = &l->seen[k - keys];
     int list = k->kind == UPSTREAMS || k->kind == CIDRS || k->kind == PORTS;
-    if (k->kind != USER && *first && (!list || !l->indented)) /* lists go on, indented */
+    /* A key may come once; a list may go on, but only on indented lines; [users] are many. */
+    if (k->kind != USER && *first && (!list || !l->indented))
         return fail(l, l->line, "'%s' is set twice (first on line %d)", name, *first);
     if (!*first) *first = l->line;
     return set(l, k, name, value);
