@@ -4,7 +4,7 @@
 SHELL    = /bin/bash
 CC      ?= cc
 CFLAGS  ?= -O2 -g
-WARN     = -Wall -Wextra -Werror -Wno-missing-field-initializers
+WARN     = -Wall -Wextra -Wpedantic -Werror -Wno-missing-field-initializers
 ALL_CFLAGS = $(CFLAGS) $(WARN) -std=c11 -D_GNU_SOURCE -pthread $(SAN)
 LDLIBS   = $(shell pkg-config --libs inih 2>/dev/null || echo -linih) -pthread
 
@@ -12,7 +12,9 @@ B       ?= build
 PREFIX  ?= /usr/local
 DESTDIR ?=
 BIN     ?= proxy
-SRC      = auth.c config.c copy.c http.c http_parse.c pool.c stats.c upstream.c
+# Bottom-up, as proxy.h lists them: each file calls only those before it (`make layers`).
+SRC      = net.c config.c stats.c admin.c copy.c upstream.c pool.c http_parse.c auth.c http_io.c \
+           tcp.c http.c
 OBJ      = $(SRC:%.c=$(B)/%.o)
 
 # $(call need,PACKAGES): install with apt-get as root, or say what to install and stop.

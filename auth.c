@@ -18,6 +18,7 @@ static int b64_value(unsigned char ch) {
     return -1;
 }
 
+/* Decodes strict base64 into out. Returns the decoded length, or -1. */
 int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap) {
     /* Strict: whole quads, the alphabet only, '=' only as the last one or two characters,
      * and zero padding bits, so that one credential has exactly one spelling. */
@@ -53,6 +54,8 @@ static int same_secret(const unsigned char *guess, size_t glen, const char *secr
     return diff == 0;
 }
 
+/* Checks the request's Proxy-Authorization against [users] (AUTH_OK when there are none) and
+ * copies the user name into user. */
 enum auth auth_check(const struct msg *m, char *user, size_t cap) {
     unsigned char cred[256];
     user[0] = 0;
@@ -80,6 +83,7 @@ enum auth auth_check(const struct msg *m, char *user, size_t cap) {
     return result;
 }
 
+/* Whether CONNECT may reach port ([access] connect_ports). */
 int auth_port_allowed(int port) {
     return port > 0 && port < 65536 && (cfg.connect_ports[port / 8] >> (port % 8) & 1);
 }

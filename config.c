@@ -1,6 +1,6 @@
-/* config.c — reads proxy.ini with inih into `cfg`, checking every key against one table, and
- * parses the addresses and networks the keys hold. It also prints the memory plan for -t.
- * It owns no runtime state: after start-up the config is only read. */
+/* config.c — reads proxy.ini with inih into `cfg`, checking every key against one table (its
+ * type, range and default), and prints the memory plan for -t. It owns no runtime state: after
+ * start-up the config is only read. Every error is "FILE:LINE: what is wrong". */
 #include "proxy.h"
 
 #include <arpa/inet.h>
@@ -67,16 +67,16 @@ struct loader {
     size_t errlen;
 };
 
-/* Records the first error only: later ones are often its consequences. */
+/* Records the first error only (later ones are often its consequences); returns -1. */
 static int fail(struct loader *l, int line, const char *fmt, ...) {
-    if (l->err_line) return 0;
+    if (l->err_line) return -1;
     va_list ap;
     int n = snprintf(l->err, l->errlen, "%s:%d: ", l->c->file, line);
     va_start(ap, fmt);
     if (n > 0 && (size_t)n < l->errlen) vsnprintf(l->err + n, l->errlen - n, fmt, ap);
     va_end(ap);
     l->err_line = line;
-    return 0;
+    return -1;
 }
 
 /* Parses a whole number with an optional k, m or g (binary) suffix. */
@@ -114,9 +114,9 @@ static int each_item(struct loader *l, const char *value, int (*add)(struct load
         while (e > tok && isspace((unsigned char)e[-1])) *--e = 0;
         if (!*tok && !next && tok != buf) break; /* the trailing comma */
         if (!*tok) return fail(l, l->line, "empty item in list '%s'", value);
-        if (!add(l, tok)) return 0;
+        if (add(l, tok) < 0) return -1;
     }
-    return 1;
+    return 0;
 }
 
 /* One item of upstream: a host:port of safe characters (it becomes a metric label),
@@ -135,7 +135,7 @@ static int add_upstream(struct loader *l, char *s) {
     if (addr_port(&u->addr) == 0) return fail(l, l->line, "upstream '%s': port 0", s);
     strcpy(u->name, s);
     c->nup++;
-    return 1;
+    return 0;
 }
 
 /* One item of connect_ports: a port, a range lo-hi, or * for all; sets their bits. */
@@ -148,7 +148,7 @@ static int add_ports(struct loader *l, char *s) {
         return fail(l, l->line, "connect_ports: expected ports like 443, 8000-8999 or *");
     if (!dash && strcmp(s, "*")) hi = lo;
     for (long long p = lo; p <= hi; p++) l->c->connect_ports[p / 8] |= (uint8_t)(1 << (p % 8));
-    return 1;
+    return 0;
 }
 
 /* One [users] line. Names cannot hold a colon: Basic credentials split at the first one. */
@@ -165,7 +165,7 @@ static int add_user(struct loader *l, const char *name, const char *pass) {
     strcpy(c->users[c->nusers].name, name);
     strcpy(c->users[c->nusers].pass, pass);
     c->nusers++;
-    return 1;
+    return 0;
 }
 
 /* One item of allow: an address or a network. */
@@ -175,11 +175,11 @@ static int add_cidr(struct loader *l, char *s) {
     if (cidr_parse(s, &c->allow[c->nallow]) < 0)
         return fail(l, l->line, "allow: '%s' is not an address or network like 10.0.0.0/8", s);
     c->nallow++;
-    return 1;
+    return 0;
 }
 
-/* Sets key k (called name in the file) to value: a default, or a line of the file. Returns 1,
- * or 0 on an error (recorded by fail). */
+/* Sets key k (called name in the file) to value: a default, or a line of the file. Returns 0,
+ * or -1 on an error (recorded by fail). */
 static int set(struct loader *l, const struct key *k, const char *name, const char *value) {
     struct config *c = l->c;
     void *field = (char *)c + k->off;
@@ -192,14 +192,14 @@ static int set(struct loader *l, const struct key *k, const char *name, const ch
             return fail(l, l->line, "%s = '%s': expected a whole number from %d to %d%s", name,
                         value, k->min, k->max, k->kind == SIZE ? " (k, m, g allowed)" : "");
         *(int *)field = (int)v;
-        return 1;
+        return 0;
     case ENUM: {
         const char *w = k->enums;
         for (int i = 0; *w; i++) {
             size_t n = strcspn(w, " ");
             if (strlen(value) == n && !strncmp(w, value, n)) {
                 *(int *)field = i;
-                return 1;
+                return 0;
             }
             w += n + (w[n] == ' ');
         }
@@ -208,11 +208,11 @@ static int set(struct loader *l, const struct key *k, const char *name, const ch
     case ADDR:
         if (!*value && field == &c->stats_listen) {
             c->stats_listen.len = 0; /* the admin listener is off */
-            return 1;
+            return 0;
         }
         if (addr_parse(value, field, why, sizeof why) < 0)
             return fail(l, l->line, "%s = '%s': %s", name, value, why);
-        return 1;
+        return 0;
     case UPSTREAMS: return each_item(l, value, add_upstream);
     case CIDRS: return each_item(l, value, add_cidr);
     case PORTS: return each_item(l, value, add_ports);
@@ -222,14 +222,13 @@ static int set(struct loader *l, const struct key *k, const char *name, const ch
             return fail(l, l->line, "%s = '%s': empty, too long, or has a quote or backslash", name,
                         value);
         strcpy(field, value);
-        return 1;
+        return 0;
     }
-    return 0;
+    return -1;
 }
 
-/* inih calls this for every key = value; returns 0 on an error (recorded by fail). */
-static int handler(void *user, const char *section, const char *name, const char *value) {
-    struct loader *l = user;
+/* Finds the key a line of the file names and sets it. Returns 0 or -1 (recorded by fail). */
+static int apply(struct loader *l, const char *section, const char *name, const char *value) {
     const struct key *k = NULL;
     int known_section = 0;
     for (size_t i = 0; i < NKEYS; i++) {
@@ -248,6 +247,11 @@ static int handler(void *user, const char *section, const char *name, const char
         return fail(l, l->line, "'%s' is set twice (first on line %d)", name, *first);
     if (!*first) *first = l->line;
     return set(l, k, name, value);
+}
+
+/* inih calls this for every key = value; inih's convention is nonzero for a good line. */
+static int handler(void *user, const char *section, const char *name, const char *value) {
+    return apply(user, section, name, value) == 0;
 }
 
 /* inih reads lines through this so that we know each line's number and catch lines too long
@@ -275,7 +279,8 @@ static char *reader(char *buf, int size, void *user) {
  * wildcard that covers it ([::] covers IPv4 too, 0.0.0.0 only IPv4). */
 static int same_listener(const struct addr *a, const struct addr *b) {
     char x[64], y[64];
-    addr_format(a, x, sizeof x), addr_format(b, y, sizeof y);
+    addr_format(a, x, sizeof x);
+    addr_format(b, y, sizeof y);
     const char *px = strrchr(x, ':'), *py = strrchr(y, ':');
     if (!a->len || !b->len || strcmp(px, py) || !strcmp(px, ":0")) return 0;
     int v4x = a->sa.ss_family == AF_INET, v4y = b->sa.ss_family == AF_INET;
@@ -325,111 +330,6 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
         fail(&l, line_of(&l, "stats", "listen", where),
              "[stats] listen must differ from the proxy's listen address");
     return l.err_line ? -1 : 0;
-}
-
-/* ---- addresses and networks ----------------------------------------------------------- */
-
-int addr_parse(const char *s, struct addr *a, char *err, size_t errlen) {
-    char host[256];
-    const char *colon = strrchr(s, ':');
-    long long p;
-    if (!colon) return snprintf(err, errlen, "expected host:port"), -1;
-    const char *port = colon + 1;
-    size_t hl = (size_t)(colon - s);
-    if (*s == '[') {
-        if (hl < 2 || colon[-1] != ']') return snprintf(err, errlen, "expected [IPv6]:port"), -1;
-        s++, hl -= 2;
-    } else if (memchr(s, ':', hl)) {
-        return snprintf(err, errlen, "IPv6 addresses go in brackets, like [::1]:8888"), -1;
-    }
-    if (hl == 0 || hl >= sizeof host) return snprintf(err, errlen, "expected a host before :"), -1;
-    memcpy(host, s, hl);
-    host[hl] = 0;
-    if (strlen(port) > 5 || parse_number(port, 0, &p) < 0 || p > 65535)
-        return snprintf(err, errlen, "port must be a number from 0 to 65535"), -1;
-    if (!strcmp(host, "*")) strcpy(host, "0.0.0.0");
-
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV}, *res;
-    int rc = getaddrinfo(host, port, &hints, &res);
-    if (rc) return snprintf(err, errlen, "cannot resolve '%s': %s", host, gai_strerror(rc)), -1;
-    memcpy(&a->sa, res->ai_addr, res->ai_addrlen);
-    a->len = res->ai_addrlen;
-    freeaddrinfo(res);
-    return 0;
-}
-
-const uint8_t *addr_ip(const struct addr *a, int *len) {
-    const struct sockaddr_in *s4 = (const void *)&a->sa;
-    const struct sockaddr_in6 *s6 = (const void *)&a->sa;
-    *len = s4->sin_family == AF_INET ? 4 : 16;
-    return *len == 4 ? (const uint8_t *)&s4->sin_addr : (const uint8_t *)&s6->sin6_addr;
-}
-
-int addr_port(const struct addr *a) {
-    return ntohs(((const struct sockaddr_in *)&a->sa)->sin_port); /* where sin6_port is, too */
-}
-
-char *addr_format(const struct addr *a, char *buf, size_t len) {
-    char ip[INET6_ADDRSTRLEN] = "?";
-    int n;
-    inet_ntop(a->sa.ss_family, addr_ip(a, &n), ip, sizeof ip);
-    snprintf(buf, len, n == 4 ? "%s:%d" : "[%s]:%d", ip, addr_port(a));
-    return buf;
-}
-
-void addr_unmap(struct addr *a) {
-    struct sockaddr_in6 s6;
-    memcpy(&s6, &a->sa, sizeof s6);
-    if (s6.sin6_family != AF_INET6 || !IN6_IS_ADDR_V4MAPPED(&s6.sin6_addr)) return;
-    struct sockaddr_in s4 = {.sin_family = AF_INET, .sin_port = s6.sin6_port};
-    memcpy(&s4.sin_addr, &s6.sin6_addr.s6_addr[12], 4);
-    memset(&a->sa, 0, sizeof a->sa);
-    memcpy(&a->sa, &s4, sizeof s4);
-    a->len = sizeof s4;
-}
-
-int cidr_parse(const char *s, struct cidr *n) {
-    char ip[INET6_ADDRSTRLEN];
-    const char *slash = strchr(s, '/');
-    size_t len = slash ? (size_t)(slash - s) : strlen(s);
-    if (len >= sizeof ip) return -1;
-    memcpy(ip, s, len);
-    ip[len] = 0;
-    memset(n, 0, sizeof *n);
-    if (inet_pton(AF_INET, ip, n->net) == 1)
-        n->family = AF_INET, n->bits = 32;
-    else if (inet_pton(AF_INET6, ip, n->net) == 1)
-        n->family = AF_INET6, n->bits = 128;
-    else
-        return -1;
-    if (slash) {
-        long long bits;
-        if (strlen(slash + 1) > 3 || parse_number(slash + 1, 0, &bits) < 0 || bits > n->bits)
-            return -1;
-        n->bits = (int)bits;
-    }
-    for (int i = n->bits; i < 128; i++) n->net[i / 8] &= (uint8_t) ~(0x80 >> (i % 8));
-    if (n->family == AF_INET6 && n->bits >= 96 && IN6_IS_ADDR_V4MAPPED((struct in6_addr *)n->net)) {
-        /* ::ffff:10.0.0.0/104 is 10.0.0.0/8: clients are matched as plain IPv4. */
-        memmove(n->net, n->net + 12, 4);
-        memset(n->net + 4, 0, 12);
-        n->family = AF_INET;
-        n->bits -= 96;
-    }
-    return 0;
-}
-
-int cidr_match(const struct cidr *list, int count, const struct addr *a) {
-    int len;
-    const uint8_t *ip = addr_ip(a, &len);
-    for (int i = 0; i < count; i++) {
-        const struct cidr *n = &list[i];
-        int full = n->bits / 8, rest = n->bits % 8;
-        if ((n->family == AF_INET) != (len == 4) || memcmp(ip, n->net, full)) continue;
-        if (rest && ((ip[full] ^ n->net[full]) & (0xff << (8 - rest)) & 0xff)) continue;
-        return 1;
-    }
-    return 0;
 }
 
 /* ---- the memory plan (-t) ------------------------------------------------------------- */

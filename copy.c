@@ -1,28 +1,16 @@
 /* copy.c — the copy loops that move a connection's bytes, one direction per thread: through a
  * buffer (read/send) or through a pipe (splice), with half-close, the idle clock and the rate
- * limit. It knows nothing of queues or protocols: pool.c and the modes call it. */
+ * limit, and conn_end, which wakes both loops when a connection ends. It knows nothing of
+ * queues or protocols: pool.c and the modes call it. */
 #include "proxy.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/time.h>
 #include <unistd.h>
 
-void copy_prepare(int fd) {
-    /* Best-effort: a socket without these still works, only slower or less watched. Without
-     * TCP_NODELAY a small reply waits for the peer's delayed ACK (~40 ms). Set on the
-     * listening socket, they are inherited by every socket it accepts (Linux). */
-    int one = 1;
-    struct timeval tick = {TICK_MS / 1000, TICK_MS % 1000 * 1000L};
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one); /* urgent bytes stay in line */
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tick, sizeof tick);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tick, sizeof tick);
-}
-
+/* A worker's copier: allocated once (buffer or pipe by cfg.copy). Returns 0 or -1. */
 int copy_init(struct copier *k) {
     static _Atomic int warned;
     *k = (struct copier){.pipe = {-1, -1}};
@@ -35,6 +23,7 @@ int copy_init(struct copier *k) {
     return 0;
 }
 
+/* Between connections: forgets pacing; drains bytes a failed connection left in the pipe. */
 void copy_reset(struct copier *k) {
     char sink[4096];
     k->tat = 0;
@@ -48,11 +37,15 @@ void copy_reset(struct copier *k) {
     }
 }
 
+/* Frees what copy_init allocated. */
 void copy_free(struct copier *k) {
     free(k->buf);
-    if (k->pipe[0] >= 0) close(k->pipe[0]), close(k->pipe[1]);
+    if (k->pipe[0] < 0) return;
+    close(k->pipe[0]);
+    close(k->pipe[1]);
 }
 
+/* Ends c for reason (if none was recorded yet) and wakes both loops. */
 void conn_end(struct conn *c, enum end reason) {
     int none = END_NONE;
     atomic_compare_exchange_strong(&c->end, &none, (int)reason);
@@ -89,20 +82,21 @@ static int retry(struct conn *c, int fd, int err) {
 
 /* Counts n bytes sent to fd, as they go, so that a connection that fails still counts what
  * it moved. */
-static void sent(struct conn *c, int to, size_t n) {
+static void count_sent(struct conn *c, int to, size_t n) {
     enum dir d = to == c->upstream ? UP : DOWN;
     c->bytes[d] += n;
     atomic_fetch_add_explicit(&stats.bytes[d], n, memory_order_relaxed);
     touch(c);
 }
 
+/* Sends all n bytes to fd. Returns 0, or -1 when the connection ended. */
 int copy_send(struct conn *c, int to, const char *p, size_t n) {
     while (n) {
         ssize_t w = send(to, p, n, MSG_NOSIGNAL);
         if (w > 0) {
             p += w;
             n -= (size_t)w;
-            sent(c, to, (size_t)w);
+            count_sent(c, to, (size_t)w);
         } else if (!retry(c, to, w < 0 ? errno : EPIPE)) {
             return -1;
         }
@@ -110,13 +104,19 @@ int copy_send(struct conn *c, int to, const char *p, size_t n) {
     return 0;
 }
 
-ssize_t copy_recv(struct conn *c, int fd, void *buf, size_t len) {
+/* Receives up to len bytes into buf: RECV_DATA (*got bytes), RECV_EOF, RECV_TICK (TICK_MS
+ * passed with nothing to read), or RECV_ENDED. */
+enum recv copy_recv(struct conn *c, int fd, void *buf, size_t len, size_t *got) {
     for (;;) {
         ssize_t n = recv(fd, buf, len, 0);
-        if (n > 0) touch(c);
-        if (n >= 0) return n;
-        if (errno == EAGAIN) return still_alive(c) ? -2 : -1;
-        if (!retry(c, fd, errno)) return -1;
+        if (n > 0) {
+            touch(c);
+            *got = (size_t)n;
+            return RECV_DATA;
+        }
+        if (n == 0) return RECV_EOF;
+        if (errno == EAGAIN) return still_alive(c) ? RECV_TICK : RECV_ENDED;
+        if (!retry(c, fd, errno)) return RECV_ENDED;
     }
 }
 
@@ -127,7 +127,7 @@ static int drain_pipe(struct conn *c, struct copier *k, int to, size_t n) {
         ssize_t w = splice(k->pipe[0], NULL, to, NULL, (size_t)k->pending, SPLICE_F_MOVE);
         if (w > 0) {
             k->pending -= (int)w;
-            sent(c, to, (size_t)w);
+            count_sent(c, to, (size_t)w);
         } else if (!retry(c, to, w < 0 ? errno : EPIPE)) {
             return -1;
         }
@@ -135,16 +135,20 @@ static int drain_pipe(struct conn *c, struct copier *k, int to, size_t n) {
     return 0;
 }
 
+/* Rate limiting: ns to wait before the next read may start (0: now). */
 uint64_t copy_pace_wait(const struct copier *k, uint64_t now) {
     return k->tat > now ? k->tat - now : 0;
 }
 
+/* Rate limiting: charges n bytes moved at now. */
 void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate) {
     /* GCRA: each byte pushes the theoretical arrival time on by 1/rate s; an idle spell
      * earns no credit beyond the next read, so a burst is at most one chunk. */
     k->tat = (k->tat > now ? k->tat : now) + n * 1000000000ull / (uint64_t)rate;
 }
 
+/* Moves up to limit bytes from → to, counting them. Returns the bytes moved when from reached
+ * EOF or the limit, or -1 when the connection ended (c->end says why). */
 int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit) {
     uint64_t moved = 0;
     size_t chunk = (size_t)cfg.buffer_size;
@@ -165,7 +169,10 @@ int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t 
              * EINVAL where these fds cannot splice: then read through the buffer. */
             char probe;
             if (n == 0 && recv(from, &probe, 1, MSG_PEEK | MSG_DONTWAIT) != 1) break; /* EOF */
-            if (!k->buf && !(k->buf = malloc(cfg.buffer_size))) return conn_end(c, END_CLIENT), -1;
+            if (!k->buf && !(k->buf = malloc(cfg.buffer_size))) {
+                conn_end(c, END_CLIENT);
+                return -1;
+            }
             piped = 0;
             n = read(from, k->buf, want);
         }
@@ -183,12 +190,11 @@ int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t 
     return (int64_t)moved;
 }
 
+/* Copies one direction of c until EOF (then shuts down the write side of the destination)
+ * or until the connection ends. */
 void copy_stream(struct conn *c, struct copier *k, enum dir d) {
-    int from = d == UP ? c->client : c->upstream, to = d == UP ? c->upstream : c->client;
+    int from = d == UP ? c->client : c->upstream;
+    int to = d == UP ? c->upstream : c->client;
     if (copy_bytes(c, k, from, to, UINT64_MAX) >= 0)
         shutdown(to, SHUT_WR); /* EOF: pass the half-close on; the other direction goes on */
-}
-
-void copy_down(struct worker *w, struct conn *c) {
-    copy_stream(c, &w->cp[DOWN], DOWN);
 }

@@ -29,10 +29,12 @@ static int token_len(const char *p, const char *end) {
     return (int)(p - s);
 }
 
+/* Whether s[0, len) equals word, ignoring case. */
 int http_is(const char *s, size_t len, const char *word) {
     return strlen(word) == len && !strncasecmp(s, word, len);
 }
 
+/* Whether the comma-separated list holds item, ignoring case. */
 int http_list_has(const char *list, size_t len, const char *item, size_t ilen) {
     const char *p = list, *end = list + len;
     while (p < end) {
@@ -46,18 +48,23 @@ int http_list_has(const char *list, size_t len, const char *item, size_t ilen) {
     return 0;
 }
 
-long http_head_end(const char *buf, size_t len, size_t *scanned) {
+/* Looks for the end of a head in buf[0, len), scanning on from *scanned: SCAN_DONE with *end
+ * the head's length, SCAN_MORE if more bytes are needed, SCAN_BAD on a NUL, a bare CR or LF. */
+enum scan http_head_end(const char *buf, size_t len, size_t *scanned, size_t *end) {
     /* Scans only what is new since the last call, so a head that arrives a byte at a time
      * costs linear, not quadratic, time. */
     for (size_t i = *scanned; i < len; i++) {
-        if (buf[i] == 0) return -400;
-        if (buf[i] == '\n' && (i == 0 || buf[i - 1] != '\r')) return -400; /* bare LF */
-        if (i > 0 && buf[i - 1] == '\r' && buf[i] != '\n') return -400;    /* bare CR */
-        if (i >= 3 && !memcmp(buf + i - 3, "\r\n\r\n", 4)) return (long)(i + 1);
-        if (i == 1 && !memcmp(buf, "\r\n", 2)) return -400; /* no request line */
+        if (buf[i] == 0) return SCAN_BAD;
+        if (buf[i] == '\n' && (i == 0 || buf[i - 1] != '\r')) return SCAN_BAD; /* bare LF */
+        if (i > 0 && buf[i - 1] == '\r' && buf[i] != '\n') return SCAN_BAD;    /* bare CR */
+        if (i == 1 && !memcmp(buf, "\r\n", 2)) return SCAN_BAD;                /* no request line */
+        if (i >= 3 && !memcmp(buf + i - 3, "\r\n\r\n", 4)) {
+            *end = i + 1;
+            return SCAN_DONE;
+        }
     }
     *scanned = len;
-    return 0;
+    return SCAN_MORE;
 }
 
 /* Parses "HTTP/1.x" at p; returns the minor version (0 or 1), or -1. */
@@ -126,11 +133,14 @@ static int known_field(struct msg *m, const struct field *f) {
     return 0;
 }
 
+/* Parses a whole head (request if request, else response) into m. Returns 0, or the status to
+ * refuse it with: 400, 431, 505 for requests; 502 for responses. */
 int http_parse(const char *buf, size_t len, struct msg *m, int request) {
     const char *p = buf, *end = buf + len - 2; /* the head ends with an empty line */
     const char *eol = memchr(p, '\r', (size_t)(end - p));
     int bad = request ? 400 : 502, rc;
     memset(m, 0, sizeof *m);
+    m->size = len;
     m->length = -1;
     if (!eol) return bad;
     if ((rc = request ? request_line(p, eol, m) : status_line(p, eol, m))) return rc;
@@ -148,6 +158,7 @@ int http_parse(const char *buf, size_t len, struct msg *m, int request) {
     return 0;
 }
 
+/* Parses the field line p[0, len) "name: value" into f. Returns 0 or -1. */
 int http_field(const char *p, size_t len, struct field *f) {
     /* obs-fold, and whitespace between the name and the colon, are refused: both were ways
      * to make two parsers disagree on where a field starts or what it is called. */
@@ -162,6 +173,7 @@ int http_field(const char *p, size_t len, struct field *f) {
     return 0;
 }
 
+/* Parses a chunk-size line without its CRLF (hex size, optional extensions). 0 or -1. */
 int http_chunk_size(const char *line, size_t len, uint64_t *size) {
     size_t n = 0;
     *size = 0;
@@ -179,7 +191,8 @@ int http_chunk_size(const char *line, size_t len, uint64_t *size) {
     return 0;
 }
 
-/* Parses "host[:port]" or "[v6][:port]"; port defaults to def, or is required if def is 0. */
+/* Parses "host[:port]" or "[v6][:port]" into host (cap bytes) and port; the port defaults to
+ * def, or is required when def is 0. Returns 0 or -1. */
 int http_authority(const char *s, size_t len, char *host, size_t cap, int *port, int def) {
     const char *end = s + len, *h = s, *he;
     int v6 = len && *s == '[';
@@ -196,7 +209,11 @@ int http_authority(const char *s, size_t len, char *host, size_t cap, int *port,
     memcpy(host, h, (size_t)(he - h));
     host[he - h] = 0;
     if (v6 && strspn(host, "0123456789abcdefABCDEF:.") != strlen(host)) return -1;
-    if (s == end) return def ? (*port = def, 0) : -1;
+    if (s == end) {
+        if (!def) return -1;
+        *port = def;
+        return 0;
+    }
     if (*s != ':' || end - s < 2 || end - s > 6) return -1; /* ":" then 1-5 digits */
     *port = 0;
     for (s++; s < end; s++) {

@@ -1,5 +1,20 @@
-/* proxy.h — the table of contents: every shared struct and constant, then the functions each
- * .c file offers, grouped by file. Read this first; each function's contract is here. */
+/* proxy.h — the table of contents. The files are layers; each calls only the layers below it
+ * (`make layers` checks this from the object files):
+ *
+ *     proxy.c              main: options, start, signals, stop; the acceptor thread
+ *     tcp.c   http.c       the two modes: what a worker does with a connection
+ *     http_io.c            HTTP messages between sockets: heads, bodies, error replies
+ *     auth.c  http_parse.c http's pure helpers: credentials and ports; strict heads
+ *     pool.c               the queue, the worker pairs, the back-thread hand-off, the stop
+ *     upstream.c           choosing an upstream (balance, failover) and connecting to it
+ *     copy.c               the copy loops: splice or buffer, half-close, idle clock, rate limit
+ *     admin.c              the /metrics listener
+ *     stats.c              counters, gauges, the log
+ *     config.c             proxy.ini
+ *     net.c                sockets, addresses, networks
+ *
+ * This file lists them bottom-up: each section's structs and the contract of every function
+ * its file offers. Read it first. */
 #ifndef PROXY_H
 #define PROXY_H
 
@@ -23,11 +38,26 @@
 #define HTTP_MAX_FIELDS 100    /* header fields in one head */
 #define PIPELINE_MAX    16     /* requests forwarded and not yet answered, per connection */
 #define STACK_SIZE      262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
-#define TICK_MS         1000   /* a blocked read or write wakes this often to check idle_timeout */
+#define TICK_MS         1000   /* a blocked read or write wakes this often to check deadlines */
 #define DOWN_SECONDS    10     /* an upstream that failed a connect is skipped this long */
 #define GRACE_SECONDS   10     /* SIGTERM: how long active connections may finish */
 
-/* ---- shared structs ------------------------------------------------------------------- */
+/* Closes fd, keeping errno for the caller: `return close_failed(fd);` ends a failed setup. */
+static inline int close_failed(int fd) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+}
+
+/* Monotonic time in ns: every duration and deadline uses it. */
+static inline uint64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ==== net.c: sockets, addresses, networks ============================================== */
 
 struct addr {
     struct sockaddr_storage sa;
@@ -40,6 +70,40 @@ struct cidr {
     uint8_t net[16];
 };
 
+/* Opens a listening socket on a (SO_REUSEPORT too if asked). Returns the fd or -1 with errno. */
+int net_listen(const struct addr *a, int reuse_port);
+/* The local address of fd, IPv4-mapped addresses unmapped. Returns 0, or -1 with errno. */
+int net_local(int fd, struct addr *a);
+/* Sets what every relayed socket needs: TCP_NODELAY and urgent data in line. */
+void net_prepare(int fd);
+/* Makes every blocking read and write on fd give up after ms with EAGAIN. */
+void net_set_tick(int fd, int ms);
+/* Connects to a within timeout_s seconds; the socket is then prepared (net_prepare) with a
+ * tick of tick_ms. Returns the fd, or -1 with errno (ETIMEDOUT on timeout). */
+int net_connect(const struct addr *a, int timeout_s, int tick_ms);
+/* Resolves host and connects (net_connect) to the first of its addresses that answers.
+ * Returns the fd, or -1 with errno (EHOSTUNREACH when the name does not resolve). */
+int net_dial(const char *host, int port, int timeout_s, int tick_ms);
+
+/* Parses "host:port", "[v6]:port" or "*:port" (resolving names). Returns 0, or -1 with a
+ * reason in err. */
+int addr_parse(const char *s, struct addr *a, char *err, size_t errlen);
+/* The address bytes of a (4 or 16 of them; *len says which). */
+const uint8_t *addr_ip(const struct addr *a, int *len);
+/* The port of a. */
+int addr_port(const struct addr *a);
+/* Writes "1.2.3.4:80" or "[::1]:80" into buf; returns buf. */
+char *addr_format(const struct addr *a, char *buf, size_t len);
+/* Rewrites an IPv4-mapped IPv6 address (::ffff:1.2.3.4) as plain IPv4: done once, on accept,
+ * so that the allow-list, the source hash, the PROXY header and the log all see IPv4. */
+void addr_unmap(struct addr *a);
+/* Parses "10.0.0.0/8", "::1" (a single host) and so on. Returns 0 or -1. */
+int cidr_parse(const char *s, struct cidr *n);
+/* Whether a is inside one of the count networks of list. */
+int cidr_match(const struct cidr *list, int count, const struct addr *a);
+
+/* ==== config.c: proxy.ini ============================================================== */
+
 /* One configured upstream and its health. */
 struct upstream {
     char name[272]; /* "host:port" as configured: log lines and metric labels */
@@ -48,7 +112,7 @@ struct upstream {
     _Atomic uint64_t connects, failures;
 };
 
-enum mode { MODE_TCP, MODE_HTTP };
+enum mode_name { MODE_TCP, MODE_HTTP };
 enum balance { BALANCE_SOURCE, BALANCE_ROUNDROBIN };
 enum copy_mode { COPY_SPLICE, COPY_BUFFER };
 enum send_proxy { SEND_PROXY_OFF, SEND_PROXY_V1, SEND_PROXY_V2 };
@@ -78,6 +142,18 @@ struct config {
     int nusers;
 };
 
+extern struct config cfg;
+
+/* Loads and validates FILE into *c (then defaults for the keys it left out). Returns 0, or -1
+ * with "FILE:LINE: what is wrong" in err. Names in upstream and listen are resolved here. */
+int config_load(struct config *c, const char *file, char *err, size_t errlen);
+/* File descriptors a full load needs: sockets, pipes, the queue, a few to spare. */
+long long config_fds(const struct config *c);
+/* Prints what -t shows: threads, stacks, buffers, pipes, descriptors. */
+void config_plan(const struct config *c, FILE *out);
+
+/* ==== stats.c: counters, gauges, the log =============================================== */
+
 /* Why a connection ended; the first reason recorded wins. */
 enum end {
     END_NONE,
@@ -91,17 +167,69 @@ enum end {
 };
 enum dir { UP, DOWN }; /* UP: client → upstream; DOWN: upstream → client */
 
-/* One client connection, shared by the two threads of the worker serving it. Each
- * direction's fields are written only by the thread copying that direction. */
+/* One client connection, from accept to close. It lives in pool.c's slab, not on a worker's
+ * stack, so that it can outlive a worker's turn with it; a worker's scratch (struct worker)
+ * is kept apart. While served, the worker's two threads share it: each direction's fields
+ * are written only by the thread copying that direction. */
 struct conn {
-    int client, upstream; /* fds; upstream -1 until connected */
-    struct addr peer;     /* the client's address */
-    struct upstream *up;  /* the chosen upstream */
+    int client, upstream;          /* fds; upstream -1 until connected */
+    struct addr peer;              /* the client's address */
+    const struct upstream *chosen; /* the configured upstream it went to; NULL: none */
     uint64_t start_ns;
     _Atomic uint64_t last_ns; /* last byte moved either way: the idle clock */
     _Atomic int end;          /* enum end */
     uint64_t bytes[2];        /* by enum dir */
+    char route[272]; /* http: where upstream goes: "host:port", "=" (configured), "" (none) */
 };
+
+enum refusal { REFUSED_QUEUE_FULL, REFUSED_NOT_ALLOWED };
+#define DURATION_BUCKETS 8
+/* The counters every mode shares. Gauges are published here by the layer that owns them
+ * (pool.c: queued, busy), so that reading them calls nothing above. */
+struct stats {
+    _Atomic uint64_t accepted, active, busy, queued, accept_errors;
+    _Atomic uint64_t refused[2]; /* by enum refusal */
+    _Atomic uint64_t bytes[2];   /* by enum dir */
+    _Atomic uint64_t ended[END_MAX];
+    _Atomic uint64_t duration[DURATION_BUCKETS]; /* per bucket, not cumulative */
+    _Atomic uint64_t duration_us;                /* sum */
+};
+extern struct stats stats;
+extern const char *const end_names[END_MAX];
+
+/* Writes a mode's own metric families (see metric_*). */
+typedef void (*render_fn)(FILE *f);
+
+/* Counts a closed connection: its end reason (END_DONE if none was recorded) and duration. */
+void stats_conn_done(struct conn *c);
+/* Returns the Prometheus text of every counter, with more's families (may be NULL) among
+ * them: malloc'd, the caller frees; NULL on failure. */
+char *stats_render(render_fn more, size_t *len);
+/* A family's HELP and TYPE lines. */
+void metric_head(FILE *f, const char *name, const char *type, const char *help);
+/* A family of one sample. */
+void metric_one(FILE *f, const char *name, const char *type, const char *help, uint64_t v);
+/* A family of n samples that differ in one label: name{label="keys[i]"} v[i]. */
+void metric_family(FILE *f, const char *name, const char *type, const char *help, const char *label,
+                   const char *const *keys, _Atomic uint64_t *v, int n);
+
+/* Opens the log: "-" is stderr, "off" disables, else a file opened for append. Also used
+ * on SIGHUP to reopen. Returns 0 or -1 with errno. */
+int log_open(const char *where);
+/* Writes one line (a timestamp, the message, a newline) with one write(2). */
+void log_line(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Writes len bytes as they are, with one write(2). */
+void log_raw(const char *buf, size_t len);
+
+/* ==== admin.c: the /metrics listener =================================================== */
+
+/* Starts the admin thread serving GET /metrics (stats_render with more) on the listening
+ * socket fd. Returns 0 or -1. */
+int admin_start(int fd, render_fn more);
+/* Stops the admin thread (fd is shut down and closed). */
+void admin_stop(void);
+
+/* ==== copy.c: the copy loops =========================================================== */
 
 /* What one direction copies with: allocated once per worker, reused per connection. */
 struct copier {
@@ -111,132 +239,25 @@ struct copier {
     uint64_t tat; /* rate limit: theoretical arrival time of the next byte, ns */
 };
 
-/* http mode: one side's input with its read buffer. Heads and chunk-size lines are parsed
- * from the buffer; body bytes leave it first, then go straight from the socket. */
-struct stream {
-    char *buf;       /* HEAD_MAX bytes */
-    size_t off, len; /* the unread bytes are buf[off, len) */
-};
+/* What copy_recv found. */
+enum recv { RECV_DATA, RECV_EOF, RECV_TICK, RECV_ENDED };
 
-/* http mode: one forwarded request, from the front thread that sent it to the back thread
- * that relays its response and logs it. */
-struct exchange {
-    uint64_t start_ns, up, down; /* request body bytes; response bytes */
-    char method[16], target[128], user[64];
-    int head, upgrade; /* a HEAD request (no response body); asked to upgrade */
-};
-
-struct worker;
-typedef void (*serve_fn)(struct worker *w, struct conn *c);
-
-/* A worker: a front thread that takes connections from the queue and a back thread that
- * runs the upstream → client side for it. */
-struct worker {
-    pthread_t front, back;
-    pthread_mutex_t mu; /* guards the fields below */
-    pthread_cond_t cv;
-    struct conn *conn; /* being served; what a forced stop shuts down */
-    struct conn *job;  /* handed to the back thread; NULL when it is idle */
-    serve_fn back_fn;  /* what the back thread runs for job */
-    int quit;
-    struct copier cp[2]; /* by enum dir */
-    /* http mode */
-    struct stream in[2];                  /* [UP] reads the client, [DOWN] the upstream */
-    char *out;                            /* a rewritten request head */
-    struct exchange sent_x[PIPELINE_MAX]; /* forwarded, not yet answered: a ring */
-    uint64_t sent, answered;              /* counts; the ring holds sent - answered */
-    int upgraded;                         /* the back thread relayed a 101 */
-    int gone;                             /* the back thread is leaving: nothing to answer */
-};
-
-/* ---- config.c: proxy.ini, addresses, networks, the memory plan ------------------------ */
-
-extern struct config cfg;
-
-/* Loads and validates FILE into *c (then defaults for the keys it left out). Returns 0, or -1 with
- * a message "FILE:LINE: what is wrong" in err. Names in upstream and listen are resolved here. */
-int config_load(struct config *c, const char *file, char *err, size_t errlen);
-/* File descriptors a full load needs: sockets, pipes, the queue, a few to spare. */
-long long config_fds(const struct config *c);
-/* Prints what -t shows: threads, stacks, buffers, pipes, descriptors. */
-void config_plan(const struct config *c, FILE *out);
-/* Parses "host:port", "[v6]:port" or "*:port" (resolving names). Returns 0 or -1 with a
- * reason in err. */
-int addr_parse(const char *s, struct addr *a, char *err, size_t errlen);
-/* The address bytes of a (4 or 16 of them, *len says which) and its port. */
-const uint8_t *addr_ip(const struct addr *a, int *len);
-int addr_port(const struct addr *a);
-/* Writes "1.2.3.4:80" or "[::1]:80" into buf; returns buf. */
-char *addr_format(const struct addr *a, char *buf, size_t len);
-/* Rewrites an IPv4-mapped IPv6 address (::ffff:1.2.3.4) as plain IPv4: done once, on accept,
- * so that the allow-list, the source hash, the PROXY header and the log all see IPv4. */
-void addr_unmap(struct addr *a);
-/* Parses "10.0.0.0/8", "::1" (a single host) and so on. Returns 0 or -1. */
-int cidr_parse(const char *s, struct cidr *n);
-/* Whether a is inside one of the n networks. */
-int cidr_match(const struct cidr *list, int n, const struct addr *a);
-
-/* ---- upstream.c: choosing an upstream, connecting, the PROXY protocol header ---------- */
-
-/* Resolves host and connects to the first of its addresses that answers. Returns the fd, or
- * -1 with errno (EHOSTUNREACH when the name does not resolve, ETIMEDOUT on timeout). */
-int upstream_dial(const char *host, int port);
-/* Connects to a within timeout_s seconds. Returns the fd, blocking and prepared by
- * copy_prepare, or -1 with errno (ETIMEDOUT on timeout). */
-int upstream_connect(const struct addr *a, int timeout_s);
-/* Which upstream a client starts at for balance = source: stable for one address. */
-unsigned upstream_hash(const struct addr *client, unsigned n);
-/* Chooses an upstream for c by cfg.balance, skipping ones marked down, failing over in
- * order, and connects. Sets c->up; returns the fd, or -1 when every upstream failed. */
-int upstream_open(struct conn *c);
-/* Writes the PROXY protocol header (version 1 or 2) for src → dst into buf (at least 108
- * bytes) and returns its length. */
-int upstream_proxy_header(int version, const struct addr *src, const struct addr *dst, char *buf);
-
-/* ---- pool.c: the bounded queue, the workers, the graceful stop ------------------------ */
-
-/* Creates cfg.workers workers that call serve for each connection, and returns once all of
- * them wait for work. Returns 0 or -1. */
-int pool_start(serve_fn serve);
-/* Hands an accepted socket to the pool. Returns 0, or -1 when the queue is full or the
- * pool is stopping (the caller closes fd). */
-int pool_submit(int fd, const struct addr *peer);
-/* Makes fd the upstream socket of w's connection (closing the one before, if any). Only
- * through here, so that a forced stop never shuts down an fd number already reused. */
-void pool_set_upstream(struct worker *w, int fd);
-/* Starts the back thread running fn(w, c); fn handles the upstream → client side. */
-void pool_back_start(struct worker *w, struct conn *c, serve_fn fn);
-/* Waits until the back thread has finished with c. */
-void pool_back_wait(struct worker *w);
-/* Stops taking connections, lets active ones finish for GRACE_SECONDS, ends the rest,
- * joins every thread. */
-void pool_stop(void);
-/* Connections waiting in the queue now. */
-int pool_queued(void);
-
-/* ---- copy.c: the copy loops ----------------------------------------------------------- */
-
-/* Sets a socket's options for the copy loops: TCP_NODELAY, urgent data in line, and the
- * TICK_MS timeouts. Called on the listener (accepted sockets inherit them) and upstreams. */
-void copy_prepare(int fd);
 /* A worker's copier: allocated once (buffer or pipe by cfg.copy). Returns 0 or -1. */
 int copy_init(struct copier *k);
 /* Between connections: forgets pacing; drains bytes a failed connection left in the pipe. */
 void copy_reset(struct copier *k);
 void copy_free(struct copier *k);
-/* Moves up to limit bytes from → to, counting them. Returns the bytes moved
- * when from reached EOF or the limit, or -1 when the connection ended (c->end says why). */
+/* Moves up to limit bytes from → to, counting them. Returns the bytes moved when from reached
+ * EOF or the limit, or -1 when the connection ended (c->end says why). */
 int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit);
 /* Sends all n bytes to fd. Returns 0, or -1 when the connection ended. */
 int copy_send(struct conn *c, int to, const char *p, size_t n);
 /* Copies one direction of c until EOF (then shuts down the write side of the destination)
  * or until the connection ends. */
 void copy_stream(struct conn *c, struct copier *k, enum dir d);
-/* The back thread's job in tcp mode and in tunnels: copy_stream upstream → client. */
-void copy_down(struct worker *w, struct conn *c);
-/* Receives into buf: bytes (> 0), 0 at EOF, -1 once the connection ended, or -2 when
- * TICK_MS passed with nothing to read (the caller checks its own deadlines). */
-ssize_t copy_recv(struct conn *c, int fd, void *buf, size_t len);
+/* Receives up to len bytes into buf: RECV_DATA (*got bytes), RECV_EOF, RECV_TICK (TICK_MS
+ * passed with nothing to read: the caller checks its own deadlines), or RECV_ENDED. */
+enum recv copy_recv(struct conn *c, int fd, void *buf, size_t len, size_t *got);
 /* Ends c for reason (if none was recorded yet) and wakes both loops. */
 void conn_end(struct conn *c, enum end reason);
 /* Rate limiting: ns to wait before the next read may start (0: now). */
@@ -244,7 +265,68 @@ uint64_t copy_pace_wait(const struct copier *k, uint64_t now);
 /* Rate limiting: charges n bytes moved at now. */
 void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate);
 
-/* ---- http_parse.c: strict HTTP/1.1 heads, targets and chunk sizes --------------------- */
+/* ==== upstream.c: choosing an upstream and connecting ================================== */
+
+/* Which upstream a client starts at for balance = source: stable for one address. */
+unsigned upstream_hash(const struct addr *client, unsigned n);
+/* Chooses an upstream for c by cfg.balance, skipping ones marked down, failing over in
+ * order, and connects. Sets c->chosen; returns the fd, or -1 when every upstream failed. */
+int upstream_open(struct conn *c);
+/* Connects to host:port (a name from a request) within connect_timeout. Returns the fd, or
+ * -1 with errno (ETIMEDOUT on timeout). */
+int upstream_dial(const char *host, int port);
+
+/* ==== pool.c: the queue, the workers, the graceful stop ================================ */
+
+struct worker;
+typedef void (*job_fn)(struct worker *w, struct conn *c);
+
+/* A mode: how a worker serves a connection. The pool is started with one and never names a
+ * mode itself. */
+struct mode {
+    const char *name;
+    job_fn serve;                       /* the front thread's whole job for one connection */
+    int (*init)(struct worker *w);      /* allocates w->scratch; returns 0 or -1 */
+    void (*free)(struct worker *w);     /* frees w->scratch */
+    void (*refuse)(int fd);             /* a last word to a client turned away; never blocks */
+    void (*done)(const struct conn *c); /* after c is closed and counted; NULL: nothing */
+    render_fn metrics;                  /* the mode's own metric families; NULL: none */
+};
+
+/* A worker: a front thread that takes connections from the queue and a back thread that
+ * runs the upstream → client side for it. Its buffers are scratch, reused per connection. */
+struct worker {
+    pthread_t front, back;
+    pthread_mutex_t mu; /* guards conn, job, back_job, quit, and what a mode's scratch says */
+    pthread_cond_t cv;
+    struct conn *conn; /* being served; what a forced stop shuts down */
+    struct conn *job;  /* handed to the back thread; NULL when it is idle */
+    job_fn back_job;   /* what the back thread runs for job */
+    int quit;
+    struct copier cp[2]; /* by enum dir */
+    void *scratch;       /* the mode's own per-worker state (http: buffers, the pipeline) */
+};
+
+/* Creates cfg.workers workers that serve each connection by mode, and returns once all of
+ * them wait for work. Returns 0 or -1. */
+int pool_start(const struct mode *mode);
+/* Hands an accepted socket to the pool. Returns 0, or -1 when the queue is full or the
+ * pool is stopping (the caller closes fd). */
+int pool_submit(int fd, const struct addr *peer);
+/* Makes fd the upstream socket of w's connection (closing the one before, if any). Only
+ * through here, so that a forced stop never shuts down an fd number already reused. */
+void pool_set_upstream(struct worker *w, int fd);
+/* Starts the back thread running job(w, c); the job handles the upstream → client side. */
+void pool_back_start(struct worker *w, struct conn *c, job_fn job);
+/* Waits until the back thread has finished with its job. */
+void pool_back_wait(struct worker *w);
+/* The usual back job: copies upstream → client until EOF (copy_stream). */
+void pool_copy_down(struct worker *w, struct conn *c);
+/* Stops taking connections, lets active ones finish for GRACE_SECONDS, ends the rest,
+ * joins every thread. */
+void pool_stop(void);
+
+/* ==== http_parse.c: strict HTTP/1.1 heads, targets and chunk sizes ===================== */
 
 struct field {
     const char *name, *value; /* into the buffer; value without surrounding whitespace */
@@ -253,6 +335,7 @@ struct field {
 
 /* A parsed head. Pointers point into the buffer it was parsed from. */
 struct msg {
+    size_t size;                 /* the head's bytes, with its final CRLF CRLF */
     const char *method, *target; /* requests */
     size_t mlen, tlen;
     int version; /* minor: HTTP/1.0 or HTTP/1.1 */
@@ -265,10 +348,13 @@ struct msg {
     int nauth;                                    /* Proxy-Authorization fields seen */
 };
 
-/* Finds the end of a head in buf[0, len), scanning on from *scanned. Returns the head's
- * length with its final CRLF CRLF, 0 if more bytes are needed, or -400 on a NUL, a bare CR or
- * a bare LF. */
-long http_head_end(const char *buf, size_t len, size_t *scanned);
+/* What http_head_end found. */
+enum scan { SCAN_MORE, SCAN_DONE, SCAN_BAD };
+
+/* Looks for the end of a head in buf[0, len), scanning on from *scanned: SCAN_DONE with *end
+ * the head's length (with its final CRLF CRLF), SCAN_MORE if more bytes are needed, SCAN_BAD
+ * on a NUL, a bare CR or a bare LF. */
+enum scan http_head_end(const char *buf, size_t len, size_t *scanned, size_t *end);
 /* Parses a whole head (request if request, else response) into m. Returns 0, or the status
  * to refuse it with: 400, 431, 505 for requests; 502 for responses. */
 int http_parse(const char *buf, size_t len, struct msg *m, int request);
@@ -285,21 +371,7 @@ int http_is(const char *s, size_t len, const char *word);
 /* Whether the comma-separated list holds item, ignoring case. */
 int http_list_has(const char *list, size_t len, const char *item, size_t ilen);
 
-/* ---- http.c: HTTP mode ---------------------------------------------------------------- */
-
-/* Serves one client connection in http mode: every request parsed and authenticated. */
-void http_serve(struct worker *w, struct conn *c);
-/* Relays a chunked body from s (what is buffered, then the socket from) to `to`, checking
- * every size line and trailer; the bytes go on exactly as they came. Returns 0 or -1. */
-int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to);
-/* Allocates w's http buffers. Returns 0 or -1. */
-int http_init(struct worker *w);
-void http_free(struct worker *w);
-/* Writes the proxy's own response for status (reason as a text body; for 407 the Basic
- * challenge, for 503 Retry-After) into buf and returns its length. */
-int http_error(char *buf, size_t cap, int status, int keep);
-
-/* ---- auth.c: Proxy-Authorization and CONNECT ports ------------------------------------ */
+/* ==== auth.c: Proxy-Authorization and CONNECT ports ==================================== */
 
 enum auth { AUTH_OK, AUTH_MISSING, AUTH_MALFORMED, AUTH_BAD, AUTH_MAX };
 extern const char *const auth_names[AUTH_MAX];
@@ -313,61 +385,44 @@ int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t ca
 /* Whether CONNECT may reach port ([access] connect_ports). */
 int auth_port_allowed(int port);
 
-/* ---- stats.c: counters, /metrics, the log --------------------------------------------- */
+/* ==== tcp.c: tcp mode ================================================================== */
 
-enum refusal { REFUSED_QUEUE_FULL, REFUSED_NOT_ALLOWED };
-#define DURATION_BUCKETS 8
-#define HTTP_METHODS     9
-extern const char *const method_names[HTTP_METHODS]; /* GET ... CONNECT, "other" last */
-struct stats {
-    _Atomic uint64_t accepted, active, busy, accept_errors;
-    _Atomic uint64_t refused[2]; /* by enum refusal */
-    _Atomic uint64_t bytes[2];   /* by enum dir */
-    _Atomic uint64_t ended[END_MAX];
-    _Atomic uint64_t duration[DURATION_BUCKETS]; /* per bucket, not cumulative */
-    _Atomic uint64_t duration_us;                /* sum */
-    _Atomic uint64_t methods[HTTP_METHODS];      /* http: requests by method */
-    _Atomic uint64_t classes[6];                 /* http: responses by status class, 1-5 */
-    _Atomic uint64_t auth_failures[AUTH_MAX];    /* http: by enum auth */
-    _Atomic uint64_t tunnels, upgrades;          /* http: CONNECT tunnels, 101 upgrades */
+extern const struct mode tcp_mode;
+
+/* Writes the PROXY protocol header (version 1 or 2) for src → dst into buf (at least 108
+ * bytes) and returns its length. */
+int tcp_proxy_header(int version, const struct addr *src, const struct addr *dst, char *buf);
+
+/* ==== http_io.c: HTTP messages between sockets ========================================= */
+
+/* One side's input with its read buffer. Heads and chunk-size lines are parsed from the
+ * buffer; body bytes leave it first, then go straight from the socket. */
+struct stream {
+    char *buf;       /* HEAD_MAX bytes */
+    size_t off, len; /* the unread bytes are buf[off, len) */
 };
-extern struct stats stats;
-extern const char *const end_names[END_MAX];
 
-/* Starts the admin thread serving GET /metrics on the listening socket fd. Returns 0/-1. */
-int stats_start(int fd);
-/* Stops the admin thread (fd is shut down and closed). */
-void stats_stop(void);
-/* Returns the Prometheus text of every counter (malloc'd, caller frees), or NULL. */
-char *stats_render(size_t *len);
-/* Counts a finished connection and, in tcp mode, writes its access log line. */
-void stats_conn_done(const struct conn *c);
-/* http: counts a request's method. */
-void stats_method(const char *method, size_t len);
-/* http: counts a response's status and writes the request's access log line. */
-void stats_request(const struct conn *c, const struct exchange *x, int status);
+/* What http_read_head found. */
+enum head { HEAD_OK, HEAD_NONE, HEAD_LOST, HEAD_BAD };
 
-/* Opens the log: "-" is stderr, "off" disables, else a file opened for append. Also used
- * on SIGHUP to reopen. Returns 0 or -1 with errno. */
-int log_open(const char *where);
-/* Writes one line (a timestamp, the message, a newline) with one write(2). */
-void log_line(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* Writes len bytes as they are, with one write(2). */
-void log_raw(const char *buf, size_t len);
+/* Reads until s holds a whole head and parses it into m (a request if request, whose head must
+ * be whole by deadline, or header_timeout after its first byte when deadline is 0): HEAD_OK;
+ * HEAD_NONE at EOF before any byte; HEAD_LOST when the connection ended or the client left
+ * mid-head; HEAD_BAD with the status to refuse it with in *status (502 for any bad response). */
+enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
+                         uint64_t deadline, int *status);
+/* Relays exactly n body bytes from s (what is buffered, then the socket from) to `to`.
+ * Returns 0 or -1. */
+int http_relay_n(struct conn *c, struct copier *k, struct stream *s, int from, int to, uint64_t n);
+/* Relays a chunked body from s (what is buffered, then the socket from) to `to`, checking
+ * every size line and trailer; the bytes go on exactly as they came. Returns 0 or -1. */
+int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to);
+/* Writes the proxy's own response for status into buf (the reason as a text body; for 407 the
+ * Basic challenge, for 503 Retry-After; Connection: close unless keep) and returns its length. */
+int http_error(char *buf, size_t cap, int status, int keep);
 
-/* Closes fd, keeping errno for the caller: `return close_failed(fd);` ends a failed setup. */
-static inline int close_failed(int fd) {
-    int e = errno;
-    close(fd);
-    errno = e;
-    return -1;
-}
+/* ==== http.c: http mode ================================================================ */
 
-/* Monotonic time in ns: every duration and deadline uses it. */
-static inline uint64_t mono_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
+extern const struct mode http_mode;
 
 #endif

@@ -1,52 +1,15 @@
 /* upstream.c — where a connection goes: balancing over the configured upstreams, skipping the
- * ones that failed recently, connecting with a timeout, and the PROXY protocol header that
- * tells an upstream who the client really is. */
+ * ones that failed recently and failing over to the next, and connecting to a host a request
+ * names, each within connect_timeout. */
 #include "proxy.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <netdb.h>
-#include <netinet/tcp.h>
 #include <string.h>
-#include <sys/time.h>
-#include <unistd.h>
 
 static _Atomic unsigned next_rr;
 
-int upstream_connect(const struct addr *a, int timeout_s) {
-    struct timeval limit = {timeout_s, 0};
-    int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -1;
-    /* A blocking connect gives up after SO_SNDTIMEO (with EINPROGRESS), so the timeout costs
-     * no poll and no fcntl; copy_prepare then sets the copy loops' tick instead. */
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof limit);
-    if (connect(fd, (const struct sockaddr *)&a->sa, a->len) < 0) {
-        if (errno == EINPROGRESS || errno == EAGAIN) errno = ETIMEDOUT;
-        return close_failed(fd);
-    }
-    copy_prepare(fd);
-    return fd;
-}
-
-int upstream_dial(const char *host, int port) {
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV}, *res;
-    char service[8];
-    int fd = -1, tries = 0;
-    snprintf(service, sizeof service, "%d", port);
-    if (getaddrinfo(host, service, &hints, &res)) return errno = EHOSTUNREACH, -1;
-    /* A name may have several addresses (::1 and 127.0.0.1 for localhost): try a few. */
-    for (struct addrinfo *ai = res; ai && fd < 0 && tries++ < 3; ai = ai->ai_next) {
-        struct addr a = {.len = ai->ai_addrlen};
-        memcpy(&a.sa, ai->ai_addr, ai->ai_addrlen);
-        fd = upstream_connect(&a, cfg.connect_timeout);
-    }
-    int e = errno;
-    freeaddrinfo(res);
-    errno = e;
-    return fd;
-}
-
-/* FNV-1a over the address bytes (not the port: one client machine, one upstream). */
+/* Which upstream a client starts at for balance = source: stable for one address. FNV-1a
+ * over the address bytes, not the port: one client machine, one upstream. */
 unsigned upstream_hash(const struct addr *client, unsigned n) {
     int len;
     const uint8_t *p = addr_ip(client, &len);
@@ -55,6 +18,8 @@ unsigned upstream_hash(const struct addr *client, unsigned n) {
     return h % n;
 }
 
+/* Chooses an upstream for c by cfg.balance, skipping ones marked down, failing over in
+ * order, and connects. Sets c->chosen; returns the fd, or -1 when every upstream failed. */
 int upstream_open(struct conn *c) {
     unsigned n = (unsigned)cfg.nup, tried = 0;
     unsigned start = cfg.balance == BALANCE_SOURCE ? upstream_hash(&c->peer, n)
@@ -70,11 +35,11 @@ int upstream_open(struct conn *c) {
             if ((tried & 1u << k) || (pass == 0 && down_until > now)) continue;
             if (atomic_load(&c->end)) return -1; /* stopped meanwhile: no more tries */
             tried |= 1u << k;
-            int fd = upstream_connect(&u->addr, cfg.connect_timeout);
+            int fd = net_connect(&u->addr, cfg.connect_timeout, TICK_MS);
             if (fd >= 0) {
                 if (down_until) atomic_store(&u->down_until, 0);
                 atomic_fetch_add(&u->connects, 1);
-                c->up = u;
+                c->chosen = u;
                 return fd;
             }
             int e = errno;
@@ -90,30 +55,8 @@ int upstream_open(struct conn *c) {
     return -1;
 }
 
-int upstream_proxy_header(int version, const struct addr *src, const struct addr *dst, char *buf) {
-    int len, dlen;
-    const uint8_t *sip = addr_ip(src, &len), *dip = addr_ip(dst, &dlen);
-    if (len != dlen) len = 0; /* families differ: say UNKNOWN */
-    if (version == 1) {
-        char sa[INET6_ADDRSTRLEN], da[INET6_ADDRSTRLEN];
-        int fam = len == 4 ? AF_INET : AF_INET6;
-        if (!len) return sprintf(buf, "PROXY UNKNOWN\r\n");
-        return sprintf(buf, "PROXY TCP%c %s %s %d %d\r\n", len == 4 ? '4' : '6',
-                       inet_ntop(fam, sip, sa, sizeof sa), inet_ntop(fam, dip, da, sizeof da),
-                       addr_port(src), addr_port(dst));
-    }
-    /* Version 2: signature, version+command (2, PROXY), family+protocol, length, addresses. */
-    static const char sig[12] = "\r\n\r\n\0\r\nQUIT\n";
-    uint16_t body = htons(len ? 2 * len + 4 : 0), sport = htons(addr_port(src)),
-             dport = htons(addr_port(dst));
-    memcpy(buf, sig, 12);
-    buf[12] = 0x21;
-    buf[13] = len == 4 ? 0x11 : len == 16 ? 0x21 : 0x00; /* TCP over IPv4, IPv6, or unspec */
-    memcpy(buf + 14, &body, 2);
-    if (!len) return 16;
-    memcpy(buf + 16, sip, len);
-    memcpy(buf + 16 + len, dip, len);
-    memcpy(buf + 16 + 2 * (size_t)len, &sport, 2);
-    memcpy(buf + 18 + 2 * (size_t)len, &dport, 2);
-    return 20 + 2 * len;
+/* Connects to host:port (a name from a request) within connect_timeout. Returns the fd, or
+ * -1 with errno (ETIMEDOUT on timeout). */
+int upstream_dial(const char *host, int port) {
+    return net_dial(host, port, cfg.connect_timeout, TICK_MS);
 }

@@ -277,22 +277,22 @@ static void test_proxy_header(void) {
     char err[128], buf[128];
     addr_parse("192.0.2.1:56324", &s, err, sizeof err);
     addr_parse("198.51.100.2:443", &d, err, sizeof err);
-    int n = upstream_proxy_header(1, &s, &d, buf);
+    int n = tcp_proxy_header(1, &s, &d, buf);
     buf[n] = 0;
     STR_EQ(buf, "PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n");
 
     static const unsigned char v2_4[] = {0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49,
                                          0x54, 0x0a, 0x21, 0x11, 0x00, 0x0c, 192,  0,    2,    1,
                                          198,  51,   100,  2,    0xdc, 0x04, 0x01, 0xbb};
-    n = upstream_proxy_header(2, &s, &d, buf);
+    n = tcp_proxy_header(2, &s, &d, buf);
     CHECK(n == (int)sizeof v2_4 && !memcmp(buf, v2_4, sizeof v2_4));
 
     addr_parse("[2001:db8::1]:1234", &s, err, sizeof err);
     addr_parse("[::1]:80", &d, err, sizeof err);
-    n = upstream_proxy_header(1, &s, &d, buf);
+    n = tcp_proxy_header(1, &s, &d, buf);
     buf[n] = 0;
     STR_EQ(buf, "PROXY TCP6 2001:db8::1 ::1 1234 80\r\n");
-    n = upstream_proxy_header(2, &s, &d, buf);
+    n = tcp_proxy_header(2, &s, &d, buf);
     CHECK(n == 16 + 36 && buf[13] == 0x21 && buf[14] == 0 && buf[15] == 36);
     CHECK((unsigned char)buf[16] == 0x20 && buf[17] == 0x01 && buf[31] == 1 && buf[47] == 1);
     CHECK((unsigned char)buf[48] == 0x04 && (unsigned char)buf[49] == 0xd2 && buf[51] == 80);
@@ -300,14 +300,14 @@ static void test_proxy_header(void) {
     addr_parse("[::ffff:127.0.0.1]:5000", &m, err, sizeof err); /* dual-stack listener */
     addr_parse("[::ffff:127.0.0.1]:80", &d, err, sizeof err);
     addr_unmap(&m), addr_unmap(&d); /* as the acceptor and tcp_serve do */
-    n = upstream_proxy_header(1, &m, &d, buf);
+    n = tcp_proxy_header(1, &m, &d, buf);
     buf[n] = 0;
     STR_EQ(buf, "PROXY TCP4 127.0.0.1 127.0.0.1 5000 80\r\n");
     addr_parse("127.0.0.1:80", &d, err, sizeof err);
-    n = upstream_proxy_header(1, &s, &d, buf); /* families differ */
+    n = tcp_proxy_header(1, &s, &d, buf); /* families differ */
     buf[n] = 0;
     STR_EQ(buf, "PROXY UNKNOWN\r\n");
-    n = upstream_proxy_header(2, &s, &d, buf);
+    n = tcp_proxy_header(2, &s, &d, buf);
     CHECK(n == 16 && buf[13] == 0 && buf[15] == 0);
 }
 
@@ -337,14 +337,15 @@ static void test_pacing(void) {
     CHECK(copy_pace_wait(&big, 0) >= s / 32 && copy_pace_wait(&big, 0) < s / 31);
 }
 
-/* Parses a request head; returns http_parse's status, or -1 when the head is incomplete or
- * http_head_end refused it (then *end_status holds its verdict). */
+/* Parses a head; returns http_parse's status, 400 when http_head_end refused it, or -1 when
+ * the head is incomplete. */
 static struct msg m;
 static int parse(const char *head, int request) {
-    size_t scanned = 0, len = strlen(head);
-    long end = http_head_end(head, len, &scanned);
-    if (end <= 0) return end < 0 ? (int)-end : -1;
-    return http_parse(head, (size_t)end, &m, request);
+    size_t scanned = 0, end, len = strlen(head);
+    enum scan found = http_head_end(head, len, &scanned, &end);
+    if (found == SCAN_MORE) return -1;
+    if (found == SCAN_BAD) return 400;
+    return http_parse(head, end, &m, request);
 }
 
 static void test_http_request_heads(void) {
@@ -411,8 +412,8 @@ static void test_http_request_heads(void) {
         CHECK(got == bad[i].status);
     }
     char *NUL = "GET / HTTP/1.1\r\nA: b\0c\r\n\r\n"; /* strlen stops at the NUL: */
-    size_t scanned = 0;
-    CHECK(http_head_end(NUL, 28, &scanned) == -400);
+    size_t scanned = 0, end;
+    CHECK(http_head_end(NUL, 28, &scanned, &end) == SCAN_BAD);
 
     /* CVE-2012-3505: a header flood is refused, not stored. */
     char flood[4096] = "GET / HTTP/1.1\r\n";

@@ -39,12 +39,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static char head[8192];
     int len = snprintf(head, sizeof head, "GET / HTTP/1.1\r\nProxy-Authorization: %.*s\r\n\r\n",
                        (int)size, (const char *)data);
-    size_t scanned = 0;
+    size_t scanned = 0, end;
     static struct msg m;
     char user[64];
-    long end = len > 0 && len < (int)sizeof head ? http_head_end(head, (size_t)len, &scanned) : 0;
-    if (end > 0 && !http_parse(head, (size_t)end, &m, 1) &&
-        auth_check(&m, user, sizeof user) == AUTH_OK && strcmp(user, "alice"))
+    if (len <= 0 || len >= (int)sizeof head) return 0;
+    if (http_head_end(head, (size_t)len, &scanned, &end) == SCAN_DONE &&
+        !http_parse(head, end, &m, 1) && auth_check(&m, user, sizeof user) == AUTH_OK &&
+        strcmp(user, "alice"))
         abort();
     return 0;
 }

@@ -13,25 +13,25 @@ static void inside(const char *buf, size_t len, const char *p, size_t n) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const char *buf = (const char *)data;
-    size_t scanned = 0, step = 0;
-    long whole = http_head_end(buf, size, &scanned), part = 0;
+    size_t scanned = 0, step = 0, whole = 0, part = 0;
+    enum scan all = http_head_end(buf, size, &scanned, &whole), found = SCAN_MORE;
     for (scanned = 0; step <= size; step++) { /* as if it arrived a byte at a time */
-        part = http_head_end(buf, step, &scanned);
-        if (part) break;
+        found = http_head_end(buf, step, &scanned, &part);
+        if (found != SCAN_MORE) break;
     }
-    if (part != whole) abort();
-    if (whole <= 0) return 0;
+    if (found != all || part != whole) abort();
+    if (all != SCAN_DONE) return 0;
 
     static struct msg m;
     for (int request = 0; request < 2; request++) {
-        if (http_parse(buf, (size_t)whole, &m, request)) continue;
-        inside(buf, (size_t)whole, m.method, m.mlen);
-        inside(buf, (size_t)whole, m.target, m.tlen);
+        if (http_parse(buf, whole, &m, request)) continue;
+        inside(buf, whole, m.method, m.mlen);
+        inside(buf, whole, m.target, m.tlen);
         if (m.nfields < 0 || m.nfields > HTTP_MAX_FIELDS) abort();
         if (m.chunked && m.length >= 0) abort(); /* both framings must have been refused */
         for (int i = 0; i < m.nfields; i++) {
-            inside(buf, (size_t)whole, m.field[i].name, m.field[i].nlen);
-            inside(buf, (size_t)whole, m.field[i].value, m.field[i].vlen);
+            inside(buf, whole, m.field[i].name, m.field[i].nlen);
+            inside(buf, whole, m.field[i].value, m.field[i].vlen);
             struct field f;
             if (http_field(m.field[i].name, m.field[i].nlen + 1, &f)) abort(); /* "name:" parses */
         }
@@ -44,7 +44,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
     }
     uint64_t n;
-    const char *lf = memchr(buf, '\r', (size_t)whole);
+    const char *lf = memchr(buf, '\r', whole);
     if (lf) http_chunk_size(buf, (size_t)(lf - buf), &n);
     return 0;
 }

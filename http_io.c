@@ -1,0 +1,128 @@
+/* http_io.c — HTTP messages between sockets: reading a head until it is whole, reading a
+ * chunk-size or trailer line, relaying a body of known length or a chunked one, checked as it
+ * goes, and writing the proxy's own error responses. Bytes move through copy.c; heads and
+ * lines are parsed by http_parse.c. */
+#include "proxy.h"
+
+#include <string.h>
+
+/* The reason phrase of a status the proxy answers with itself. */
+static const char *reason(int status) {
+    switch (status) {
+    case 400: return "Bad Request";
+    case 403: return "Forbidden";
+    case 407: return "Proxy Authentication Required";
+    case 408: return "Request Timeout";
+    case 414: return "URI Too Long";
+    case 431: return "Request Header Fields Too Large";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    case 505: return "HTTP Version Not Supported";
+    case 508: return "Loop Detected";
+    default: return "Error";
+    }
+}
+
+/* Writes the proxy's own response for status into buf (the reason as a text body; for 407 the
+ * Basic challenge, for 503 Retry-After) and returns its length. */
+int http_error(char *buf, size_t cap, int status, int keep) {
+    char body[64], extra[128] = "";
+    int blen = snprintf(body, sizeof body, "%d %s\n", status, reason(status));
+    if (status == 407)
+        snprintf(extra, sizeof extra, "Proxy-Authenticate: Basic realm=\"%s\"\r\n", cfg.realm);
+    if (status == 503) snprintf(extra, sizeof extra, "Retry-After: 1\r\n");
+    return snprintf(
+        buf, cap, "HTTP/1.1 %d %s\r\n%sContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s",
+        status, reason(status), extra, blen, keep ? "" : "Connection: close\r\n", body);
+}
+
+/* Moves the unread bytes of s to the start of its buffer. */
+static void compact(struct stream *s) {
+    memmove(s->buf, s->buf + s->off, s->len - s->off);
+    s->len -= s->off;
+    s->off = 0;
+}
+
+/* Reads until s holds a whole head and parses it into m: HEAD_OK; HEAD_NONE at EOF before any
+ * byte; HEAD_LOST when the connection ended, or the client left mid-head; HEAD_BAD with the
+ * status to refuse it with in *status (502 for any bad response). */
+enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
+                         uint64_t deadline, int *status) {
+    size_t scanned = 0, end, got;
+    compact(s);
+    *status = request ? 400 : 502;
+    for (;;) {
+        enum scan found = http_head_end(s->buf, s->len, &scanned, &end);
+        if (found == SCAN_DONE) {
+            *status = http_parse(s->buf, end, m, request);
+            return *status ? HEAD_BAD : HEAD_OK;
+        }
+        if (found == SCAN_BAD) return HEAD_BAD;
+        if (s->len == HEAD_MAX) {
+            if (request) *status = memchr(s->buf, '\n', s->len) ? 431 : 414;
+            return HEAD_BAD;
+        }
+        if (request && s->len && !deadline) /* header_timeout runs from a head's first byte */
+            deadline = mono_ns() + (uint64_t)cfg.header_timeout * 1000000000u;
+        if (request && deadline && mono_ns() > deadline) {
+            *status = 408;
+            return HEAD_BAD;
+        }
+        enum recv r = copy_recv(c, fd, s->buf + s->len, HEAD_MAX - s->len, &got);
+        if (r == RECV_DATA) s->len += got;
+        if (r == RECV_ENDED) return HEAD_LOST;
+        if (r == RECV_EOF && !s->len) return HEAD_NONE;
+        if (r == RECV_EOF) return request ? HEAD_LOST : HEAD_BAD;
+    }
+}
+
+/* Reads until s holds a CRLF-ended line at off; returns its length without the CRLF, or -1. */
+static long read_line(struct conn *c, struct stream *s, int fd) {
+    for (;;) {
+        char *p = s->buf + s->off, *lf = memchr(p, '\n', s->len - s->off);
+        if (lf) return lf > p && lf[-1] == '\r' ? lf - p - 1 : -1;
+        if (s->len - s->off >= 4096) return -1; /* no chunk-size or trailer line is this long */
+        if (s->len == HEAD_MAX) compact(s);
+        size_t got;
+        enum recv r = copy_recv(c, fd, s->buf + s->len, HEAD_MAX - s->len, &got);
+        if (r == RECV_DATA) s->len += got;
+        if (r == RECV_EOF || r == RECV_ENDED) return -1;
+    }
+}
+
+/* Relays exactly n body bytes from s (what is buffered, then the socket) to `to`. Returns 0
+ * or -1. */
+int http_relay_n(struct conn *c, struct copier *k, struct stream *s, int from, int to, uint64_t n) {
+    size_t have = s->len - s->off;
+    if (have > n) have = (size_t)n;
+    if (have && copy_send(c, to, s->buf + s->off, have) < 0) return -1;
+    s->off += have;
+    if (n == have) return 0;
+    return copy_bytes(c, k, from, to, n - have) == (int64_t)(n - have) ? 0 : -1;
+}
+
+/* Relays a chunked body from s (what is buffered, then the socket from) to `to`, checking every
+ * size line and trailer; the bytes go on exactly as they came. Returns 0 or -1. The loop is
+ * flat on purpose: no recursion, no limit on the number of chunks, each one bounded. */
+int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to) {
+    uint64_t size;
+    for (;;) {
+        long n = read_line(c, s, from);
+        if (n < 0 || http_chunk_size(s->buf + s->off, (size_t)n, &size) < 0) return -1;
+        if (copy_send(c, to, s->buf + s->off, (size_t)n + 2) < 0) return -1;
+        s->off += (size_t)n + 2;
+        if (!size) break;
+        if (http_relay_n(c, k, s, from, to, size) < 0 || read_line(c, s, from) != 0) return -1;
+        if (copy_send(c, to, "\r\n", 2) < 0) return -1;
+        s->off += 2;
+    }
+    for (;;) { /* the trailer section: field lines, then an empty line */
+        struct field f;
+        long n = read_line(c, s, from);
+        if (n < 0 || (n > 0 && http_field(s->buf + s->off, (size_t)n, &f) < 0)) return -1;
+        if (copy_send(c, to, s->buf + s->off, (size_t)n + 2) < 0) return -1;
+        s->off += (size_t)n + 2;
+        if (n == 0) return 0;
+    }
+}

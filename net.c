@@ -1,0 +1,235 @@
+/* net.c — sockets and addresses, the bottom layer: listeners, connecting with a deadline, the
+ * socket options the copy loops rely on, addresses ("host:port") and networks ("10.0.0.0/8").
+ * It calls nothing of the proxy's own. A failure is -1 with errno, or -1 with a reason in err
+ * where a person has to read why (a config value). */
+#include "proxy.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+/* ---- sockets -------------------------------------------------------------------------- */
+
+/* Opens a listening socket on a. With reuse_port, several processes may listen on the same
+ * address and the kernel spreads connections over them. Returns the fd, or -1 with errno. */
+int net_listen(const struct addr *a, int reuse_port) {
+    int one = 1;
+    int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (reuse_port && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0)
+        return close_failed(fd);
+    if (bind(fd, (const struct sockaddr *)&a->sa, a->len) < 0) return close_failed(fd);
+    if (listen(fd, SOMAXCONN) < 0) return close_failed(fd);
+    return fd;
+}
+
+/* The local address of fd (a listener's port 0 becomes the port the kernel chose), IPv4-mapped
+ * addresses unmapped. Returns 0, or -1 with errno. */
+int net_local(int fd, struct addr *a) {
+    a->len = sizeof a->sa;
+    if (getsockname(fd, (struct sockaddr *)&a->sa, &a->len) < 0) return -1;
+    addr_unmap(a);
+    return 0;
+}
+
+/* Sets what every relayed socket needs: TCP_NODELAY and urgent data in line. */
+void net_prepare(int fd) {
+    /* Best-effort: a socket without these still works, only slower. Without TCP_NODELAY a
+     * small reply waits for the peer's delayed ACK (~40 ms). Set on a listening socket, they
+     * are inherited by every socket it accepts (Linux). */
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one);
+}
+
+/* Makes every blocking read and write on fd give up after ms with EAGAIN: the tick at which a
+ * blocked thread checks its deadlines. Accepted sockets inherit it from their listener. */
+void net_set_tick(int fd, int ms) {
+    struct timeval tick = {ms / 1000, ms % 1000 * 1000L};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tick, sizeof tick);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tick, sizeof tick);
+}
+
+/* Connects to a within timeout_s seconds; the socket is then prepared (net_prepare) with a
+ * tick of tick_ms. Returns the fd, or -1 with errno (ETIMEDOUT on timeout). */
+int net_connect(const struct addr *a, int timeout_s, int tick_ms) {
+    int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    /* A blocking connect gives up after SO_SNDTIMEO (with EINPROGRESS), so the timeout costs
+     * no poll and no fcntl. */
+    net_set_tick(fd, timeout_s * 1000);
+    if (connect(fd, (const struct sockaddr *)&a->sa, a->len) < 0) {
+        if (errno == EINPROGRESS || errno == EAGAIN) errno = ETIMEDOUT;
+        return close_failed(fd);
+    }
+    net_prepare(fd);
+    net_set_tick(fd, tick_ms);
+    return fd;
+}
+
+/* Resolves host and connects (net_connect) to the first of its addresses that answers.
+ * Returns the fd, or -1 with errno (EHOSTUNREACH when the name does not resolve). */
+int net_dial(const char *host, int port, int timeout_s, int tick_ms) {
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV}, *res;
+    char service[8];
+    int fd = -1, tries = 0;
+    snprintf(service, sizeof service, "%d", port);
+    if (getaddrinfo(host, service, &hints, &res)) {
+        errno = EHOSTUNREACH;
+        return -1;
+    }
+    /* A name may have several addresses (::1 and 127.0.0.1 for localhost): try a few. */
+    for (struct addrinfo *ai = res; ai && fd < 0 && tries++ < 3; ai = ai->ai_next) {
+        struct addr a = {.len = ai->ai_addrlen};
+        memcpy(&a.sa, ai->ai_addr, ai->ai_addrlen);
+        fd = net_connect(&a, timeout_s, tick_ms);
+    }
+    int e = errno;
+    freeaddrinfo(res);
+    errno = e;
+    return fd;
+}
+
+/* ---- addresses ------------------------------------------------------------------------ */
+
+/* Reads s as 1 to max_digits decimal digits and nothing else. Returns 0 or -1. */
+static int decimal(const char *s, size_t max_digits, long *out) {
+    size_t n = strlen(s);
+    if (n == 0 || n > max_digits || strspn(s, "0123456789") != n) return -1;
+    *out = strtol(s, NULL, 10);
+    return 0;
+}
+
+/* Writes why into err and fails: addr_parse's reasons are read by people. */
+static int reason(char *err, size_t errlen, const char *why) {
+    snprintf(err, errlen, "%s", why);
+    return -1;
+}
+
+/* Parses "host:port", "[v6]:port" or "*:port" (resolving names). Returns 0, or -1 with a
+ * reason in err. */
+int addr_parse(const char *s, struct addr *a, char *err, size_t errlen) {
+    char host[256];
+    const char *colon = strrchr(s, ':');
+    long port;
+    if (!colon) return reason(err, errlen, "expected host:port");
+    size_t hl = (size_t)(colon - s);
+    if (*s == '[') {
+        if (hl < 2 || colon[-1] != ']') return reason(err, errlen, "expected [IPv6]:port");
+        s++;
+        hl -= 2;
+    } else if (memchr(s, ':', hl)) {
+        return reason(err, errlen, "IPv6 addresses go in brackets, like [::1]:8888");
+    }
+    if (hl == 0 || hl >= sizeof host) return reason(err, errlen, "expected a host before :");
+    memcpy(host, s, hl);
+    host[hl] = 0;
+    if (decimal(colon + 1, 5, &port) < 0 || port > 65535)
+        return reason(err, errlen, "port must be a number from 0 to 65535");
+    if (!strcmp(host, "*")) strcpy(host, "0.0.0.0");
+
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV}, *res;
+    int rc = getaddrinfo(host, colon + 1, &hints, &res);
+    if (rc) {
+        snprintf(err, errlen, "cannot resolve '%s': %s", host, gai_strerror(rc));
+        return -1;
+    }
+    memcpy(&a->sa, res->ai_addr, res->ai_addrlen);
+    a->len = res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+/* The address bytes of a (4 or 16 of them; *len says which). */
+const uint8_t *addr_ip(const struct addr *a, int *len) {
+    const struct sockaddr_in *s4 = (const void *)&a->sa;
+    const struct sockaddr_in6 *s6 = (const void *)&a->sa;
+    if (s4->sin_family == AF_INET) {
+        *len = 4;
+        return (const uint8_t *)&s4->sin_addr;
+    }
+    *len = 16;
+    return (const uint8_t *)&s6->sin6_addr;
+}
+
+/* The port of a. */
+int addr_port(const struct addr *a) {
+    return ntohs(((const struct sockaddr_in *)&a->sa)->sin_port); /* where sin6_port is, too */
+}
+
+/* Writes "1.2.3.4:80" or "[::1]:80" into buf; returns buf. */
+char *addr_format(const struct addr *a, char *buf, size_t len) {
+    char ip[INET6_ADDRSTRLEN] = "?";
+    int n;
+    inet_ntop(a->sa.ss_family, addr_ip(a, &n), ip, sizeof ip);
+    snprintf(buf, len, n == 4 ? "%s:%d" : "[%s]:%d", ip, addr_port(a));
+    return buf;
+}
+
+/* Rewrites an IPv4-mapped IPv6 address (::ffff:1.2.3.4) as plain IPv4. */
+void addr_unmap(struct addr *a) {
+    struct sockaddr_in6 s6;
+    memcpy(&s6, &a->sa, sizeof s6);
+    if (s6.sin6_family != AF_INET6 || !IN6_IS_ADDR_V4MAPPED(&s6.sin6_addr)) return;
+    struct sockaddr_in s4 = {.sin_family = AF_INET, .sin_port = s6.sin6_port};
+    memcpy(&s4.sin_addr, &s6.sin6_addr.s6_addr[12], 4);
+    memset(&a->sa, 0, sizeof a->sa);
+    memcpy(&a->sa, &s4, sizeof s4);
+    a->len = sizeof s4;
+}
+
+/* ---- networks ------------------------------------------------------------------------- */
+
+/* Parses "10.0.0.0/8", "::1" (a single host) and so on. Returns 0 or -1. */
+int cidr_parse(const char *s, struct cidr *n) {
+    char ip[INET6_ADDRSTRLEN];
+    const char *slash = strchr(s, '/');
+    size_t len = slash ? (size_t)(slash - s) : strlen(s);
+    if (len >= sizeof ip) return -1;
+    memcpy(ip, s, len);
+    ip[len] = 0;
+    memset(n, 0, sizeof *n);
+    if (inet_pton(AF_INET, ip, n->net) == 1) {
+        n->family = AF_INET;
+        n->bits = 32;
+    } else if (inet_pton(AF_INET6, ip, n->net) == 1) {
+        n->family = AF_INET6;
+        n->bits = 128;
+    } else {
+        return -1;
+    }
+    if (slash) {
+        long bits;
+        if (decimal(slash + 1, 3, &bits) < 0 || bits > n->bits) return -1;
+        n->bits = (int)bits;
+    }
+    for (int i = n->bits; i < 128; i++) n->net[i / 8] &= (uint8_t) ~(0x80 >> (i % 8));
+    if (n->family == AF_INET6 && n->bits >= 96 && IN6_IS_ADDR_V4MAPPED((struct in6_addr *)n->net)) {
+        /* ::ffff:10.0.0.0/104 is 10.0.0.0/8: clients are matched as plain IPv4. */
+        memmove(n->net, n->net + 12, 4);
+        memset(n->net + 4, 0, 12);
+        n->family = AF_INET;
+        n->bits -= 96;
+    }
+    return 0;
+}
+
+/* Whether a is inside one of the count networks of list. */
+int cidr_match(const struct cidr *list, int count, const struct addr *a) {
+    int len;
+    const uint8_t *ip = addr_ip(a, &len);
+    for (int i = 0; i < count; i++) {
+        const struct cidr *n = &list[i];
+        int full = n->bits / 8, rest = n->bits % 8;
+        if ((n->family == AF_INET) != (len == 4) || memcmp(ip, n->net, full)) continue;
+        if (rest && ((ip[full] ^ n->net[full]) & (0xff << (8 - rest)) & 0xff)) continue;
+        return 1;
+    }
+    return 0;
+}
