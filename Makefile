@@ -35,7 +35,7 @@ VALGRIND_TESTS := $(VALGRIND_TESTS),test_http_post_bodies,test_http_pipelined,up
 VALGRIND_TESTS := $(VALGRIND_TESTS),resets_mid,second_host
 VALGRIND = valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite
 
-.PHONY: all run test asan tsan fuzz fuzz-run valgrind lint soak bench bench-quick install \
+.PHONY: all run test layers asan tsan fuzz fuzz-run valgrind lint soak bench bench-quick install \
   uninstall deps test-deps clean help
 all: $(BIN)
 
@@ -43,6 +43,7 @@ help:
 	@echo "make            build ./proxy"
 	@echo "make run        build and run ./proxy -c proxy.ini"
 	@echo "make test       unit and integration tests; ends with 'N passed, N failed'"
+	@echo "make layers     fails if source files call each other in a circle or call upwards"
 	@echo "make asan       the same tests against an AddressSanitizer+UBSan build"
 	@echo "make tsan       the same tests against a ThreadSanitizer build"
 	@echo "make fuzz       each libFuzzer target for FUZZ_SECONDS (default 30) under ASan+UBSan"
@@ -79,6 +80,9 @@ run: $(BIN)
 
 test: $(BIN) $(B)/unit | test-deps
 	python3 tests/run.py --proxy ./$(BIN) --unit $(B)/unit
+
+layers: $(OBJ) $(B)/proxy.o
+	python3 tests/layers.py $(OBJ) $(B)/proxy.o
 
 # Sanitizer builds live in their own directories so they never mix with ./proxy's objects.
 asan:
