@@ -167,7 +167,7 @@ int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t 
         if (piped && (n == 0 || (n < 0 && (errno == EINVAL || errno == ENOSYS)))) {
             /* splice returns 0 at TCP urgent data as at EOF (a peek tells them apart), and
              * EINVAL where these fds cannot splice: then read through the buffer. */
-            char probe;
+            char probe = 0;
             if (n == 0 && recv(from, &probe, 1, MSG_PEEK | MSG_DONTWAIT) != 1) break; /* EOF */
             if (!k->buf && !(k->buf = malloc(cfg.buffer_size))) {
                 conn_end(c, END_CLIENT);

@@ -191,9 +191,9 @@ int pool_start(const struct mode *m) {
     int records = cfg.queue + cfg.workers;
     mode = m;
     q.size = records;
-    q.ring = calloc((size_t)records, sizeof *q.ring);
+    q.ring = calloc((size_t)records, sizeof(struct conn *));
     q.slab = calloc((size_t)records, sizeof *q.slab);
-    q.spare = calloc((size_t)records, sizeof *q.spare);
+    q.spare = calloc((size_t)records, sizeof(struct conn *));
     workers = calloc((size_t)cfg.workers, sizeof *workers);
     if (!q.ring || !q.slab || !q.spare || !workers) return -1;
     for (int i = 0; i < records; i++) q.spare[q.nspare++] = &q.slab[i];

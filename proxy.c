@@ -142,9 +142,11 @@ static void fd_limit(void) {
 
 /* Opens a listener on a or exits, naming the address. */
 static int listen_or_die(const struct addr *a, int reuse_port) {
-    char where[64];
     int fd = net_listen(a, reuse_port);
-    if (fd < 0) err(1, "cannot listen on %s", addr_format(a, where, sizeof where));
+    if (fd < 0) {
+        char where[64];
+        err(1, "cannot listen on %s", addr_format(a, where, sizeof where));
+    }
     return fd;
 }
 

@@ -1,5 +1,8 @@
-/* tests/unit.c — unit tests for the pure parts: config validation (golden messages), addresses
- * and networks, the source hash, the PROXY protocol header, the rate limiter's arithmetic.
+/* tests/unit.c — unit tests for the pure parts, bottom-up by layer: addresses and networks
+ * (net.c); config values and errors against golden messages (config.c); the rate limiter's
+ * arithmetic (copy.c); the source hash (upstream.c); the PROXY protocol header (tcp.c);
+ * request and response heads with every smuggling shape, chunk sizes, trailers, authorities
+ * and ports (http_parse.c); strict base64 and Basic credentials (auth.c).
  * Prints one line per failed check and ends with "N passed, N failed" (tests, not checks). */
 #include "proxy.h"
 
