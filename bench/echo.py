@@ -12,7 +12,8 @@ every echo byte for byte. It prints one JSON object on stdout with what happened
     {"connected": 4000, "connect_errors": 0, "echoes": 17000, "mismatches": 0,
      "errors": 0, "connect_seconds": 2.1, "first_error": null}
 
-Python standard library only (asyncio); bench/run.py starts both sides in their own process.
+Python standard library only (asyncio); the memory scenario (bench/scenarios/memory.py)
+starts both sides, each in its own process.
 """
 
 import argparse
