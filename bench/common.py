@@ -165,7 +165,6 @@ class Results:
     def __init__(self):
         self.runs = {}
         self.commands = {}      # scenario -> command lines as run (ports as PORT)
-        self.notes = {}         # scenario -> extra lines for the report
         self.failures = []
 
     def add(self, scenario, row, column, run):

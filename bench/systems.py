@@ -27,7 +27,6 @@ class System:
     stop() ends the whole group. `upstream` is the port it relays to."""
 
     name = "?"          # the row label in the tables
-    threads = ""        # how it uses threads/processes, for the systems table
     auth = False        # HTTP scenario: requires Proxy-Authorization
     absolute = False    # HTTP scenario: needs absolute-form request targets
     closes_after_response = False   # HTTP scenario: closes without `Connection: close`
@@ -89,7 +88,6 @@ class System:
 class Direct(System):
     """No proxy: the client talks to the upstream itself. The floor every proxy is held to."""
     name = "direct"
-    threads = "—"
 
     def start(self):
         self.port = self.upstream
@@ -102,7 +100,6 @@ class Backend(System):
     """The nginx every HTTP scenario fetches from: one worker, no access log, keep-alive
     for as many requests as a run makes."""
     name = "backend nginx"
-    threads = "worker_processes 1"
 
     def __init__(self, work):
         super().__init__(work, None)
@@ -159,7 +156,6 @@ def index_html():
 
 class Ours(System):
     """./proxy with a generated ini. Listens on port 0 and reads the port from its banner."""
-    threads = "workers × 2 threads (fixed pool)"
 
     def __init__(self, work, upstream, copy="splice", buffer_size="64k", workers=1100,
                  mode="tcp", stats=False, absolute=False, name=None):
@@ -170,7 +166,6 @@ class Ours(System):
         self.absolute = absolute
         self.metrics_port = None
         self.name = name or f"ours {copy}"
-        self.threads = f"workers = {workers} (2 threads each)"
 
     def command(self):
         ini = self.work / f"ours-{self.mode}-{self.copy}-{self.buffer_size}-{self.workers}.ini"
@@ -233,7 +228,6 @@ class HAProxy(System):
         self.mode = mode
         self.auth = mode == "http"
         self.name = f"haproxy {mode}"
-        self.threads = "default nbthread (= CPUs)"
 
     def command(self):
         cfg = self.work / f"haproxy-{self.mode}-{self.port}.cfg"
@@ -267,7 +261,6 @@ backend back
 class NginxStream(System):
     """nginx's stream module (TCP proxy), worker_processes auto."""
     name = "nginx stream"
-    threads = "worker_processes auto (= CPUs)"
 
     def command(self):
         conf = self.work / f"nginx-stream-{self.port}.conf"
@@ -292,7 +285,6 @@ stream {{
 class GoProxy(System):
     """bench/peers/goproxy.go: net.Listen, two goroutines with io.Copy per connection.
     copy="buffer" hides Go's splice path (see the Go file) for the memory scenario."""
-    threads = "default GOMAXPROCS (= CPUs)"
     binary = None   # set once built
 
     def __init__(self, work, upstream, copy="splice"):
@@ -308,7 +300,6 @@ class GoProxy(System):
 class Socat(System):
     """socat with fork: one process per connection."""
     name = "socat"
-    threads = "fork per connection"
 
     def command(self):
         return ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
@@ -319,7 +310,6 @@ class Tinyproxy(System):
     """tinyproxy with BasicAuth. It needs absolute-form targets and closes the client
     connection after every response."""
     name = "tinyproxy"
-    threads = "thread per connection, MaxClients 1000"
     auth = True
     absolute = True
     closes_after_response = True
