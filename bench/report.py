@@ -115,7 +115,7 @@ def write_report(b, base, args, fd_limit, elapsed):
     status = ("**All runs clean** (no socket errors, no non-2xx responses, no iperf3 errors, "
               "no bad echoes, every body checked)." if not failures else
               f"**{len(failures)} run(s) failed** — their cells show ERR, and the script "
-              "exited 1:\n\n" + "\n".join(f"- {f}" for f in failures))
+              "exited 3:\n\n" + "\n".join(f"- {f}" for f in failures))
     body = [f"# Benchmark results: {datetime.date.today()}, {machine['host']}\n",
             f"`{command}` — {'quick' if s.quick else 'full'} mode, {s.rounds} round(s) "
             f"with the systems interleaved in each round; took {elapsed / 60:.1f} min. "
