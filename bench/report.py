@@ -46,8 +46,7 @@ class Report:
         return "\n".join(text)
 
     def headline(self):
-        """One table in the shape of shared/REFERENCES.md's, medians only: each scenario's
-        HEADLINE rows, for the TCP systems."""
+        """One table of medians: each scenario's HEADLINE rows, for the TCP systems."""
         r = self.results
         table = []
         for scenario in SCENARIOS:
