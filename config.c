@@ -296,6 +296,8 @@ static int line_of(const struct loader *l, const char *section, const char *name
     return def;
 }
 
+/* Loads and validates FILE into *c (then defaults for the keys it left out). Returns 0, or -1
+ * with "FILE:LINE: what is wrong" in err. */
 int config_load(struct config *c, const char *file, char *err, size_t errlen) {
     struct loader l = {.c = c, .err = err, .errlen = errlen};
     memset(c, 0, sizeof *c);
@@ -334,10 +336,12 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
 
 /* ---- the memory plan (-t) ------------------------------------------------------------- */
 
+/* File descriptors a full load needs: sockets, pipes, the queue, a few to spare. */
 long long config_fds(const struct config *c) {
     return (long long)c->workers * (c->copy == COPY_SPLICE ? 6 : 2) + c->queue + 16;
 }
 
+/* Prints what -t shows: threads, stacks, buffers, pipes, descriptors, connection records. */
 void config_plan(const struct config *c, FILE *o) {
     static const char *modes[] = {"tcp", "http"}, *copies[] = {"splice", "buffer"};
     char listen[64], admin[64] = "off";
@@ -356,4 +360,7 @@ void config_plan(const struct config *c, FILE *o) {
         fprintf(o, ", %.1f MiB of http heads", w * 3 * HEAD_MAX / mib);
     fprintf(o, "\nfds at full load: %lld (limit %llu); queue: %d connections may wait\n",
             config_fds(c), (unsigned long long)rl.rlim_max, c->queue);
+    /* pool.c's slab: a record for every connection that can be open at once. */
+    fprintf(o, "%d connection records (queued or served): %.1f MiB\n", c->queue + c->workers,
+            (double)(c->queue + c->workers) * sizeof(struct conn) / mib);
 }

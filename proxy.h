@@ -149,10 +149,10 @@ extern struct config cfg;
 int config_load(struct config *c, const char *file, char *err, size_t errlen);
 /* File descriptors a full load needs: sockets, pipes, the queue, a few to spare. */
 long long config_fds(const struct config *c);
-/* Prints what -t shows: threads, stacks, buffers, pipes, descriptors. */
+/* Prints what -t shows: threads, stacks, buffers, pipes, descriptors, connection records. */
 void config_plan(const struct config *c, FILE *out);
 
-/* ==== stats.c: counters, gauges, the log =============================================== */
+/* ==== a connection: the record every layer from stats.c up works on ==================== */
 
 /* Why a connection ended; the first reason recorded wins. */
 enum end {
@@ -169,18 +169,21 @@ enum dir { UP, DOWN }; /* UP: client → upstream; DOWN: upstream → client */
 
 /* One client connection, from accept to close. It lives in pool.c's slab, not on a worker's
  * stack, so that it can outlive a worker's turn with it; a worker's scratch (struct worker)
- * is kept apart. While served, the worker's two threads share it: each direction's fields
- * are written only by the thread copying that direction. */
+ * is kept apart. Who writes what: */
 struct conn {
-    int client, upstream;          /* fds; upstream -1 until connected */
-    struct addr peer;              /* the client's address */
-    const struct upstream *chosen; /* the configured upstream it went to; NULL: none */
-    uint64_t start_ns;
-    _Atomic uint64_t last_ns; /* last byte moved either way: the idle clock */
-    _Atomic int end;          /* enum end */
-    uint64_t bytes[2];        /* by enum dir */
-    char route[272]; /* http: where upstream goes: "host:port", "=" (configured), "" (none) */
+    int client;                    /* pool_submit, then read-only */
+    int upstream;                  /* only pool_set_upstream, under the worker's mu; -1: none */
+    struct addr peer;              /* pool_submit, then read-only */
+    const struct upstream *chosen; /* the front thread: the configured upstream; NULL: none */
+    uint64_t start_ns;             /* the front thread, when it takes the connection */
+    _Atomic uint64_t last_ns;      /* either thread: the last byte moved, the idle clock */
+    _Atomic int end;               /* either thread, first reason wins: enum end */
+    uint64_t bytes[2];             /* by enum dir: the one thread sending that way now */
+    char route[272]; /* http, the front thread: where upstream goes: "host:port", "=" (the
+                        configured upstreams), "" (nowhere) */
 };
+
+/* ==== stats.c: counters, gauges, the log =============================================== */
 
 enum refusal { REFUSED_QUEUE_FULL, REFUSED_NOT_ALLOWED };
 #define DURATION_BUCKETS 8
