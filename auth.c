@@ -18,7 +18,8 @@ static int b64_value(unsigned char ch) {
     return -1;
 }
 
-/* Decodes strict base64 into out. Returns the decoded length, or -1. */
+/* Decodes strict base64 (padding required, no whitespace, zero pad bits) into out. Returns
+ * the decoded length, or -1. */
 int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap) {
     /* Strict: whole quads, the alphabet only, '=' only as the last one or two characters,
      * and zero padding bits, so that one credential has exactly one spelling. */

@@ -297,7 +297,7 @@ static int line_of(const struct loader *l, const char *section, const char *name
 }
 
 /* Loads and validates FILE into *c (then defaults for the keys it left out). Returns 0, or -1
- * with "FILE:LINE: what is wrong" in err. */
+ * with "FILE:LINE: what is wrong" in err. Names in upstream and listen are resolved here. */
 int config_load(struct config *c, const char *file, char *err, size_t errlen) {
     struct loader l = {.c = c, .err = err, .errlen = errlen};
     memset(c, 0, sizeof *c);

@@ -105,7 +105,7 @@ int copy_send(struct conn *c, int to, const char *p, size_t n) {
 }
 
 /* Receives up to len bytes into buf: RECV_DATA (*got bytes), RECV_EOF, RECV_TICK (TICK_MS
- * passed with nothing to read), or RECV_ENDED. */
+ * passed with nothing to read: the caller checks its own deadlines), or RECV_ENDED. */
 enum recv copy_recv(struct conn *c, int fd, void *buf, size_t len, size_t *got) {
     for (;;) {
         ssize_t n = recv(fd, buf, len, 0);

@@ -22,9 +22,10 @@ struct exchange {
     int is_head, upgrade; /* a HEAD request (no response body); it asked to upgrade */
 };
 
-/* One worker's http scratch (w->scratch), allocated once: the buffers, and the pipeline from
- * the front thread (which forwards requests) to the back thread (which relays responses).
- * Fields marked (mu) are guarded by the worker's mu. Nothing here outlives a connection. */
+/* One worker's http scratch (w->scratch), allocated once and reset for each connection: the
+ * buffers, and the pipeline from the front thread (which forwards requests) to the back thread
+ * (which relays responses). Fields marked (mu) are guarded by the worker's mu while the back
+ * thread runs; the front thread alone touches them when it has stopped. */
 struct http_worker {
     struct stream in[2];                /* [UP] reads the client, [DOWN] the upstream */
     char *out;                          /* a rewritten request head; a sink for dropped bytes */
@@ -426,7 +427,7 @@ static int parse_target(const struct msg *m, struct exchange *x, struct target *
 
 /* Whether the request may go on: not a loop through us (508), and authenticated (407).
  * Returns 0 or that status. */
-static int admit(const struct msg *m, struct exchange *x) {
+static int admit_request(const struct msg *m, struct exchange *x) {
     for (int i = 0; i < m->nfields; i++)
         if (http_is(m->field[i].name, m->field[i].nlen, "via") &&
             http_list_has(m->field[i].value, m->field[i].vlen, via, strlen(via)))
@@ -441,9 +442,9 @@ static int admit(const struct msg *m, struct exchange *x) {
  * kept-alive upstream has just closed. Sets *seq; returns 0 or the status to answer with. */
 static int dispatch(struct worker *w, struct conn *c, struct exchange *x, const struct target *t,
                     uint64_t *seq) {
-    char want[sizeof c->route];
+    char want[sizeof c->route] = "="; /* origin-form: the configured upstreams */
     const char *host = t->authority ? t->host : NULL;
-    snprintf(want, sizeof want, "%s:%d", host ? host : "=", t->port);
+    if (host) snprintf(want, sizeof want, "%s:%d", host, t->port);
     for (int tries = 0;; tries++) {
         if (route(w, c, want, host, t->port) < 0) return dial_status(errno);
         if (!host) snprintf(x->target, sizeof x->target, "%.127s", c->chosen->name);
@@ -512,7 +513,7 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
 
     int status = parse_target(m, &x, &t);
     if (status) return reply(w, c, &x, status, 0);
-    status = admit(m, &x);
+    status = admit_request(m, &x);
     if (status == 407) return reply(w, c, &x, 407, !m->chunked && m->length <= 0 && !m->close);
     if (status) return reply(w, c, &x, status, 0);
     if (!strcmp(x.method, "CONNECT")) return tunnel(w, c, m, &x);

@@ -25,7 +25,7 @@ static const char *reason(int status) {
 }
 
 /* Writes the proxy's own response for status into buf (the reason as a text body; for 407 the
- * Basic challenge, for 503 Retry-After) and returns its length. */
+ * Basic challenge, for 503 Retry-After; Connection: close unless keep) and returns its length. */
 int http_error(char *buf, size_t cap, int status, int keep) {
     char body[64], extra[128] = "";
     int blen = snprintf(body, sizeof body, "%d %s\n", status, reason(status));
@@ -44,9 +44,10 @@ static void compact(struct stream *s) {
     s->off = 0;
 }
 
-/* Reads until s holds a whole head and parses it into m: HEAD_OK; HEAD_NONE at EOF before any
- * byte; HEAD_LOST when the connection ended, or the client left mid-head; HEAD_BAD with the
- * status to refuse it with in *status (502 for any bad response). */
+/* Reads until s holds a whole head and parses it into m (a request if request, whose head must
+ * be whole by deadline, or header_timeout after its first byte when deadline is 0): HEAD_OK;
+ * HEAD_NONE at EOF before any byte; HEAD_LOST when the connection ended or the client left
+ * mid-head; HEAD_BAD with the status to refuse it with in *status (502 for any bad response). */
 enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
                          uint64_t deadline, int *status) {
     size_t scanned = 0, end, got;
@@ -91,8 +92,8 @@ static long read_line(struct conn *c, struct stream *s, int fd) {
     }
 }
 
-/* Relays exactly n body bytes from s (what is buffered, then the socket) to `to`. Returns 0
- * or -1. */
+/* Relays exactly n body bytes from s (what is buffered, then the socket from) to `to`.
+ * Returns 0 or -1. */
 int http_relay_n(struct conn *c, struct copier *k, struct stream *s, int from, int to, uint64_t n) {
     size_t have = s->len - s->off;
     if (have > n) have = (size_t)n;

@@ -49,7 +49,8 @@ int http_list_has(const char *list, size_t len, const char *item, size_t ilen) {
 }
 
 /* Looks for the end of a head in buf[0, len), scanning on from *scanned: SCAN_DONE with *end
- * the head's length, SCAN_MORE if more bytes are needed, SCAN_BAD on a NUL, a bare CR or LF. */
+ * the head's length, SCAN_MORE if more bytes are needed, SCAN_BAD on a NUL, a bare CR or LF,
+ * or a head that starts with CRLF (no start line). */
 enum scan http_head_end(const char *buf, size_t len, size_t *scanned, size_t *end) {
     /* Scans only what is new since the last call, so a head that arrives a byte at a time
      * costs linear, not quadratic, time. */
@@ -158,7 +159,8 @@ int http_parse(const char *buf, size_t len, struct msg *m, int request) {
     return 0;
 }
 
-/* Parses the field line p[0, len) "name: value" into f. Returns 0 or -1. */
+/* Parses the field line p[0, len) "name: value" (a header field or a trailer) into f.
+ * Returns 0 or -1. */
 int http_field(const char *p, size_t len, struct field *f) {
     /* obs-fold, and whitespace between the name and the colon, are refused: both were ways
      * to make two parsers disagree on where a field starts or what it is called. */

@@ -4,6 +4,7 @@
  * business (tcp.c, http.c); how its bytes move is copy.c's. */
 #include "proxy.h"
 
+#include <assert.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -36,8 +37,11 @@ static _Atomic int forced; /* the grace period is over: end every connection */
 int pool_submit(int fd, const struct addr *peer) {
     pthread_mutex_lock(&q.mu);
     /* Idle workers take a connection at once, so they do not count against the queue. */
-    int ok = !q.stopping && q.len < cfg.queue + q.idle && q.nspare > 0;
+    int ok = !q.stopping && q.len < cfg.queue + q.idle;
     if (ok) {
+        /* Never empty: at most queue + workers are open (queued, or served by the workers
+         * that are not idle), and the slab has that many. */
+        assert(q.nspare > 0);
         struct conn *c = q.spare[--q.nspare];
         *c = (struct conn){.client = fd, .upstream = -1, .peer = *peer};
         q.ring[(q.first + q.len++) % q.size] = c;

@@ -38,7 +38,7 @@ static void log_refused(const char *why, const struct addr *peer) {
 
 /* Lets one accepted client in: it must be in [access] allow, and the queue must have room;
  * else it is closed (after the mode's last word), counted and logged. */
-static void admit(int fd, struct addr *peer) {
+static void admit_client(int fd, struct addr *peer) {
     addr_unmap(peer); /* a dual-stack listener's IPv4 clients are IPv4 from here on */
     atomic_fetch_add(&stats.accepted, 1);
     if (!cidr_match(cfg.allow, cfg.nallow, peer)) {
@@ -63,7 +63,7 @@ static int accept_one(void) {
     struct addr peer = {.len = sizeof peer.sa};
     int fd = accept4(listen_fd, (struct sockaddr *)&peer.sa, &peer.len, SOCK_CLOEXEC);
     if (fd < 0) return -1;
-    admit(fd, &peer);
+    admit_client(fd, &peer);
     return 0;
 }
 

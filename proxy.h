@@ -168,8 +168,9 @@ enum end {
 enum dir { UP, DOWN }; /* UP: client → upstream; DOWN: upstream → client */
 
 /* One client connection, from accept to close. It lives in pool.c's slab, not on a worker's
- * stack, so that it can outlive a worker's turn with it; a worker's scratch (struct worker)
- * is kept apart. Who writes what: */
+ * stack, and a worker's scratch (struct worker) is kept apart, so that a connection's state
+ * does not depend on the worker serving it: the way is open for a connection to leave its
+ * worker between requests and come back to another. Who writes what: */
 struct conn {
     int client;                    /* pool_submit, then read-only */
     int upstream;                  /* only pool_set_upstream, under the worker's mu; -1: none */
@@ -177,7 +178,7 @@ struct conn {
     const struct upstream *chosen; /* the front thread: the configured upstream; NULL: none */
     uint64_t start_ns;             /* the front thread, when it takes the connection */
     _Atomic uint64_t last_ns;      /* either thread: the last byte moved, the idle clock */
-    _Atomic int end;               /* either thread, first reason wins: enum end */
+    _Atomic int end;               /* any thread, first reason wins: enum end */
     uint64_t bytes[2];             /* by enum dir: the one thread sending that way now */
     char route[272]; /* http, the front thread: where upstream goes: "host:port", "=" (the
                         configured upstreams), "" (nowhere) */
@@ -203,13 +204,12 @@ extern const char *const end_names[END_MAX];
 /* Writes a mode's own metric families (see metric_*). */
 typedef void (*render_fn)(FILE *f);
 
-/* Counts a closed connection: its end reason (END_DONE if none was recorded) and duration. */
+/* Counts a closed connection: its end reason (recording END_DONE in c->end if none was
+ * recorded) and its duration. */
 void stats_conn_done(struct conn *c);
 /* Returns the Prometheus text of every counter, with more's families (may be NULL) among
  * them: malloc'd, the caller frees; NULL on failure. */
 char *stats_render(render_fn more, size_t *len);
-/* A family's HELP and TYPE lines. */
-void metric_head(FILE *f, const char *name, const char *type, const char *help);
 /* A family of one sample. */
 void metric_one(FILE *f, const char *name, const char *type, const char *help, uint64_t v);
 /* A family of n samples that differ in one label: name{label="keys[i]"} v[i]. */
@@ -355,8 +355,8 @@ struct msg {
 enum scan { SCAN_MORE, SCAN_DONE, SCAN_BAD };
 
 /* Looks for the end of a head in buf[0, len), scanning on from *scanned: SCAN_DONE with *end
- * the head's length (with its final CRLF CRLF), SCAN_MORE if more bytes are needed, SCAN_BAD
- * on a NUL, a bare CR or a bare LF. */
+ * the head's length, SCAN_MORE if more bytes are needed, SCAN_BAD on a NUL, a bare CR or LF,
+ * or a head that starts with CRLF (no start line). */
 enum scan http_head_end(const char *buf, size_t len, size_t *scanned, size_t *end);
 /* Parses a whole head (request if request, else response) into m. Returns 0, or the status
  * to refuse it with: 400, 431, 505 for requests; 502 for responses. */
@@ -388,14 +388,6 @@ int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t ca
 /* Whether CONNECT may reach port ([access] connect_ports). */
 int auth_port_allowed(int port);
 
-/* ==== tcp.c: tcp mode ================================================================== */
-
-extern const struct mode tcp_mode;
-
-/* Writes the PROXY protocol header (version 1 or 2) for src → dst into buf (at least 108
- * bytes) and returns its length. */
-int tcp_proxy_header(int version, const struct addr *src, const struct addr *dst, char *buf);
-
 /* ==== http_io.c: HTTP messages between sockets ========================================= */
 
 /* One side's input with its read buffer. Heads and chunk-size lines are parsed from the
@@ -423,6 +415,14 @@ int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int f
 /* Writes the proxy's own response for status into buf (the reason as a text body; for 407 the
  * Basic challenge, for 503 Retry-After; Connection: close unless keep) and returns its length. */
 int http_error(char *buf, size_t cap, int status, int keep);
+
+/* ==== tcp.c: tcp mode ================================================================== */
+
+extern const struct mode tcp_mode;
+
+/* Writes the PROXY protocol header (version 1 or 2) for src → dst into buf (at least 108
+ * bytes) and returns its length. */
+int tcp_proxy_header(int version, const struct addr *src, const struct addr *dst, char *buf);
 
 /* ==== http.c: http mode ================================================================ */
 

@@ -71,7 +71,8 @@ void log_line(const char *fmt, ...) {
 
 /* ---- counting a connection ------------------------------------------------------------ */
 
-/* Counts a closed connection: its end reason (END_DONE if none was recorded) and duration. */
+/* Counts a closed connection: its end reason (recording END_DONE in c->end if none was
+ * recorded) and its duration. */
 void stats_conn_done(struct conn *c) {
     int none = END_NONE;
     atomic_compare_exchange_strong(&c->end, &none, END_DONE);
@@ -87,7 +88,7 @@ void stats_conn_done(struct conn *c) {
 /* ---- Prometheus text ------------------------------------------------------------------ */
 
 /* A family's HELP and TYPE lines. */
-void metric_head(FILE *f, const char *name, const char *type, const char *help) {
+static void metric_head(FILE *f, const char *name, const char *type, const char *help) {
     fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
