@@ -158,8 +158,9 @@ class Ours(System):
     """./proxy with a generated ini. Listens on port 0 and reads the port from its banner."""
 
     def __init__(self, work, upstream, copy="splice", buffer_size="64k", workers=1100,
-                 mode="tcp", stats=False, absolute=False, name=None):
+                 mode="tcp", stats=False, absolute=False, name=None, binary=None):
         super().__init__(work, upstream)
+        self.binary = binary or ROOT / "proxy"  # bench/ab.py runs two builds
         self.copy, self.buffer_size, self.workers = copy, buffer_size, workers
         self.mode, self.stats = mode, stats
         self.auth = mode == "http"
@@ -168,7 +169,8 @@ class Ours(System):
         self.name = name or f"ours {copy}"
 
     def command(self):
-        ini = self.work / f"ours-{self.mode}-{self.copy}-{self.buffer_size}-{self.workers}.ini"
+        slug = re.sub(r"[^a-z0-9]+", "-", self.name.lower())
+        ini = self.work / f"{slug}-{self.mode}-{self.copy}-{self.buffer_size}-{self.workers}.ini"
         users = f"\n[users]\n{USER} = {PASSWORD}\n" if self.mode == "http" else ""
         stats = "127.0.0.1:0" if self.stats else ""
         ini.write_text(f"""[proxy]
@@ -183,7 +185,7 @@ log = off
 [stats]
 listen = {stats}
 """)
-        return [str(ROOT / "proxy"), "-c", str(ini)]
+        return [str(self.binary), "-c", str(ini)]
 
     def start(self):
         self.port = 0
