@@ -3,11 +3,9 @@
  * start-up the config is only read. Every error is "FILE:LINE: what is wrong". */
 #include "proxy.h"
 
-#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <ini.h>
-#include <netdb.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>

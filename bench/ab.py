@@ -42,7 +42,12 @@ LOADS = [
 
 
 def fmt(v):
-    return "ERR" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+    """A number as the table shows it: whole above 100, one decimal below; ERR for none."""
+    if v is None:
+        return "ERR"
+    if v >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.1f}"
 
 
 def main():
