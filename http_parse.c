@@ -100,23 +100,42 @@ static int status_line(const char *p, const char *end, struct msg *m) {
     for (int i = 9; i < 12; i++)
         if (!isdigit((unsigned char)p[i])) return 502;
     m->status = (p[9] - '0') * 100 + (p[10] - '0') * 10 + (p[11] - '0');
+    if (m->status < 100) return 502; /* not interim, not final: nothing to wait for */
     if (end - p > 12 && p[12] != ' ') return 502;
     for (p += 12; p < end; p++)
         if (!is_vchar((unsigned char)*p)) return 502;
     return 0;
 }
 
-/* Records what the proxy must know of one field. Returns 0 or a status. */
-static int known_field(struct msg *m, const struct field *f) {
+/* Whether a response's Transfer-Encoding list ends with chunked, and names it only there: then
+ * its framing is chunked, whatever codings come before (RFC 9112 6.3). */
+static int final_chunked(const char *v, size_t len) {
+    const char *comma = v + len;
+    while (comma > v && comma[-1] != ',') comma--;
+    const char *last = comma;
+    while (last < v + len && (*last == ' ' || *last == '\t')) last++;
+    if (!http_is(last, (size_t)(v + len - last), "chunked")) return 0;
+    return comma == v || !http_list_has(v, (size_t)(comma - v - 1), "chunked", 7);
+}
+
+/* Records what the proxy must know of one field (of a request if request). Returns 0 or a
+ * status. Requests are held to one spelling of their framing; responses may repeat an
+ * identical Content-Length and put codings before chunked, as RFC 9110 8.6 and 9112 6.1
+ * allow: refusing those would break real servers, and we relay the body as it comes. */
+static int known_field(struct msg *m, const struct field *f, int request) {
     if (http_is(f->name, f->nlen, "content-length")) {
-        if (m->length >= 0 || f->vlen == 0 || f->vlen > 18) return 400;
-        m->length = 0;
+        int64_t length = 0;
+        if (f->vlen == 0 || f->vlen > 18) return 400;
         for (size_t i = 0; i < f->vlen; i++) {
             if (!isdigit((unsigned char)f->value[i])) return 400; /* +5, -1, 5 5, 0x5 */
-            m->length = m->length * 10 + (f->value[i] - '0');
+            length = length * 10 + (f->value[i] - '0');
         }
+        if (m->length >= 0 && (request || length != m->length)) return 400;
+        m->length = length;
     } else if (http_is(f->name, f->nlen, "transfer-encoding")) {
-        if (m->chunked || !http_is(f->value, f->vlen, "chunked")) return 400;
+        int chunked =
+            request ? http_is(f->value, f->vlen, "chunked") : final_chunked(f->value, f->vlen);
+        if (m->chunked || !chunked) return 400;
         m->chunked = 1;
     } else if (http_is(f->name, f->nlen, "host")) {
         if (m->host) return 400;
@@ -151,9 +170,10 @@ int http_parse(const char *buf, size_t len, struct msg *m, int request) {
         if (http_field(p, (size_t)(eol - p), &f) < 0) return bad;
         if (m->nfields == HTTP_MAX_FIELDS) return request ? 431 : 502;
         m->field[m->nfields++] = f;
-        if ((rc = known_field(m, &m->field[m->nfields - 1]))) return request ? rc : 502;
+        if ((rc = known_field(m, &m->field[m->nfields - 1], request))) return request ? rc : 502;
     }
     if (m->chunked && m->length >= 0) return bad; /* both framings: refuse, never guess */
+    if (m->chunked && !m->version) return bad;    /* HTTP/1.0 has no chunked: faulty framing */
     if (!m->version && !m->keep_alive) m->close = 1;
     if (!m->upgrade_to) m->upgrade = 0;
     return 0;

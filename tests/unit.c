@@ -408,6 +408,7 @@ static void test_http_request_heads(void) {
         {"GET / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n", 400},
         {"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
         {"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400},
+        {"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400}, /* 1.0: faulty */
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         int got = parse(bad[i].head, 1);
@@ -437,6 +438,20 @@ static void test_http_response_heads(void) {
     CHECK(parse("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", 0) == 502);
     CHECK(parse("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 0) ==
           502);
+    /* A status below 100 is neither interim nor final. */
+    CHECK(parse("HTTP/1.1 099 X\r\n\r\n", 0) == 502);
+    CHECK(parse("HTTP/1.1 100 Continue\r\n\r\n", 0) == 0 && m.status == 100);
+    /* Responses may repeat an identical Content-Length and put codings before chunked. */
+    CHECK(parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", 0) == 0);
+    CHECK(m.length == 5);
+    CHECK(parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 0) == 502);
+    CHECK(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 0) == 0);
+    CHECK(m.chunked);
+    CHECK(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip,chunked\r\n\r\n", 0) == 0);
+    CHECK(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 0) == 502);
+    CHECK(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 0) == 502);
+    CHECK(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", 0) == 502);
+    CHECK(parse("HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 0) == 502);
 }
 
 static void test_http_chunks_and_authority(void) {
