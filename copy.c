@@ -72,11 +72,18 @@ static int still_alive(struct conn *c) {
     return 1;
 }
 
-/* Whether a failed call may simply be retried: interrupted, or a tick with the peer alive. */
+/* Whether a failed call may simply be retried: interrupted, or a tick with the peer alive.
+ * Otherwise the failure ends c, or only its upstream connection when the mode asked for that
+ * (http: it may send the request again, or answer 502 itself). */
 static int retry(struct conn *c, int fd, int err) {
     if (err == EINTR) return 1;
     if (err == EAGAIN) return still_alive(c);
-    conn_end(c, fd == c->client ? END_CLIENT : END_UPSTREAM);
+    if (fd == c->client)
+        conn_end(c, END_CLIENT);
+    else if (c->upstream_apart)
+        atomic_store(&c->upstream_failed, 1);
+    else
+        conn_end(c, END_UPSTREAM);
     return 0;
 }
 

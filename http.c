@@ -1,8 +1,10 @@
 /* http.c — http mode. The front thread reads each request head on a client connection, parses
  * and authenticates it, and routes it: CONNECT to a tunnel, absolute-form to its host,
- * origin-form to the configured upstream; request bodies go on by their framing. The back
- * thread relays the responses in order, parsing only their heads to find where each ends. It
- * also owns http's counters and its access log line, one per request. */
+ * origin-form to the configured upstream. Then it runs the exchange: it sends the request,
+ * reads the response and relays it, one request at a time, retrying once on a fresh upstream
+ * connection when a kept-alive one turns out to be closed. While a request's body streams
+ * upstream the back thread sends it, so that a response may come before the body is all sent.
+ * This file also owns http's counters and its access log line, one per request. */
 #include "proxy.h"
 
 #include <errno.h>
@@ -11,32 +13,43 @@
 #include <strings.h>
 #include <unistd.h>
 
-#define OUT_MAX (HEAD_MAX + 1024) /* a rewritten head: Host and Via may add a little */
+#define OUT_MAX (HEAD_MAX + 1024) /* a rewritten head: Host, Via, Connection add a little */
 
-/* One forwarded request, from the front thread that sent it to the back thread that relays
- * its response and logs it. */
+/* One request and its response, for the access log. */
 struct exchange {
     uint64_t start_ns;
-    uint64_t up_bytes, down_bytes; /* the request's head and body; the response */
+    uint64_t up_bytes, down_bytes; /* what went upstream for it (head, body); what the client got */
     char method[16], target[128], user[64];
-    int is_head, upgrade; /* a HEAD request (no response body); it asked to upgrade */
+    int is_head; /* a HEAD request: its response has no body */
+    int upgrade; /* it asks to upgrade, and may: no body streams behind it */
+    int status;  /* the last status line the client got; 0: none (logged as "-") */
 };
 
-/* One worker's http scratch (w->scratch), allocated once and reset for each connection: the
- * buffers, and the pipeline from the front thread (which forwards requests) to the back thread
- * (which relays responses). Fields marked (mu) are guarded by the worker's mu while the back
- * thread runs; the front thread alone touches them when it has stopped. */
+/* One worker's http scratch (w->scratch), allocated once and reused for each connection. */
 struct http_worker {
-    struct stream in[2];                /* [UP] reads the client, [DOWN] the upstream */
-    char *out;                          /* a rewritten request head; a sink for dropped bytes */
-    struct exchange ring[PIPELINE_MAX]; /* (mu) forwarded, not yet answered */
-    uint64_t nforwarded, nanswered;     /* (mu) counts; the ring holds the difference */
-    int upgraded;                       /* (mu) the back thread relayed a 101 */
-    int back_gone;                      /* (mu) the back thread left: nothing more is answered */
+    struct stream in[2]; /* [UP] reads the client, [DOWN] the upstream */
+    char *out[2];        /* [UP] a rewritten request head, kept for a retry; [DOWN] a response's */
+    /* The body job: the front thread sets these before pool_back_start and reads body_rc after
+     * pool_back_wait; the back thread owns in[UP] and body_rc in between. */
+    int body_chunked;
+    uint64_t body_length;
+    int body_rc; /* 0: the whole body went upstream; -1: it did not */
 };
 
 /* What the front thread does after a request. */
 enum next { NEXT_READ, NEXT_CLOSE };
+
+/* Where c->upstream stands after route(). */
+enum route { ROUTE_FAILED, ROUTE_NEW, ROUTE_REUSED };
+
+/* How relaying a response went. */
+enum answer {
+    ANSWER_DONE,  /* a final response (or a 101) reached the client whole */
+    ANSWER_NONE,  /* the upstream closed or failed before any byte of a response */
+    ANSWER_BAD,   /* a response we refuse (bad head, an unasked 101): nothing reached the client */
+    ANSWER_CUT,   /* the upstream failed after response bytes reached the client */
+    ANSWER_ENDED, /* the connection ended: the client left, idle_timeout, a stop */
+};
 
 #define HTTP_METHODS 9
 static const char *const method_names[HTTP_METHODS] = {
@@ -48,9 +61,10 @@ static struct {
     _Atomic uint64_t classes[6];              /* responses by status class, 1-5 */
     _Atomic uint64_t auth_failures[AUTH_MAX]; /* by enum auth */
     _Atomic uint64_t tunnels, upgrades;       /* CONNECT tunnels, 101 upgrades */
+    _Atomic uint64_t retries;                 /* requests sent again on a fresh connection */
 } counts;
 
-static char via[48]; /* "1.1 proxy-PID": added to forwarded requests, and how loops are seen */
+static char via[48]; /* "1.1 proxy-PID": added to what is forwarded, and how loops are seen */
 
 /* ---- counting, logging, answering ----------------------------------------------------- */
 
@@ -60,8 +74,8 @@ static void http_metrics(FILE *f) {
     metric_family(f, "proxy_http_requests_total", "counter", "Requests by method.", "method",
                   method_names, counts.methods, HTTP_METHODS);
     metric_family(f, "proxy_http_responses_total", "counter",
-                  "Responses by status class, relayed or the proxy's own.", "code", classes,
-                  counts.classes + 1, 5);
+                  "Requests by the class of the status the client got, relayed or the proxy's own.",
+                  "code", classes, counts.classes + 1, 5);
     metric_family(f, "proxy_auth_failures_total", "counter", "Requests answered 407, by reason.",
                   "reason", auth_names + AUTH_MISSING, counts.auth_failures + AUTH_MISSING,
                   AUTH_MAX - AUTH_MISSING);
@@ -69,6 +83,9 @@ static void http_metrics(FILE *f) {
                atomic_load(&counts.tunnels));
     metric_one(f, "proxy_http_upgrades_total", "counter", "Upgrades (101) relayed.",
                atomic_load(&counts.upgrades));
+    metric_one(f, "proxy_http_retries_total", "counter",
+               "Requests sent again on a fresh upstream connection after a kept-alive one closed.",
+               atomic_load(&counts.retries));
 }
 
 /* Counts a request's method. */
@@ -78,11 +95,15 @@ static void count_method(const char *method) {
     atomic_fetch_add(&counts.methods[i], 1);
 }
 
-/* Counts a response's status and writes the request's access log line. */
-static void log_request(const struct conn *c, const struct exchange *x, int status) {
-    char peer[64];
-    if (status >= 100 && status < 600) atomic_fetch_add(&counts.classes[status / 100], 1);
-    log_line("%s %s %s %s %d up=%llu down=%llu ms=%.3f", addr_format(&c->peer, peer, sizeof peer),
+/* Counts the status the client got and writes the request's access log line: every request
+ * gets one, and its status is "-" when no status line reached the client. */
+static void log_request(const struct conn *c, const struct exchange *x) {
+    char peer[64], status[8] = "-";
+    if (x->status >= 100 && x->status < 600) {
+        atomic_fetch_add(&counts.classes[x->status / 100], 1);
+        snprintf(status, sizeof status, "%d", x->status);
+    }
+    log_line("%s %s %s %s %s up=%llu down=%llu ms=%.3f", addr_format(&c->peer, peer, sizeof peer),
              x->user[0] ? x->user : "-", x->method, x->target, status,
              (unsigned long long)x->up_bytes, (unsigned long long)x->down_bytes,
              (double)(mono_ns() - x->start_ns) / 1e6);
@@ -100,57 +121,12 @@ static int dial_status(int err) {
     return err == ETIMEDOUT ? 504 : 502;
 }
 
-/* ---- the pipeline: requests forwarded, responses awaited ------------------------------ */
-
-/* Waits until every forwarded request is answered, or the back thread has stopped. Only then
- * may the front thread write to the client, or the two would interleave. */
-static void quiesce(struct worker *w) {
-    struct http_worker *h = w->scratch;
-    pthread_mutex_lock(&w->mu);
-    while (h->nanswered != h->nforwarded && w->job) pthread_cond_wait(&w->cv, &w->mu);
-    pthread_mutex_unlock(&w->mu);
-}
-
-/* Queues x for the back thread (waiting while PIPELINE_MAX are in flight) and sets *seq to the
- * count nanswered reaches once its response is relayed. Returns -1 when the back thread has
- * left (the upstream closed): then x was not queued and a new connection is due. */
-static int pipeline_push(struct worker *w, const struct exchange *x, uint64_t *seq) {
-    struct http_worker *h = w->scratch;
-    pthread_mutex_lock(&w->mu);
-    while (h->nforwarded - h->nanswered == PIPELINE_MAX && w->job && !h->back_gone)
-        pthread_cond_wait(&w->cv, &w->mu);
-    int ok = w->job && !h->back_gone;
-    if (ok) {
-        h->ring[h->nforwarded % PIPELINE_MAX] = *x;
-        *seq = ++h->nforwarded;
-    }
-    pthread_mutex_unlock(&w->mu);
-    return ok ? 0 : -1;
-}
-
-/* The back thread: the request the next response answers. With none waiting it returns 0 and
- * marks the back thread gone, in the same lock as pipeline_push checks it, so that no request
- * can slip in after the back thread decided to leave. */
-static int pipeline_oldest(struct worker *w, struct exchange *x) {
-    struct http_worker *h = w->scratch;
-    pthread_mutex_lock(&w->mu);
-    int pending = h->nforwarded != h->nanswered;
-    if (pending)
-        *x = h->ring[h->nanswered % PIPELINE_MAX];
-    else
-        h->back_gone = 1;
-    pthread_mutex_unlock(&w->mu);
-    return pending;
-}
-
-/* The back thread: the oldest request's response is relayed (upgraded: it was a 101). */
-static void pipeline_answered(struct worker *w, int upgraded) {
-    struct http_worker *h = w->scratch;
-    pthread_mutex_lock(&w->mu);
-    h->nanswered++;
-    h->upgraded = upgraded;
-    pthread_cond_broadcast(&w->cv);
-    pthread_mutex_unlock(&w->mu);
+/* Whether a request with this method may be sent twice (RFC 9110 9.2.2). */
+static int idempotent(const char *method) {
+    static const char *const safe[] = {"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"};
+    for (size_t i = 0; i < sizeof safe / sizeof safe[0]; i++)
+        if (!strcmp(method, safe[i])) return 1;
+    return 0;
 }
 
 /* Forgets what s holds. */
@@ -159,156 +135,57 @@ static void stream_clear(struct stream *s) {
     s->len = 0;
 }
 
-/* Closes the upstream connection once its responses are relayed, and stops the back thread. */
-static void end_upstream(struct worker *w, struct conn *c) {
-    struct http_worker *h = w->scratch;
-    if (c->upstream < 0) return;
-    quiesce(w);
-    shutdown(c->upstream, SHUT_RDWR); /* wakes the back thread waiting for a next response */
-    pool_back_wait(w);
-    pool_set_upstream(w, -1);
-    h->nanswered = h->nforwarded; /* requests that will never be answered are forgotten */
-    stream_clear(&h->in[DOWN]);
+/* Sends the proxy's own response and records it in x. Returns 0, or -1 when the client could
+ * not take it. The caller decides whether the connection goes on (keep). */
+static int reply(struct conn *c, struct exchange *x, int status, int keep) {
+    char buf[512];
+    int n = http_error(buf, sizeof buf, status, keep);
+    if (copy_send(c, c->client, buf, (size_t)n) < 0) return -1;
+    x->status = status;
+    return 0;
 }
 
-/* ---- relaying ------------------------------------------------------------------------ */
-
-/* Relays what is buffered in direction d, then everything until EOF (a tunnel, or a body that
- * ends when the connection does), then passes the half-close on. */
-static void relay_rest(struct worker *w, struct conn *c, enum dir d) {
-    struct stream *s = &((struct http_worker *)w->scratch)->in[d];
-    int to = d == UP ? c->upstream : c->client;
-    if (s->len > s->off && copy_send(c, to, s->buf + s->off, s->len - s->off) < 0) return;
-    s->off = s->len;
-    copy_stream(c, &w->cp[d], d);
+/* Answers a request with the proxy's own response, logs it, and says what comes next: the
+ * next request only if keep and the reply went out. */
+static enum next refuse(struct conn *c, struct exchange *x, int status, int keep) {
+    uint64_t before = c->bytes[DOWN];
+    int rc = reply(c, x, status, keep);
+    x->down_bytes = c->bytes[DOWN] - before;
+    log_request(c, x);
+    return keep && rc == 0 ? NEXT_READ : NEXT_CLOSE;
 }
 
-/* ---- the back thread: responses ------------------------------------------------------- */
+/* ---- heads: what is forwarded and what is relayed ------------------------------------- */
 
-/* How a response's body ended. */
-enum body { BODY_DONE, BODY_AT_EOF, BODY_FAILED };
-
-/* Relays the body of the response m answering x, by its framing (RFC 9112 6.3): none after
- * HEAD, 101, 204 and 304; chunked; Content-Length; else until the upstream closes. */
-static enum body response_body(struct worker *w, struct conn *c, const struct msg *m,
-                               const struct exchange *x) {
-    struct stream *s = &((struct http_worker *)w->scratch)->in[DOWN];
-    int rc = 0;
-    if (m->status == 101 || x->is_head || m->status == 204 || m->status == 304) return BODY_DONE;
-    if (m->chunked) {
-        rc = http_relay_chunked(c, &w->cp[DOWN], s, c->upstream, c->client);
-    } else if (m->length >= 0) {
-        rc = http_relay_n(c, &w->cp[DOWN], s, c->upstream, c->client, (uint64_t)m->length);
-    } else {
-        relay_rest(w, c, DOWN);
-        return BODY_AT_EOF;
-    }
-    return rc < 0 ? BODY_FAILED : BODY_DONE;
-}
-
-/* Answers a request that will get no response from upstream: 502, then the end. */
-static void no_response(struct worker *w, struct conn *c, const struct exchange *x) {
-    char buf[256];
-    int end = atomic_load(&c->end);
-    int n = http_error(buf, sizeof buf, 502, 0);
-    if (end == END_NONE || end == END_UPSTREAM) copy_send(c, c->client, buf, (size_t)n);
-    log_request(c, x, 502);
-    pipeline_answered(w, 0);
-    conn_end(c, END_UPSTREAM);
-}
-
-/* The back thread in http mode: relays each response in order, reading its head to know where
- * its body ends, and logs the request it answers. */
-static void responses(struct worker *w, struct conn *c) {
-    struct stream *s = &((struct http_worker *)w->scratch)->in[DOWN];
-    for (;;) {
-        struct msg m;
-        struct exchange x;
-        int status;
-        enum head r = http_read_head(c, s, c->upstream, &m, 0, 0, &status);
-        if (!pipeline_oldest(w, &x)) { /* nothing asked: a closed idle connection, or stray bytes */
-            if (r != HEAD_NONE && r != HEAD_LOST) conn_end(c, END_UPSTREAM);
-            return;
-        }
-        /* A 101 nobody asked for would turn the connection into a tunnel behind our back. */
-        if (r != HEAD_OK || (m.status == 101 && !x.upgrade)) {
-            no_response(w, c, &x);
-            return;
-        }
-        uint64_t before = c->bytes[DOWN];
-        if (copy_send(c, c->client, s->buf, m.size) < 0) return;
-        s->off = m.size;
-        if (m.status < 200 && m.status != 101) continue; /* interim: the final one follows */
-        enum body b = response_body(w, c, &m, &x);
-        x.down_bytes = c->bytes[DOWN] - before;
-        log_request(c, &x, m.status);
-        pipeline_answered(w, m.status == 101);
-        if (b == BODY_FAILED) {
-            conn_end(c, END_UPSTREAM);
-            return;
-        }
-        if (m.status == 101) {
-            atomic_fetch_add(&counts.upgrades, 1);
-            relay_rest(w, c, DOWN); /* a tunnel now, both ways */
-            return;
-        }
-        if (b == BODY_AT_EOF || m.close) { /* the client was told the connection ends here */
-            shutdown(c->client, SHUT_WR);
-            return;
-        }
-    }
-}
-
-/* ---- the front thread: requests ------------------------------------------------------- */
-
-/* Where a request goes, read from its target. */
-struct target {
-    const char *authority; /* absolute-form's host[:port]; NULL for origin-form */
-    const char *path;      /* what goes upstream as the origin-form target */
-    size_t alen, plen;
-    char host[256];
-    int port;
+/* A head being written into a buffer of OUT_MAX bytes; full once something did not fit. */
+struct out {
+    char *p;
+    size_t n;
+    int full;
 };
 
-/* Reads and drops what the client still sends, a little while, once our side is shut: closing
- * with unread request bytes would send a reset that can destroy the reply before the client
- * reads it. */
-static void drain_client(struct worker *w, struct conn *c) {
-    char *sink = ((struct http_worker *)w->scratch)->out;
-    uint64_t until = mono_ns() + 2000000000u, dropped = 0;
-    while (dropped < (1 << 20) && mono_ns() < until) {
-        size_t got;
-        enum recv r = copy_recv(c, c->client, sink, OUT_MAX, &got);
-        if (r == RECV_EOF || r == RECV_ENDED) break;
-        if (r == RECV_DATA) dropped += got;
+static void put(struct out *o, const char *s, size_t len) {
+    if (o->full || o->n + len > OUT_MAX) {
+        o->full = 1;
+        return;
     }
+    memcpy(o->p + o->n, s, len);
+    o->n += len;
 }
 
-/* Answers the client with the proxy's own response (after any responses in flight) and logs
- * it. NEXT_READ when the connection may go on (keep), else NEXT_CLOSE. */
-static enum next reply(struct worker *w, struct conn *c, struct exchange *x, int status, int keep) {
-    char buf[512];
-    quiesce(w);
-    int n = http_error(buf, sizeof buf, status, keep);
-    uint64_t before = c->bytes[DOWN];
-    int rc = copy_send(c, c->client, buf, (size_t)n);
-    x->down_bytes = c->bytes[DOWN] - before;
-    log_request(c, x, status);
-    if (keep && rc == 0) return NEXT_READ;
-    shutdown(c->client, SHUT_WR);
-    if (rc == 0) drain_client(w, c);
-    return NEXT_CLOSE;
+static void put_str(struct out *o, const char *s) {
+    put(o, s, strlen(s));
 }
 
-/* Whether f must not be forwarded: hop-by-hop fields, those the Connection fields name, the
- * credentials, and Host when the target supplies a new one. Framing fields are never dropped
- * because Connection names them: that would make us and the upstream disagree on the body. */
-static int hop_by_hop(const struct msg *m, const struct field *f, int new_host) {
+/* Whether f is hop-by-hop (RFC 9110 7.6.1): it describes this connection, not the message, so
+ * it stops here, either way. Upgrade goes on only with an upgrade (keep_upgrade); credentials
+ * are for this proxy alone. Framing fields are never dropped because Connection names them:
+ * that would make us and the next hop disagree on where the body ends. */
+static int hop_by_hop(const struct msg *m, const struct field *f, int keep_upgrade) {
     static const char *const hop[] = {
         "connection", "proxy-connection",    "keep-alive",        "te",
         "trailer",    "proxy-authorization", "proxy-authenticate"};
-    if (http_is(f->name, f->nlen, "upgrade")) return !m->upgrade;
-    if (http_is(f->name, f->nlen, "host")) return new_host;
+    if (http_is(f->name, f->nlen, "upgrade")) return !keep_upgrade;
     if (http_is(f->name, f->nlen, "content-length") ||
         http_is(f->name, f->nlen, "transfer-encoding"))
         return 0;
@@ -321,42 +198,342 @@ static int hop_by_hop(const struct msg *m, const struct field *f, int new_host) 
     return 0;
 }
 
-/* Writes the head to forward into o (OUT_MAX bytes): origin-form target, hop-by-hop fields
- * dropped, Host from the target's authority if it has one, Via added. Returns its length, or
- * -1 when it does not fit. */
-static long rewrite(char *o, const struct msg *m, const struct target *t) {
-    size_t n = 0;
-#define PUT(p, l)                                                                                  \
-    do {                                                                                           \
-        if (n + (l) > OUT_MAX) return -1;                                                          \
-        memcpy(o + n, (p), (l));                                                                   \
-        n += (l);                                                                                  \
-    } while (0)
-#define PUTS(s) PUT(s, strlen(s))
-    PUT(m->method, m->mlen);
-    PUTS(t->plen && *t->path != '?' ? " " : " /"); /* "/" for an empty path or a bare query */
-    PUT(t->path, t->plen);
-    PUTS(m->version ? " HTTP/1.1\r\n" : " HTTP/1.0\r\n");
-    if (t->authority) {
-        PUTS("Host: ");
-        PUT(t->authority, t->alen);
-        PUTS("\r\n");
-    }
+/* Writes m's end-to-end fields (all but the hop-by-hop ones, and Host when skip_host). */
+static void put_fields(struct out *o, const struct msg *m, int keep_upgrade, int skip_host) {
     for (int i = 0; i < m->nfields; i++) {
         const struct field *f = &m->field[i];
-        if (hop_by_hop(m, f, t->authority != NULL)) continue;
-        PUT(f->name, f->nlen);
-        PUTS(": ");
-        PUT(f->value, f->vlen);
-        PUTS("\r\n");
+        if (hop_by_hop(m, f, keep_upgrade)) continue;
+        if (skip_host && http_is(f->name, f->nlen, "host")) continue;
+        put(o, f->name, f->nlen);
+        put_str(o, ": ");
+        put(o, f->value, f->vlen);
+        put_str(o, "\r\n");
     }
-    if (m->upgrade) PUTS("Connection: upgrade\r\n");
-    PUTS("Via: ");
-    PUTS(via);
-    PUTS("\r\n\r\n");
-    return (long)n;
-#undef PUT
-#undef PUTS
+}
+
+/* Where a request goes, read from its target. */
+struct target {
+    const char *authority; /* absolute-form's host[:port]; NULL for origin-form */
+    const char *path;      /* what goes upstream as the origin-form target */
+    size_t alen, plen;
+    char host[256];
+    int port;
+};
+
+/* Writes the request head to forward into buf: origin-form target, hop-by-hop fields dropped,
+ * Host from the target's authority if it has one, our own Connection, Via added. Returns its
+ * length, or -1 when it does not fit. */
+static long rewrite_request(char *buf, const struct msg *m, const struct target *t, int upgrade) {
+    struct out o = {.p = buf};
+    put(&o, m->method, m->mlen);
+    put_str(&o, t->plen && *t->path != '?' ? " " : " /"); /* "/" for an empty path or a query */
+    put(&o, t->path, t->plen);
+    put_str(&o, m->version ? " HTTP/1.1\r\n" : " HTTP/1.0\r\n");
+    if (t->authority) {
+        put_str(&o, "Host: ");
+        put(&o, t->authority, t->alen);
+        put_str(&o, "\r\n");
+    }
+    put_fields(&o, m, upgrade, t->authority != NULL);
+    /* HTTP/1.0 closes after each response unless asked not to; 1.1 stays open unless told. */
+    if (upgrade) put_str(&o, "Connection: upgrade\r\n");
+    if (!upgrade && !m->version && !m->close) put_str(&o, "Connection: keep-alive\r\n");
+    put_str(&o, "Via: ");
+    put_str(&o, via);
+    put_str(&o, "\r\n\r\n");
+    return o.full ? -1 : (long)o.n;
+}
+
+/* Writes the response head to relay (r, parsed from head) into buf: our HTTP/1.1 status line
+ * with the upstream's status and reason, its end-to-end fields, our own Connection (close when the
+ * client connection ends after this response, keep-alive for an HTTP/1.0 client that asked for it,
+ * upgrade on a 101), Via added. Returns its length, or -1 when it does not fit. */
+static long rewrite_response(char *buf, const char *head, const struct msg *r,
+                             const struct msg *req, int close) {
+    struct out o = {.p = buf};
+    const char *eol = memchr(head, '\r', r->size);
+    put_str(&o, "HTTP/1.1");
+    put(&o, head + 8, (size_t)(eol - head) - 8); /* " 200 OK": parsed, so it is there */
+    put_str(&o, "\r\n");
+    put_fields(&o, r, r->status == 101, 0);
+    if (r->status == 101) put_str(&o, "Connection: upgrade\r\n");
+    if (r->status != 101 && close) put_str(&o, "Connection: close\r\n");
+    if (r->status != 101 && !close && !req->version) put_str(&o, "Connection: keep-alive\r\n");
+    put_str(&o, "Via: ");
+    put_str(&o, via);
+    put_str(&o, "\r\n\r\n");
+    return o.full ? -1 : (long)o.n;
+}
+
+/* ---- the upstream connection ---------------------------------------------------------- */
+
+/* Closes the upstream connection; the next request opens a new one. */
+static void end_upstream(struct worker *w, struct conn *c) {
+    struct http_worker *h = w->scratch;
+    if (c->upstream < 0) return;
+    pool_set_upstream(w, -1);
+    c->route[0] = 0;
+    stream_clear(&h->in[DOWN]);
+}
+
+/* Whether the kept-alive upstream connection can carry another request: nothing unread, not
+ * closed, not reset. An upstream may close an idle connection at any time, and bytes after a
+ * complete response mean it speaks out of turn; either way it is dropped, not reused. One
+ * non-blocking peek: it saves a failed round trip when the upstream's keep-alive timeout has
+ * passed, the everyday case; the retry covers the race that is left. */
+static int upstream_clean(struct worker *w, struct conn *c) {
+    struct http_worker *h = w->scratch;
+    char byte;
+    if (h->in[DOWN].len > h->in[DOWN].off) return 0;
+    return recv(c->upstream, &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN;
+}
+
+/* Makes c->upstream a usable connection to where t goes (c->route names it: "host:port", or
+ * "=" for the configured upstreams), keeping the open one when it goes there and is clean.
+ * ROUTE_REUSED or ROUTE_NEW; ROUTE_FAILED with errno when no connection could be made. */
+static enum route route(struct worker *w, struct conn *c, const struct target *t) {
+    char want[sizeof c->route] = "=";
+    const char *host = t->authority ? t->host : NULL;
+    if (host) snprintf(want, sizeof want, "%s:%d", host, t->port);
+    if (c->upstream >= 0 && !strcmp(c->route, want) && upstream_clean(w, c)) return ROUTE_REUSED;
+    end_upstream(w, c);
+    int fd = host ? upstream_dial(host, t->port) : upstream_open(c);
+    if (fd < 0) return ROUTE_FAILED;
+    pool_set_upstream(w, fd);
+    snprintf(c->route, sizeof c->route, "%s", want);
+    return ROUTE_NEW;
+}
+
+/* ---- relaying ------------------------------------------------------------------------ */
+
+/* Relays what is buffered in direction d, then everything until EOF (a tunnel), then passes
+ * the half-close on. */
+static void relay_rest(struct worker *w, struct conn *c, enum dir d) {
+    struct stream *s = &((struct http_worker *)w->scratch)->in[d];
+    int to = d == UP ? c->upstream : c->client;
+    if (s->len > s->off && copy_send(c, to, s->buf + s->off, s->len - s->off) < 0) return;
+    s->off = s->len;
+    copy_stream(c, &w->cp[d], d);
+}
+
+/* The back thread's job in a tunnel: upstream → client until EOF. */
+static void relay_down(struct worker *w, struct conn *c) {
+    relay_rest(w, c, DOWN);
+}
+
+/* The back thread's job while a request body streams: sends it upstream by its framing, and
+ * records in body_rc whether it all went. A body the client broke off (EOF, bad chunk) ends
+ * the connection; one the upstream stopped taking (it answered early and closed) ends only
+ * the upstream connection, and the front thread relays whatever answer came. */
+static void send_body(struct worker *w, struct conn *c) {
+    struct http_worker *h = w->scratch;
+    int rc;
+    if (h->body_chunked)
+        rc = http_relay_chunked(c, &w->cp[UP], &h->in[UP], c->client, c->upstream);
+    else
+        rc = http_relay_n(c, &w->cp[UP], &h->in[UP], c->client, c->upstream, h->body_length);
+    if (rc < 0 && !atomic_load(&c->upstream_failed)) conn_end(c, END_CLIENT);
+    h->body_rc = rc;
+}
+
+/* Whether the back thread is still sending a request body. */
+static int body_pending(struct worker *w) {
+    pthread_mutex_lock(&w->mu);
+    int pending = w->job != NULL;
+    pthread_mutex_unlock(&w->mu);
+    return pending;
+}
+
+/* ---- the exchange: a request out, its response back ----------------------------------- */
+
+/* How a response's body ended. */
+enum body { BODY_DONE, BODY_AT_EOF, BODY_FAILED };
+
+/* Whether r, answering x, has a body that ends when the upstream closes (RFC 9112 6.3): then
+ * the client can tell where it ends only by the close. */
+static int ends_at_close(const struct msg *r, const struct exchange *x) {
+    int no_body = x->is_head || r->status < 200 || r->status == 204 || r->status == 304;
+    return !no_body && !r->chunked && r->length < 0;
+}
+
+/* Relays the body of the response r answering x, by its framing (RFC 9112 6.3): none after
+ * HEAD, 1xx, 204 and 304; chunked; Content-Length; else until the upstream closes. */
+static enum body response_body(struct worker *w, struct conn *c, const struct msg *r,
+                               const struct exchange *x) {
+    struct stream *s = &((struct http_worker *)w->scratch)->in[DOWN];
+    int rc = 0;
+    if (x->is_head || r->status < 200 || r->status == 204 || r->status == 304) return BODY_DONE;
+    if (r->chunked) {
+        rc = http_relay_chunked(c, &w->cp[DOWN], s, c->upstream, c->client);
+    } else if (r->length >= 0) {
+        rc = http_relay_n(c, &w->cp[DOWN], s, c->upstream, c->client, (uint64_t)r->length);
+    } else {
+        if (s->len > s->off && copy_send(c, c->client, s->buf + s->off, s->len - s->off) < 0)
+            return BODY_FAILED;
+        s->off = s->len;
+        int64_t moved = copy_bytes(c, &w->cp[DOWN], c->upstream, c->client, UINT64_MAX);
+        return moved < 0 ? BODY_FAILED : BODY_AT_EOF;
+    }
+    return rc < 0 ? BODY_FAILED : BODY_DONE;
+}
+
+/* Relays the response to req (x): interim responses, then the final one, each head rewritten
+ * (rewrite_response), the body by its framing. Sets *close_client when the client was told
+ * that the connection ends after it, and *keep_upstream when the upstream connection can carry
+ * another request. */
+static enum answer relay_response(struct worker *w, struct conn *c, const struct msg *req,
+                                  struct exchange *x, int *close_client, int *keep_upstream) {
+    struct http_worker *h = w->scratch;
+    struct stream *s = &h->in[DOWN];
+    for (;;) {
+        struct msg r;
+        int status;
+        enum head got = http_read_head(c, s, c->upstream, &r, 0, 0, &status);
+        if (atomic_load(&c->end)) return ANSWER_ENDED;
+        if (got != HEAD_OK && x->status) return ANSWER_CUT;
+        if (got == HEAD_NONE || (got == HEAD_LOST && !s->len)) return ANSWER_NONE;
+        /* A 101 nobody asked for would turn the connection into a tunnel behind our back. */
+        if (got != HEAD_OK || (r.status == 101 && !x->upgrade))
+            return x->status ? ANSWER_CUT : ANSWER_BAD;
+        int final = r.status >= 200 || r.status == 101;
+        if (!final && !req->version) { /* an HTTP/1.0 client never gets a 1xx (RFC 9110 15.2) */
+            s->off = r.size;
+            continue;
+        }
+        /* A body still streaming from the client when the answer comes cannot be finished
+         * for sure (the upstream may have stopped reading): the client connection ends. */
+        *close_client = final && (req->close || ends_at_close(&r, x) || body_pending(w));
+        long n = rewrite_response(h->out[DOWN], s->buf, &r, req, *close_client);
+        if (n < 0) return x->status ? ANSWER_CUT : ANSWER_BAD;
+        if (copy_send(c, c->client, h->out[DOWN], (size_t)n) < 0) return ANSWER_ENDED;
+        x->status = r.status;
+        s->off = r.size;
+        if (!final) continue; /* interim: the final one follows */
+        enum body b = response_body(w, c, &r, x);
+        if (b == BODY_FAILED) return atomic_load(&c->end) ? ANSWER_ENDED : ANSWER_CUT;
+        *keep_upstream = b == BODY_DONE && !r.close && s->off == s->len;
+        return ANSWER_DONE;
+    }
+}
+
+/* Sends the rewritten head (n bytes of out[UP]) and, when the body is held (it came whole
+ * with the head), the body too. Returns 0, or -1 when the upstream failed or the connection
+ * ended. *body_sent says whether any body byte was sent. */
+static int send_request(struct worker *w, struct conn *c, const struct msg *m, long n, int held,
+                        int *body_sent) {
+    struct http_worker *h = w->scratch;
+    struct stream *in = &h->in[UP];
+    *body_sent = 0;
+    if (copy_send(c, c->upstream, h->out[UP], (size_t)n) < 0) return -1;
+    if (!held || m->length <= 0) return 0;
+    *body_sent = 1;
+    if (copy_send(c, c->upstream, in->buf + in->off, (size_t)m->length) < 0) return -1;
+    in->off += (size_t)m->length;
+    return 0;
+}
+
+/* Starts the back thread sending the body that follows m's head. */
+static void stream_body(struct worker *w, struct conn *c, const struct msg *m) {
+    struct http_worker *h = w->scratch;
+    h->body_chunked = m->chunked;
+    h->body_length = m->length > 0 ? (uint64_t)m->length : 0;
+    h->body_rc = -1;
+    pool_back_start(w, c, send_body);
+}
+
+/* Runs one exchange: the request goes upstream (its head rewritten, its body by its framing)
+ * and its response comes back. When no connection can be made, *unreachable is the status to
+ * answer with (502, or 504 on a timeout). A kept-alive upstream connection that fails before any
+ * byte of a response is dropped, and the request is sent once more on a fresh connection when that
+ * is safe: all of it is still at hand (no body streamed) and it is idempotent or no body byte went
+ * (RFC 9110 9.2.2, 9112 9.3.1). Any other failure is a 502, or a cut once part of the response
+ * reached the client. */
+static enum answer exchange(struct worker *w, struct conn *c, const struct msg *m,
+                            struct exchange *x, const struct target *t, long n, int held,
+                            int *close_client, int *keep_upstream, int *streaming,
+                            int *unreachable) {
+    struct stream *in = &((struct http_worker *)w->scratch)->in[UP];
+    size_t body_at = in->off;
+    for (int attempt = 0;; attempt++) {
+        enum route r = route(w, c, t);
+        if (r == ROUTE_FAILED) {
+            *unreachable = dial_status(errno);
+            return ANSWER_BAD;
+        }
+        if (!t->authority) snprintf(x->target, sizeof x->target, "%.127s", c->chosen->name);
+        in->off = body_at; /* a held body is sent again from where it starts */
+        int body_sent = 0;
+        if (send_request(w, c, m, n, held, &body_sent) == 0 && !held) {
+            stream_body(w, c, m);
+            *streaming = 1;
+        }
+        /* Even when sending failed, an answer may be waiting: an upstream that refuses a
+         * request (413) often answers and closes before it has read all of it. */
+        enum answer a = ANSWER_ENDED;
+        if (!atomic_load(&c->end)) a = relay_response(w, c, m, x, close_client, keep_upstream);
+        int safe = !*streaming && (idempotent(x->method) || !body_sent);
+        if (a != ANSWER_NONE || r != ROUTE_REUSED || attempt || !safe) return a;
+        atomic_fetch_add(&counts.retries, 1);
+        end_upstream(w, c);
+    }
+}
+
+/* Forwards a request and relays its answer (exchange), then settles what comes next: a 502 if
+ * no response came, the tunnel after a 101, the end of a body still streaming, whether the
+ * upstream connection is kept; and logs the request. */
+static enum next forward(struct worker *w, struct conn *c, const struct msg *m, struct exchange *x,
+                         const struct target *t) {
+    struct http_worker *h = w->scratch;
+    struct stream *in = &h->in[UP];
+    /* A body that came whole with its head is held: it can be sent twice if need be. */
+    uint64_t buffered = in->len - in->off;
+    int held = !m->chunked && (m->length <= 0 || buffered >= (uint64_t)m->length);
+    x->upgrade = m->upgrade && held;
+    long n = rewrite_request(h->out[UP], m, t, x->upgrade);
+    if (n < 0) return refuse(c, x, 431, 0);
+    uint64_t up_before = c->bytes[UP], down_before = c->bytes[DOWN];
+    int close_client = 1, keep_upstream = 0, streaming = 0, unreachable = 502;
+    enum answer a =
+        exchange(w, c, m, x, t, n, held, &close_client, &keep_upstream, &streaming, &unreachable);
+    enum next next = a == ANSWER_DONE && !close_client ? NEXT_READ : NEXT_CLOSE;
+    if (a == ANSWER_BAD || a == ANSWER_NONE) reply(c, x, unreachable, 0);
+    if (a == ANSWER_CUT) conn_end(c, END_UPSTREAM); /* the client sees the response cut short */
+    if (streaming) {
+        if (a != ANSWER_DONE) shutdown(c->upstream, SHUT_RDWR); /* stops the body going there */
+        if (next == NEXT_CLOSE) shutdown(c->client, SHUT_WR);   /* the client sees the end */
+        pool_back_wait(w);
+        if (h->body_rc < 0) next = NEXT_CLOSE;
+    }
+    if (a == ANSWER_DONE && x->status == 101) {
+        atomic_fetch_add(&counts.upgrades, 1);
+        c->upstream_apart = 0; /* a tunnel: either side failing ends it */
+        pool_back_start(w, c, relay_down);
+        relay_rest(w, c, UP);
+        pool_back_wait(w);
+        next = NEXT_CLOSE;
+    }
+    if (next == NEXT_CLOSE || !keep_upstream) end_upstream(w, c);
+    x->up_bytes = c->bytes[UP] - up_before;
+    x->down_bytes = c->bytes[DOWN] - down_before;
+    log_request(c, x);
+    return next;
+}
+
+/* ---- the front thread: requests ------------------------------------------------------- */
+
+/* Reads and drops what the client still sends, until it closes or for 2 s at most, once our
+ * side is shut (Apache's lingering close): closing with unread request bytes would send a
+ * reset that can destroy the reply before the client reads it. A client still uploading
+ * stops once it reads the reply; bounded by time, not bytes, so that a fast one gets that
+ * far. */
+static void drain_client(struct worker *w, struct conn *c) {
+    char *sink = ((struct http_worker *)w->scratch)->out[UP];
+    uint64_t until = mono_ns() + 2000000000u;
+    while (mono_ns() < until) {
+        size_t got;
+        enum recv r = copy_recv(c, c->client, sink, OUT_MAX, &got);
+        if (r == RECV_EOF || r == RECV_ENDED) break;
+    }
 }
 
 /* CONNECT host:port: an allowed port, a connection, 200, then raw bytes both ways. */
@@ -366,42 +543,25 @@ static enum next tunnel(struct worker *w, struct conn *c, const struct msg *m, s
     int port;
     if (http_authority(m->target, m->tlen, host, sizeof host, &port, 0) < 0 || m->chunked ||
         m->length > 0)
-        return reply(w, c, x, 400, 0);
-    if (!auth_port_allowed(port)) return reply(w, c, x, 403, 0);
+        return refuse(c, x, 400, 0);
+    if (!auth_port_allowed(port)) return refuse(c, x, 403, 0);
     end_upstream(w, c);
     int fd = upstream_dial(host, port);
-    if (fd < 0) return reply(w, c, x, dial_status(errno), 0);
+    if (fd < 0) return refuse(c, x, dial_status(errno), 0);
     pool_set_upstream(w, fd);
+    c->upstream_apart = 0; /* a tunnel: either side failing ends it */
     uint64_t up = c->bytes[UP], down = c->bytes[DOWN];
-    if (copy_send(c, c->client, ok, sizeof ok - 1) < 0) return NEXT_CLOSE;
-    atomic_fetch_add(&counts.tunnels, 1);
-    pool_back_start(w, c, pool_copy_down);
-    relay_rest(w, c, UP); /* what the client sent after the head, then the rest */
-    pool_back_wait(w);
+    if (copy_send(c, c->client, ok, sizeof ok - 1) == 0) {
+        x->status = 200;
+        atomic_fetch_add(&counts.tunnels, 1);
+        pool_back_start(w, c, relay_down);
+        relay_rest(w, c, UP); /* what the client sent after the head, then the rest */
+        pool_back_wait(w);
+    }
     x->up_bytes = c->bytes[UP] - up;
     x->down_bytes = c->bytes[DOWN] - down;
-    log_request(c, x, 200);
+    log_request(c, x);
     return NEXT_CLOSE;
-}
-
-/* Makes sure c->upstream goes to want, c->route's form of where (host:port, or the configured
- * upstreams when host is NULL), reusing the open connection when it does. Returns 0, or -1
- * with errno. */
-static int route(struct worker *w, struct conn *c, const char *want, const char *host, int port) {
-    struct http_worker *h = w->scratch;
-    pthread_mutex_lock(&w->mu);
-    int alive = w->job && !h->back_gone;
-    pthread_mutex_unlock(&w->mu);
-    if (alive && !strcmp(c->route, want)) return 0;
-    end_upstream(w, c);
-    c->route[0] = 0;
-    int fd = host ? upstream_dial(host, port) : upstream_open(c);
-    if (fd < 0) return -1;
-    pool_set_upstream(w, fd);
-    snprintf(c->route, sizeof c->route, "%s", want);
-    h->back_gone = 0; /* the back thread is not running: no lock needed */
-    pool_back_start(w, c, responses);
-    return 0;
 }
 
 /* Parses the request's target into t and names it in x for the log. Returns 0 or 400. */
@@ -438,66 +598,6 @@ static int admit_request(const struct msg *m, struct exchange *x) {
     return 407;
 }
 
-/* Routes the request and queues x for the back thread, once more on a new connection if a
- * kept-alive upstream has just closed. Sets *seq; returns 0 or the status to answer with. */
-static int dispatch(struct worker *w, struct conn *c, struct exchange *x, const struct target *t,
-                    uint64_t *seq) {
-    char want[sizeof c->route] = "="; /* origin-form: the configured upstreams */
-    const char *host = t->authority ? t->host : NULL;
-    if (host) snprintf(want, sizeof want, "%s:%d", host, t->port);
-    for (int tries = 0;; tries++) {
-        if (route(w, c, want, host, t->port) < 0) return dial_status(errno);
-        if (!host) snprintf(x->target, sizeof x->target, "%.127s", c->chosen->name);
-        if (pipeline_push(w, x, seq) == 0) return 0;
-        if (tries || atomic_load(&c->end)) return 502;
-        c->route[0] = 0;
-    }
-}
-
-/* After a request and its body went upstream: records its real size (a chunked body's is known
- * only now) and, if it asked to upgrade, waits for the answer; after a 101, raw bytes both
- * ways. */
-static enum next settle(struct worker *w, struct conn *c, const struct msg *m, uint64_t seq,
-                        uint64_t up_before) {
-    struct http_worker *h = w->scratch;
-    pthread_mutex_lock(&w->mu);
-    if (h->nanswered < seq) h->ring[(seq - 1) % PIPELINE_MAX].up_bytes = c->bytes[UP] - up_before;
-    while (m->upgrade && h->nanswered < seq && w->job) pthread_cond_wait(&w->cv, &w->mu);
-    int upgraded = m->upgrade && h->upgraded && h->nanswered >= seq;
-    pthread_mutex_unlock(&w->mu);
-    if (upgraded) {
-        relay_rest(w, c, UP);
-        pool_back_wait(w);
-        return NEXT_CLOSE;
-    }
-    return m->close ? NEXT_CLOSE : NEXT_READ;
-}
-
-/* Sends the request upstream: its rewritten head, then its body by its framing. */
-static enum next forward(struct worker *w, struct conn *c, const struct msg *m, struct exchange *x,
-                         const struct target *t) {
-    struct http_worker *h = w->scratch;
-    long n = rewrite(h->out, m, t);
-    if (n < 0) return reply(w, c, x, 431, 0);
-    x->upgrade = m->upgrade;
-    /* Counted before it goes: the response (and its log line) may beat the body upstream. */
-    x->up_bytes = (uint64_t)n + (m->length > 0 ? (uint64_t)m->length : 0);
-    uint64_t seq, up_before = c->bytes[UP];
-    int status = dispatch(w, c, x, t, &seq);
-    if (status) return reply(w, c, x, status, 0);
-    if (copy_send(c, c->upstream, h->out, (size_t)n) < 0) return NEXT_CLOSE;
-    int rc = 0;
-    if (m->chunked)
-        rc = http_relay_chunked(c, &w->cp[UP], &h->in[UP], c->client, c->upstream);
-    else if (m->length > 0)
-        rc = http_relay_n(c, &w->cp[UP], &h->in[UP], c->client, c->upstream, (uint64_t)m->length);
-    if (rc < 0) {
-        conn_end(c, END_CLIENT);
-        return NEXT_CLOSE;
-    }
-    return settle(w, c, m, seq, up_before);
-}
-
 /* Handles one parsed request: its target, then admission (loop check, auth), then CONNECT's
  * tunnel or forwarding. */
 static enum next request(struct worker *w, struct conn *c, const struct msg *m) {
@@ -512,25 +612,27 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     count_method(x.method);
 
     int status = parse_target(m, &x, &t);
-    if (status) return reply(w, c, &x, status, 0);
+    if (status) return refuse(c, &x, status, 0);
     status = admit_request(m, &x);
-    if (status == 407) return reply(w, c, &x, 407, !m->chunked && m->length <= 0 && !m->close);
-    if (status) return reply(w, c, &x, status, 0);
+    if (status == 407) return refuse(c, &x, 407, !m->chunked && m->length <= 0 && !m->close);
+    if (status) return refuse(c, &x, status, 0);
     if (!strcmp(x.method, "CONNECT")) return tunnel(w, c, m, &x);
-    if (!t.authority && (!cfg.nup || (m->version && !m->host))) return reply(w, c, &x, 400, 0);
+    if (!t.authority && (!cfg.nup || (m->version && !m->host))) return refuse(c, &x, 400, 0);
     return forward(w, c, m, &x, &t);
 }
 
-/* Serves one client connection: every request head read, parsed and handled in turn. */
+/* Serves one client connection: every request head read, parsed and handled in turn, until a
+ * request or its response ends the connection (RFC 9112 9.6: then no further request is
+ * read). */
 static void http_serve(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
     /* The first head counts from accept, later ones from their first byte. */
     uint64_t deadline = c->start_ns + (uint64_t)cfg.header_timeout * 1000000000u;
+    enum next next = NEXT_READ;
     stream_clear(&h->in[UP]);
     stream_clear(&h->in[DOWN]);
-    h->nforwarded = 0;
-    h->nanswered = 0;
-    for (;;) {
+    c->upstream_apart = 1; /* an upstream connection failing is retried or answered 502 */
+    while (next == NEXT_READ) {
         struct msg m;
         int status;
         enum head r = http_read_head(c, &h->in[UP], c->client, &m, 1, deadline, &status);
@@ -538,12 +640,16 @@ static void http_serve(struct worker *w, struct conn *c) {
         if (r == HEAD_NONE || r == HEAD_LOST) break;
         if (r == HEAD_BAD) {
             struct exchange x = {.start_ns = mono_ns(), .method = "-", .target = "-"};
-            reply(w, c, &x, status, 0);
-            break;
+            next = refuse(c, &x, status, 0);
+        } else {
+            next = request(w, c, &m);
         }
-        if (request(w, c, &m) == NEXT_CLOSE) break;
     }
     end_upstream(w, c);
+    if (next == NEXT_CLOSE && !atomic_load(&c->end)) {
+        shutdown(c->client, SHUT_WR); /* the end of the last response */
+        drain_client(w, c);
+    }
 }
 
 /* ---- the worker's scratch ------------------------------------------------------------- */
@@ -554,19 +660,22 @@ static int http_init(struct worker *w) {
     if (!via[0]) snprintf(via, sizeof via, "1.1 proxy-%d", (int)getpid());
     w->scratch = h;
     if (!h) return -1;
-    h->in[UP].buf = malloc(HEAD_MAX);
-    h->in[DOWN].buf = malloc(HEAD_MAX);
-    h->out = malloc(OUT_MAX);
-    return h->in[UP].buf && h->in[DOWN].buf && h->out ? 0 : -1;
+    for (int d = UP; d <= DOWN; d++) {
+        h->in[d].buf = malloc(HEAD_MAX);
+        h->out[d] = malloc(OUT_MAX);
+        if (!h->in[d].buf || !h->out[d]) return -1;
+    }
+    return 0;
 }
 
 /* Frees what http_init allocated. */
 static void http_free(struct worker *w) {
     struct http_worker *h = w->scratch;
     if (!h) return;
-    free(h->in[UP].buf);
-    free(h->in[DOWN].buf);
-    free(h->out);
+    for (int d = UP; d <= DOWN; d++) {
+        free(h->in[d].buf);
+        free(h->out[d]);
+    }
     free(h);
 }
 

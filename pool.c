@@ -85,6 +85,7 @@ void pool_set_upstream(struct worker *w, int fd) {
     pthread_mutex_lock(&w->mu);
     int old = w->conn->upstream;
     w->conn->upstream = fd;
+    atomic_store(&w->conn->upstream_failed, 0);
     /* A forced stop that came while this connection was still connecting saw no upstream fd
      * to shut down; do it now, or the relay would outlive the stop. */
     if (fd >= 0 && atomic_load(&w->conn->end)) shutdown(fd, SHUT_RDWR);

@@ -36,7 +36,6 @@
 #define MAX_USERS       256
 #define HEAD_MAX        16384  /* bytes in an HTTP request or response head: 16 KiB */
 #define HTTP_MAX_FIELDS 100    /* header fields in one head */
-#define PIPELINE_MAX    16     /* requests forwarded and not yet answered, per connection */
 #define STACK_SIZE      262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
 #define TICK_MS         1000   /* a blocked read or write wakes this often to check deadlines */
 #define DOWN_SECONDS    10     /* an upstream that failed a connect is skipped this long */
@@ -180,6 +179,10 @@ struct conn {
     _Atomic uint64_t last_ns;      /* either thread: the last byte moved, the idle clock */
     _Atomic int end;               /* any thread, first reason wins: enum end */
     uint64_t bytes[2];             /* by enum dir: the one thread sending that way now */
+    int upstream_apart;            /* the front thread: an upstream failure ends only the
+                                      upstream connection (http, between tunnels), not c */
+    _Atomic int upstream_failed;   /* copy.c, when upstream_apart: the upstream connection
+                                      failed; pool_set_upstream clears it */
     char route[272]; /* http, the front thread: where upstream goes: "host:port", "=" (the
                         configured upstreams), "" (nowhere) */
 };
@@ -307,7 +310,7 @@ struct worker {
     job_fn back_job;   /* what the back thread runs for job */
     int quit;
     struct copier cp[2]; /* by enum dir */
-    void *scratch;       /* the mode's own per-worker state (http: buffers, the pipeline) */
+    void *scratch;       /* the mode's own per-worker state (http: head buffers, the body job) */
 };
 
 /* Creates cfg.workers workers that serve each connection by mode, and returns once all of
