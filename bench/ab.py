@@ -11,7 +11,8 @@ Each round runs every load through BEFORE, then AFTER, then the next load (the o
 every other round, so neither build always goes first). Loads, with wrk -t1 in front of the
 bench's backend nginx (see bench/README.md): one connection sequential 13 B GETs (average
 latency, scenario 1), 100 keep-alive connections (req/s, scenario 3), a new connection per
-request (conn/s, scenario 4), and http mode with auth on every request (req/s, scenario 6).
+request (conn/s, scenario 4), and http mode with auth on every request (req/s, scenario 6;
+one connection, avg µs; a new connection per request, conn/s). --only http runs just those.
 Prints, per load, each build's median and min-max over the rounds and the ratio of the
 medians, AFTER / BEFORE. Exit status 3 when a run failed (as bench/run.py), 1 on a crash.
 """
@@ -38,6 +39,13 @@ LOADS = [
     ("http, auth on every request, req/s", "http",
      lambda p, s: wrk(p, "/index.html", 100, s, headers=[f"Proxy-Authorization: {AUTH_HEADER}"]),
      "rps", True),
+    ("http, 1 conn, 13 B GET, avg µs", "http",
+     lambda p, s: wrk(p, "/test2", 1, s, headers=[f"Proxy-Authorization: {AUTH_HEADER}"]),
+     "avg_us", False),
+    ("http, new connection per request, conn/s", "http",
+     lambda p, s: wrk(p, "/index.html", 50, s,
+                      headers=[f"Proxy-Authorization: {AUTH_HEADER}", "Connection: close"]),
+     "rps", True),
 ]
 
 
@@ -56,7 +64,10 @@ def main():
     ap.add_argument("after", nargs="?", help="the proxy binary under test (default: ./proxy)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=2, help="each wrk run")
+    ap.add_argument("--only", default="", help="run only the loads whose label contains this "
+                    "(e.g. http)")
     args = ap.parse_args()
+    LOADS[:] = [load for load in LOADS if args.only in load[0]]
     builds = {"before": Path(args.before).resolve()}
     if args.after:
         builds["after"] = Path(args.after).resolve()
