@@ -15,14 +15,21 @@
 
 #define OUT_MAX (HEAD_MAX + 1024) /* a rewritten head: Host, Via, Connection add a little */
 
-/* One request and its response, for the access log. */
+/* One request and its response: what the front thread knows of it while it runs, and what its
+ * access log line says. */
 struct exchange {
     uint64_t start_ns;
     uint64_t up_bytes, down_bytes; /* what went upstream for it (head, body); what the client got */
     char method[16], target[128], user[64];
-    int is_head; /* a HEAD request: its response has no body */
-    int upgrade; /* it asks to upgrade, and may: no body streams behind it */
-    int status;  /* the last status line the client got; 0: none (logged as "-") */
+    int is_head;       /* a HEAD request: its response has no body */
+    int upgrade;       /* it asks to upgrade, and may: no body streams behind it */
+    size_t out_len;    /* out[UP]: the rewritten head, and the body when held */
+    int held;          /* the whole request is in out[UP]: it can be sent twice */
+    int streaming;     /* the back thread sends its body */
+    int close_client;  /* the client was told that the connection ends after the response */
+    int keep_upstream; /* the upstream connection can carry another request */
+    int unreachable;   /* no upstream connection could be made: answer this (502, 504) */
+    int status;        /* the last status line the client got; 0: none (logged as "-") */
 };
 
 /* One worker's http scratch (w->scratch), allocated once and reused for each connection. */
@@ -349,24 +356,30 @@ static int body_pending(struct worker *w) {
 /* How a response's body ended. */
 enum body { BODY_DONE, BODY_AT_EOF, BODY_FAILED };
 
-/* Whether r, answering x, has a body that ends when the upstream closes (RFC 9112 6.3): then
- * the client can tell where it ends only by the close. */
-static int ends_at_close(const struct msg *r, const struct exchange *x) {
-    int no_body = x->is_head || r->status < 200 || r->status == 204 || r->status == 304;
-    return !no_body && !r->chunked && r->length < 0;
+/* Whether the response r to x has a body at all (RFC 9112 6.3): none after HEAD, 1xx, 204 and
+ * 304. */
+static int has_body(const struct msg *r, const struct exchange *x) {
+    return !x->is_head && r->status >= 200 && r->status != 204 && r->status != 304;
 }
 
-/* Relays the body of the response r answering x, by its framing (RFC 9112 6.3): none after
- * HEAD, 1xx, 204 and 304; chunked; Content-Length; else until the upstream closes. */
+/* Whether r, answering x, has a body that ends when the upstream closes: then the client can
+ * tell where it ends only by the close. */
+static int ends_at_close(const struct msg *r, const struct exchange *x) {
+    return has_body(r, x) && !r->chunked && r->length < 0;
+}
+
+/* Relays the body of the response r answering x, by its framing: chunked; Content-Length (sent
+ * of it: what went with the head); else until the upstream closes. */
 static enum body response_body(struct worker *w, struct conn *c, const struct msg *r,
-                               const struct exchange *x) {
+                               const struct exchange *x, size_t sent) {
     struct stream *s = &((struct http_worker *)w->scratch)->in[DOWN];
     int rc = 0;
-    if (x->is_head || r->status < 200 || r->status == 204 || r->status == 304) return BODY_DONE;
+    if (!has_body(r, x)) return BODY_DONE;
     if (r->chunked) {
         rc = http_relay_chunked(c, &w->cp[DOWN], s, c->upstream, c->client);
     } else if (r->length >= 0) {
-        rc = http_relay_n(c, &w->cp[DOWN], s, c->upstream, c->client, (uint64_t)r->length);
+        uint64_t rest = (uint64_t)r->length - sent;
+        rc = http_relay_n(c, &w->cp[DOWN], s, c->upstream, c->client, rest);
     } else {
         if (s->len > s->off && copy_send(c, c->client, s->buf + s->off, s->len - s->off) < 0)
             return BODY_FAILED;
@@ -377,12 +390,24 @@ static enum body response_body(struct worker *w, struct conn *c, const struct ms
     return rc < 0 ? BODY_FAILED : BODY_DONE;
 }
 
+/* Copies into out, behind the n bytes there, as much of the body buffered in s as fits and
+ * belongs to it (want bytes): a small message then goes out in one send, not two. Returns the
+ * bytes copied; s->off moves past them. */
+static size_t with_body(char *out, size_t n, struct stream *s, uint64_t want) {
+    size_t k = s->len - s->off;
+    if (k > want) k = (size_t)want;
+    if (k > OUT_MAX - n) k = OUT_MAX - n;
+    memcpy(out + n, s->buf + s->off, k);
+    s->off += k;
+    return k;
+}
+
 /* Relays the response to req (x): interim responses, then the final one, each head rewritten
- * (rewrite_response), the body by its framing. Sets *close_client when the client was told
- * that the connection ends after it, and *keep_upstream when the upstream connection can carry
- * another request. */
+ * (rewrite_response), the body by its framing. Sets x->close_client when the client was told
+ * that the connection ends after it, and x->keep_upstream when the upstream connection can
+ * carry another request. */
 static enum answer relay_response(struct worker *w, struct conn *c, const struct msg *req,
-                                  struct exchange *x, int *close_client, int *keep_upstream) {
+                                  struct exchange *x) {
     struct http_worker *h = w->scratch;
     struct stream *s = &h->in[DOWN];
     for (;;) {
@@ -402,34 +427,21 @@ static enum answer relay_response(struct worker *w, struct conn *c, const struct
         }
         /* A body still streaming from the client when the answer comes cannot be finished
          * for sure (the upstream may have stopped reading): the client connection ends. */
-        *close_client = final && (req->close || ends_at_close(&r, x) || body_pending(w));
-        long n = rewrite_response(h->out[DOWN], s->buf, &r, req, *close_client);
+        x->close_client = final && (req->close || ends_at_close(&r, x) || body_pending(w));
+        long n = rewrite_response(h->out[DOWN], s->buf, &r, req, x->close_client);
         if (n < 0) return x->status ? ANSWER_CUT : ANSWER_BAD;
-        if (copy_send(c, c->client, h->out[DOWN], (size_t)n) < 0) return ANSWER_ENDED;
-        x->status = r.status;
         s->off = r.size;
+        size_t sent = 0;
+        if (has_body(&r, x) && !r.chunked && r.length > 0)
+            sent = with_body(h->out[DOWN], (size_t)n, s, (uint64_t)r.length);
+        if (copy_send(c, c->client, h->out[DOWN], (size_t)n + sent) < 0) return ANSWER_ENDED;
+        x->status = r.status;
         if (!final) continue; /* interim: the final one follows */
-        enum body b = response_body(w, c, &r, x);
+        enum body b = response_body(w, c, &r, x, sent);
         if (b == BODY_FAILED) return atomic_load(&c->end) ? ANSWER_ENDED : ANSWER_CUT;
-        *keep_upstream = b == BODY_DONE && !r.close && s->off == s->len;
+        x->keep_upstream = b == BODY_DONE && !r.close && s->off == s->len;
         return ANSWER_DONE;
     }
-}
-
-/* Sends the rewritten head (n bytes of out[UP]) and, when the body is held (it came whole
- * with the head), the body too. Returns 0, or -1 when the upstream failed or the connection
- * ended. *body_sent says whether any body byte was sent. */
-static int send_request(struct worker *w, struct conn *c, const struct msg *m, long n, int held,
-                        int *body_sent) {
-    struct http_worker *h = w->scratch;
-    struct stream *in = &h->in[UP];
-    *body_sent = 0;
-    if (copy_send(c, c->upstream, h->out[UP], (size_t)n) < 0) return -1;
-    if (!held || m->length <= 0) return 0;
-    *body_sent = 1;
-    if (copy_send(c, c->upstream, in->buf + in->off, (size_t)m->length) < 0) return -1;
-    in->off += (size_t)m->length;
-    return 0;
 }
 
 /* Starts the back thread sending the body that follows m's head. */
@@ -442,36 +454,31 @@ static void stream_body(struct worker *w, struct conn *c, const struct msg *m) {
 }
 
 /* Runs one exchange: the request goes upstream (its head rewritten, its body by its framing)
- * and its response comes back. When no connection can be made, *unreachable is the status to
- * answer with (502, or 504 on a timeout). A kept-alive upstream connection that fails before any
- * byte of a response is dropped, and the request is sent once more on a fresh connection when that
- * is safe: all of it is still at hand (no body streamed) and it is idempotent or no body byte went
- * (RFC 9110 9.2.2, 9112 9.3.1). Any other failure is a 502, or a cut once part of the response
- * reached the client. */
+ * and its response comes back. A kept-alive upstream connection that fails before any byte of
+ * a response is dropped, and the request is sent once more on a fresh connection when that is
+ * safe (RFC 9110 9.2.2, 9112 9.3.1): its head never went whole (so no body byte did either),
+ * or all of it is still at hand (held) and it is idempotent or has no body. Any other failure
+ * is a 502, or a cut once part of the response reached the client. */
 static enum answer exchange(struct worker *w, struct conn *c, const struct msg *m,
-                            struct exchange *x, const struct target *t, long n, int held,
-                            int *close_client, int *keep_upstream, int *streaming,
-                            int *unreachable) {
-    struct stream *in = &((struct http_worker *)w->scratch)->in[UP];
-    size_t body_at = in->off;
+                            struct exchange *x, const struct target *t) {
+    struct http_worker *h = w->scratch;
     for (int attempt = 0;; attempt++) {
         enum route r = route(w, c, t);
         if (r == ROUTE_FAILED) {
-            *unreachable = dial_status(errno);
+            x->unreachable = dial_status(errno);
             return ANSWER_BAD;
         }
         if (!t->authority) snprintf(x->target, sizeof x->target, "%.127s", c->chosen->name);
-        in->off = body_at; /* a held body is sent again from where it starts */
-        int body_sent = 0;
-        if (send_request(w, c, m, n, held, &body_sent) == 0 && !held) {
+        int sent = copy_send(c, c->upstream, h->out[UP], x->out_len) == 0;
+        if (sent && !x->held) {
             stream_body(w, c, m);
-            *streaming = 1;
+            x->streaming = 1;
         }
         /* Even when sending failed, an answer may be waiting: an upstream that refuses a
          * request (413) often answers and closes before it has read all of it. */
         enum answer a = ANSWER_ENDED;
-        if (!atomic_load(&c->end)) a = relay_response(w, c, m, x, close_client, keep_upstream);
-        int safe = !*streaming && (idempotent(x->method) || !body_sent);
+        if (!atomic_load(&c->end)) a = relay_response(w, c, m, x);
+        int safe = !sent || (x->held && (idempotent(x->method) || m->length <= 0));
         if (a != ANSWER_NONE || r != ROUTE_REUSED || attempt || !safe) return a;
         atomic_fetch_add(&counts.retries, 1);
         end_upstream(w, c);
@@ -485,20 +492,26 @@ static enum next forward(struct worker *w, struct conn *c, const struct msg *m, 
                          const struct target *t) {
     struct http_worker *h = w->scratch;
     struct stream *in = &h->in[UP];
-    /* A body that came whole with its head is held: it can be sent twice if need be. */
-    uint64_t buffered = in->len - in->off;
-    int held = !m->chunked && (m->length <= 0 || buffered >= (uint64_t)m->length);
-    x->upgrade = m->upgrade && held;
-    long n = rewrite_request(h->out[UP], m, t, x->upgrade);
+    uint64_t length = m->length > 0 ? (uint64_t)m->length : 0;
+    long n = rewrite_request(h->out[UP], m, t, m->upgrade);
     if (n < 0) return refuse(c, x, 431, 0);
+    /* A body that came whole with its head goes with it, and is held for a second try. */
+    x->out_len = (size_t)n;
+    x->held = !m->chunked && in->len - in->off >= length && (size_t)n + length <= OUT_MAX;
+    if (x->held) x->out_len += with_body(h->out[UP], (size_t)n, in, length);
+    x->upgrade = m->upgrade && x->held;
+    if (m->upgrade && !x->held) { /* no upgrade behind a streaming body: ask without it */
+        n = rewrite_request(h->out[UP], m, t, 0);
+        x->out_len = (size_t)n;
+    }
+    x->close_client = 1;
+    x->unreachable = 502;
     uint64_t up_before = c->bytes[UP], down_before = c->bytes[DOWN];
-    int close_client = 1, keep_upstream = 0, streaming = 0, unreachable = 502;
-    enum answer a =
-        exchange(w, c, m, x, t, n, held, &close_client, &keep_upstream, &streaming, &unreachable);
-    enum next next = a == ANSWER_DONE && !close_client ? NEXT_READ : NEXT_CLOSE;
-    if (a == ANSWER_BAD || a == ANSWER_NONE) reply(c, x, unreachable, 0);
+    enum answer a = exchange(w, c, m, x, t);
+    enum next next = a == ANSWER_DONE && !x->close_client ? NEXT_READ : NEXT_CLOSE;
+    if (a == ANSWER_BAD || a == ANSWER_NONE) reply(c, x, x->unreachable, 0);
     if (a == ANSWER_CUT) conn_end(c, END_UPSTREAM); /* the client sees the response cut short */
-    if (streaming) {
+    if (x->streaming) {
         if (a != ANSWER_DONE) shutdown(c->upstream, SHUT_RDWR); /* stops the body going there */
         if (next == NEXT_CLOSE) shutdown(c->client, SHUT_WR);   /* the client sees the end */
         pool_back_wait(w);
@@ -512,7 +525,7 @@ static enum next forward(struct worker *w, struct conn *c, const struct msg *m, 
         pool_back_wait(w);
         next = NEXT_CLOSE;
     }
-    if (next == NEXT_CLOSE || !keep_upstream) end_upstream(w, c);
+    if (next == NEXT_CLOSE || !x->keep_upstream) end_upstream(w, c);
     x->up_bytes = c->bytes[UP] - up_before;
     x->down_bytes = c->bytes[DOWN] - down_before;
     log_request(c, x);
