@@ -1,6 +1,6 @@
 /* auth.c — who may use the HTTP proxy and where it may go: Proxy-Authorization Basic (RFC 7617)
- * checked against [users] on every request, and the ports CONNECT may reach. Credentials are
- * only compared here; nothing here logs or echoes them. */
+ * checked against [users] on every request, and the ports CONNECT and absolute-form reach.
+ * Credentials are only compared here; nothing here logs or echoes them. */
 #include "proxy.h"
 
 #include <string.h>
@@ -84,7 +84,8 @@ enum auth auth_check(const struct msg *m, char *user, size_t cap) {
     return result;
 }
 
-/* Whether CONNECT may reach port ([access] connect_ports). */
-int auth_port_allowed(int port) {
-    return port > 0 && port < 65536 && (cfg.connect_ports[port / 8] >> (port % 8) & 1);
+/* Whether port is in ports, a bitmap of the config's (cfg.connect_ports for CONNECT,
+ * cfg.forward_ports for absolute-form requests). */
+int auth_port_allowed(const uint8_t *ports, int port) {
+    return port > 0 && port < 65536 && (ports[port / 8] >> (port % 8) & 1);
 }

@@ -46,6 +46,7 @@ static const struct key keys[] = {
     {"proxy", "log", TEXT, F(log), "-", 0, sizeof cfg.log},
     {"access", "allow", CIDRS, F(allow), "127.0.0.0/8, ::1"}, /* loopback only */
     {"access", "connect_ports", PORTS, F(connect_ports), "443"},
+    {"access", "forward_ports", PORTS, F(forward_ports), "80, 443, 1025-65535"}, /* squid's */
     {"auth", "realm", TEXT, F(realm), "proxy", 0, sizeof cfg.realm},
     {"users", "*", USER, F(users)}, /* none: auth is off */
     {"stats", "listen", ADDR, F(stats_listen), "127.0.0.1:9100"},
@@ -56,11 +57,12 @@ static const struct key keys[] = {
 struct loader {
     struct config *c;
     FILE *f;
-    int line;        /* the line inih is handling now */
-    int indented;    /* it starts with whitespace: a list's continuation */
-    int proxy_line;  /* where [proxy] starts, for errors about missing keys */
-    int err_line;    /* first error, 0: none */
-    int seen[NKEYS]; /* the line each key was first set on */
+    int line;              /* the line inih is handling now */
+    int indented;          /* it starts with whitespace: a list's continuation */
+    int proxy_line;        /* where [proxy] starts, for errors about missing keys */
+    int err_line;          /* first error, 0: none */
+    int seen[NKEYS];       /* the line each key was first set on */
+    const struct key *key; /* the key being set: list items name it in errors */
     char *err;
     size_t errlen;
 };
@@ -136,16 +138,18 @@ static int add_upstream(struct loader *l, char *s) {
     return 0;
 }
 
-/* One item of connect_ports: a port, a range lo-hi, or * for all; sets their bits. */
+/* One item of a port list (connect_ports, forward_ports): a port, a range lo-hi, or * for
+ * all; sets their bits. */
 static int add_ports(struct loader *l, char *s) {
+    uint8_t *bits = (uint8_t *)l->c + l->key->off;
     long long lo = 1, hi = 65535;
     char *dash = strchr(s, '-');
     if (dash) *dash = 0;
     if (strcmp(s, "*") && (parse_number(s, 0, &lo) < 0 || lo < 1 || lo > 65535 ||
                            (dash && (parse_number(dash + 1, 0, &hi) < 0 || hi < lo || hi > 65535))))
-        return fail(l, l->line, "connect_ports: expected ports like 443, 8000-8999 or *");
+        return fail(l, l->line, "%s: expected ports like 443, 8000-8999 or *", l->key->name);
     if (!dash && strcmp(s, "*")) hi = lo;
-    for (long long p = lo; p <= hi; p++) l->c->connect_ports[p / 8] |= (uint8_t)(1 << (p % 8));
+    for (long long p = lo; p <= hi; p++) bits[p / 8] |= (uint8_t)(1 << (p % 8));
     return 0;
 }
 
@@ -183,6 +187,7 @@ static int set(struct loader *l, const struct key *k, const char *name, const ch
     void *field = (char *)c + k->off;
     long long v;
     char why[160];
+    l->key = k;
     switch (k->kind) {
     case INT:
     case SIZE:

@@ -557,7 +557,7 @@ static enum next tunnel(struct worker *w, struct conn *c, const struct msg *m, s
     if (http_authority(m->target, m->tlen, host, sizeof host, &port, 0) < 0 || m->chunked ||
         m->length > 0)
         return refuse(c, x, 400, 0);
-    if (!auth_port_allowed(port)) return refuse(c, x, 403, 0);
+    if (!auth_port_allowed(cfg.connect_ports, port)) return refuse(c, x, 403, 0);
     end_upstream(w, c);
     int fd = upstream_dial(host, port);
     if (fd < 0) return refuse(c, x, dial_status(errno), 0);
@@ -630,6 +630,8 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     if (status == 407) return refuse(c, &x, 407, !m->chunked && m->length <= 0 && !m->close);
     if (status) return refuse(c, &x, status, 0);
     if (!strcmp(x.method, "CONNECT")) return tunnel(w, c, m, &x);
+    /* Any host, not any port: else a body could speak to SMTP on 25 or SSH on 22. */
+    if (t.authority && !auth_port_allowed(cfg.forward_ports, t.port)) return refuse(c, &x, 403, 0);
     if (!t.authority && (!cfg.nup || (m->version && !m->host))) return refuse(c, &x, 400, 0);
     return forward(w, c, m, &x, &t);
 }

@@ -136,6 +136,7 @@ struct config {
     struct cidr allow[MAX_ALLOW];
     int nallow;
     uint8_t connect_ports[65536 / 8]; /* a bit per port CONNECT may reach */
+    uint8_t forward_ports[65536 / 8]; /* a bit per port absolute-form requests may reach */
     char realm[64];
     struct user users[MAX_USERS]; /* any user turns Basic auth on */
     int nusers;
@@ -377,7 +378,7 @@ int http_is(const char *s, size_t len, const char *word);
 /* Whether the comma-separated list holds item, ignoring case. */
 int http_list_has(const char *list, size_t len, const char *item, size_t ilen);
 
-/* ==== auth.c: Proxy-Authorization and CONNECT ports ==================================== */
+/* ==== auth.c: Proxy-Authorization and the ports requests may reach ===================== */
 
 enum auth { AUTH_OK, AUTH_MISSING, AUTH_MALFORMED, AUTH_BAD, AUTH_MAX };
 extern const char *const auth_names[AUTH_MAX];
@@ -388,8 +389,9 @@ enum auth auth_check(const struct msg *m, char *user, size_t cap);
 /* Decodes strict base64 (padding required, no whitespace, zero pad bits) into out. Returns
  * the decoded length, or -1. */
 int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap);
-/* Whether CONNECT may reach port ([access] connect_ports). */
-int auth_port_allowed(int port);
+/* Whether port is in ports, a bitmap of the config's (cfg.connect_ports for CONNECT,
+ * cfg.forward_ports for absolute-form requests). */
+int auth_port_allowed(const uint8_t *ports, int port);
 
 /* ==== http_io.c: HTTP messages between sockets ========================================= */
 

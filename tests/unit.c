@@ -193,12 +193,22 @@ static void test_config_values(void) {
     STR_EQ(c.users[0].pass, "s3cret");
     STR_EQ(c.users[1].name, "Bob");
     STR_EQ(c.users[1].pass, "p=q");
-    memcpy(&cfg, &c, sizeof c);
-    CHECK(auth_port_allowed(8000) && auth_port_allowed(8002) && auth_port_allowed(22));
-    CHECK(!auth_port_allowed(443) && !auth_port_allowed(8003) && !auth_port_allowed(0));
-    CHECK(load("[access]\nconnect_ports = *\n", err, sizeof err) == 0);
-    memcpy(&cfg, &c, sizeof c);
-    CHECK(auth_port_allowed(1) && auth_port_allowed(65535) && !auth_port_allowed(65536));
+    const uint8_t *ports = c.connect_ports;
+    CHECK(auth_port_allowed(ports, 8000) && auth_port_allowed(ports, 8002));
+    CHECK(auth_port_allowed(ports, 22) && !auth_port_allowed(ports, 443));
+    CHECK(!auth_port_allowed(ports, 8003) && !auth_port_allowed(ports, 0));
+    /* forward_ports defaults to squid's Safe_ports: no SSH, no SMTP, nothing privileged. */
+    ports = c.forward_ports;
+    CHECK(auth_port_allowed(ports, 80) && auth_port_allowed(ports, 443));
+    CHECK(auth_port_allowed(ports, 1025) && auth_port_allowed(ports, 65535));
+    CHECK(!auth_port_allowed(ports, 22) && !auth_port_allowed(ports, 25));
+    CHECK(!auth_port_allowed(ports, 1024) && !auth_port_allowed(ports, 0));
+    CHECK(load("[access]\nconnect_ports = *\nforward_ports = 8080\n", err, sizeof err) == 0);
+    ports = c.connect_ports;
+    CHECK(auth_port_allowed(ports, 1) && auth_port_allowed(ports, 65535));
+    CHECK(!auth_port_allowed(ports, 65536) && !auth_port_allowed(ports, 0));
+    ports = c.forward_ports; /* the file's list replaces the default */
+    CHECK(auth_port_allowed(ports, 8080) && !auth_port_allowed(ports, 80));
 }
 
 static void test_addresses(void) {
