@@ -138,17 +138,27 @@ static int add_upstream(struct loader *l, char *s) {
     return 0;
 }
 
-/* One item of a port list (connect_ports, forward_ports): a port, a range lo-hi, or * for
- * all; sets their bits. */
+/* Parses "port" or "lo-hi" with 1 <= lo <= hi <= 65535. Returns 0 or -1. */
+static int parse_port_range(const char *s, long long *lo, long long *hi) {
+    char first[32];
+    size_t n = strcspn(s, "-");
+    if (n >= sizeof first) return -1;
+    memcpy(first, s, n);
+    first[n] = 0;
+    if (parse_number(first, 0, lo) < 0) return -1;
+    *hi = *lo;
+    if (s[n] && parse_number(s + n + 1, 0, hi) < 0) return -1;
+    return *lo >= 1 && *lo <= *hi && *hi <= 65535 ? 0 : -1;
+}
+
+/* One item of a port list (connect_ports, forward_ports): a port, a range lo-hi, or * alone
+ * for all; sets their bits. Nothing else, so that a typo like *-5 never widens the list. */
 static int add_ports(struct loader *l, char *s) {
     uint8_t *bits = (uint8_t *)l->c + l->key->off;
     long long lo = 1, hi = 65535;
-    char *dash = strchr(s, '-');
-    if (dash) *dash = 0;
-    if (strcmp(s, "*") && (parse_number(s, 0, &lo) < 0 || lo < 1 || lo > 65535 ||
-                           (dash && (parse_number(dash + 1, 0, &hi) < 0 || hi < lo || hi > 65535))))
-        return fail(l, l->line, "%s: expected ports like 443, 8000-8999 or *", l->key->name);
-    if (!dash && strcmp(s, "*")) hi = lo;
+    if (strcmp(s, "*") && parse_port_range(s, &lo, &hi) < 0)
+        return fail(l, l->line, "%s: '%s' is not a port (1-65535), a range like 8000-8999, or *",
+                    l->key->name, s);
     for (long long p = lo; p <= hi; p++) bits[p / 8] |= (uint8_t)(1 << (p % 8));
     return 0;
 }

@@ -1,10 +1,12 @@
 """tests/test_http_access.py — where http mode lets a request go: the [access] forward_ports
-allow-list for absolute-form requests.
+allow-list for absolute-form requests, and port lists that are strict in the config.
 
 Helpers come from test_http.py; every test name starts with test_http_ (run.py -k test_http_)."""
+import os
 import re
+import subprocess
 
-from lib import Proxy, Server, closed_port, echo_handler
+from lib import PROXY, TMP, Proxy, Server, closed_port, echo_handler
 from test_http import (AUTH, ESTABLISHED, PASSWORD, USER, Client, assert_error, get, origin,
                        request, url)
 
@@ -72,3 +74,43 @@ def test_http_forward_ports_inside_the_list_are_forwarded_and_other_forms_unaffe
         with access_proxy(users=False, access={"forward_ports": "*"}) as px:
             resp = Client(px).ask(get_url(url(a, "/star")))
             assert resp.status == 200 and resp.body == b"A /star", resp.head
+
+
+# ---- port lists: strict syntax ----------------------------------------------------------
+
+BAD_PORTS = ["*-5", "*-junk", "5-*", "*5", "5-", "-5", "5-3", "0", "65536", "0-80", "80-65536",
+             "1-2-3", "5 - 10", "+5", "0x50", "80 443", "99999999999999999999"]
+GOOD_PORTS = ["*", " * ", "*, 80", "65535", "1-1", "443, 8000-8002,"]
+
+
+def check_config(text, serve=True):
+    """Runs ./proxy -t (and ./proxy if serve) on text: [(exit status, stderr)]. Free ports and
+    no metrics listener, so that a file wrongly accepted serves nowhere that matters, and is
+    stopped."""
+    path = os.path.join(TMP, "ports.ini")
+    with open(path, "w") as f:
+        f.write("[proxy]\nmode = http\nlisten = 127.0.0.1:0\n[stats]\nlisten =\n" + text)
+    results = []
+    for args in (["-t", "-c", path], ["-c", path])[:1 + serve]:
+        try:
+            r = subprocess.run([PROXY, *args], capture_output=True, text=True, timeout=5)
+            results.append((r.returncode, r.stderr))
+        except subprocess.TimeoutExpired:
+            results.append((None, "started serving"))
+    return path, results
+
+
+def test_http_malformed_port_lists_exit_2_naming_file_and_line():
+    failures = []
+    for key in ("connect_ports", "forward_ports"):
+        for value in BAD_PORTS:
+            path, results = check_config("[access]\n%s = %s\n" % (key, value))
+            want = re.escape("%s:7: %s: '%s' is not a port" % (path, key, value))
+            for status, err in results:
+                if status != 2 or not re.match(want, err):
+                    failures.append("%s = %r: exit %s, %r" % (key, value, status, err))
+        for value in GOOD_PORTS:
+            _, ((status, err),) = check_config("[access]\n%s = %s\n" % (key, value), serve=False)
+            if status != 0:
+                failures.append("%s = %r refused: %r" % (key, value, err))
+    assert not failures, "\n".join(failures)

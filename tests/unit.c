@@ -108,9 +108,20 @@ static void test_config_golden_errors(void) {
         {"[proxy]\nsend_proxy = v1\n", "1: send_proxy works in tcp mode only"},
         {"[users]\nalice = x\nalice = y\n", "3: user 'alice' is listed twice"},
         {"[access]\nconnect_ports = 443, 70000\n",
-         "2: connect_ports: expected ports like 443, 8000-8999 or *"},
+         "2: connect_ports: '70000' is not a port (1-65535), a range like 8000-8999, or *"},
         {"[access]\nconnect_ports = 9-8\n",
-         "2: connect_ports: expected ports like 443, 8000-8999 or *"},
+         "2: connect_ports: '9-8' is not a port (1-65535), a range like 8000-8999, or *"},
+        /* '*' is every port, but only alone: *-5 and *-junk were once read as '*'. */
+        {"[access]\nconnect_ports = *-5\n",
+         "2: connect_ports: '*-5' is not a port (1-65535), a range like 8000-8999, or *"},
+        {"[access]\nforward_ports = 80,\n  *-junk\n",
+         "3: forward_ports: '*-junk' is not a port (1-65535), a range like 8000-8999, or *"},
+        {"[access]\nforward_ports = 1-2-3\n",
+         "2: forward_ports: '1-2-3' is not a port (1-65535), a range like 8000-8999, or *"},
+        {"[access]\nforward_ports = 0-80\n",
+         "2: forward_ports: '0-80' is not a port (1-65535), a range like 8000-8999, or *"},
+        {"[access]\nforward_ports = 5-\n",
+         "2: forward_ports: '5-' is not a port (1-65535), a range like 8000-8999, or *"},
         {"[auth]\nrealm = a\"b\n",
          "2: realm = 'a\"b': empty, too long, or has a quote or backslash"},
         {"[access]\nallow = 10.0.0.0/8\nallow = 0.0.0.0/0\n",
@@ -209,6 +220,9 @@ static void test_config_values(void) {
     CHECK(!auth_port_allowed(ports, 65536) && !auth_port_allowed(ports, 0));
     ports = c.forward_ports; /* the file's list replaces the default */
     CHECK(auth_port_allowed(ports, 8080) && !auth_port_allowed(ports, 80));
+    /* A list is the union of its items, so '*' beside others is still every port. */
+    CHECK(load("[access]\nforward_ports = 80, *\n", err, sizeof err) == 0);
+    CHECK(auth_port_allowed(c.forward_ports, 1) && auth_port_allowed(c.forward_ports, 65535));
 }
 
 static void test_addresses(void) {
