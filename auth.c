@@ -46,8 +46,9 @@ int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t ca
     return (int)n;
 }
 
-/* Compares in time that depends only on the stored secret's length, not on the guess. */
-static int same_secret(const unsigned char *guess, size_t glen, const char *secret) {
+/* Whether guess equals secret (1 or 0), in time that depends only on the stored secret's length,
+ * not on the guess: not on where it differs, nor on whether its length is right. */
+static unsigned same_secret(const unsigned char *guess, size_t glen, const char *secret) {
     size_t slen = strlen(secret);
     unsigned diff = glen != slen;
     for (size_t i = 0; i < slen; i++)
@@ -69,19 +70,21 @@ enum auth auth_check(const struct msg *m, char *user, size_t cap) {
     int n = auth_base64_decode(tok, (size_t)(end - tok), cred, sizeof cred);
     const unsigned char *colon = n > 0 ? memchr(cred, ':', (size_t)n) : NULL;
     if (!colon) return AUTH_MALFORMED;
-    size_t ulen = (size_t)(colon - cred);
-    enum auth result = AUTH_BAD;
+    const unsigned char *pass = colon + 1;
+    size_t ulen = (size_t)(colon - cred), plen = (size_t)(cred + n - pass);
+    /* Every user, name and password both, with no early exit: the time taken depends on the
+     * stored names and passwords, not on whether the guessed name exists or how much of the
+     * guess was right. Names are unique, so at most one user matches. */
+    unsigned found = 0; /* the matching user's index + 1; 0: none */
     for (int i = 0; i < cfg.nusers; i++) {
         const struct user *u = &cfg.users[i];
-        if (strlen(u->name) != ulen || memcmp(u->name, cred, ulen)) continue;
-        if (same_secret(colon + 1, (size_t)(cred + n - colon - 1), u->pass)) {
-            snprintf(user, cap, "%s", u->name);
-            result = AUTH_OK;
-        }
-        break;
+        unsigned match = same_secret(cred, ulen, u->name) & same_secret(pass, plen, u->pass);
+        found |= match * (unsigned)(i + 1);
     }
-    memset(cred, 0, sizeof cred); /* best-effort: do not leave the password on the stack */
-    return result;
+    explicit_bzero(cred, sizeof cred); /* not left on the stack; memset may be optimised out */
+    if (!found) return AUTH_BAD;
+    snprintf(user, cap, "%s", cfg.users[found - 1].name);
+    return AUTH_OK;
 }
 
 /* Whether port is in ports, a bitmap of the config's (cfg.connect_ports for CONNECT,

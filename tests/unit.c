@@ -573,6 +573,65 @@ static void test_base64_and_credentials(void) {
     CHECK(parse("GET / HTTP/1.1\r\n\r\n", 1) == 0 && auth_check(&m, user, sizeof user) == AUTH_OK);
 }
 
+/* Writes "Proxy-Authorization: Basic BASE64(cred)" into out. */
+static void basic_field(const char *cred, char *out, size_t cap) {
+    static const char a[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const unsigned char *in = (const unsigned char *)cred;
+    size_t n = strlen(cred), o = (size_t)snprintf(out, cap, "Proxy-Authorization: Basic ");
+    for (size_t i = 0; i < n && o + 5 < cap; i += 3) {
+        uint32_t v =
+            (uint32_t)in[i] << 16 | (i + 1 < n ? in[i + 1] << 8 : 0) | (i + 2 < n ? in[i + 2] : 0);
+        out[o++] = a[v >> 18 & 63];
+        out[o++] = a[v >> 12 & 63];
+        out[o++] = i + 1 < n ? a[v >> 6 & 63] : '=';
+        out[o++] = i + 2 < n ? a[v & 63] : '=';
+    }
+    out[o] = 0;
+}
+
+/* auth_check compares every user without an early exit; these make sure that doing so still
+ * finds exactly the right user, and nobody for a near miss. */
+static void test_credentials_against_every_user(void) {
+    static const struct {
+        const char *cred, *user; /* user: who it authenticates, NULL: nobody */
+    } cases[] = {
+        {"alice:s3cret", "alice"},
+        {"al:pw1", "al"},            /* a name that is a prefix of another */
+        {"carol:s3cret", "carol"},   /* alice's password, but carol's too */
+        {"dave:a:b", "dave"},        /* a password with a colon */
+        {"al:s3cret", NULL},         /* the prefix user, the longer user's password */
+        {"alice:pw1", NULL},         /* the longer user, the prefix user's password */
+        {"alic:s3cret", NULL},       /* a name one short */
+        {"alicex:s3cret", NULL},     /* a name one long */
+        {"alice:s3cre", NULL},       /* a password one short */
+        {"alice:s3crett", NULL},     /* a password one long */
+        {"alice:S3cret", NULL},      /* case matters */
+        {"alice:", NULL},            /* an empty password */
+        {":s3cret", NULL},           /* an empty name */
+        {":", NULL},                 /* both empty */
+        {"eve:s3cret", NULL},        /* no such user */
+        {"dave:a", NULL},            /* the password up to its colon */
+        {"alice:s3cretalice", NULL}, /* the password repeated */
+        {"alicealice:s3cret", NULL}, /* the name repeated */
+    };
+    char err[512], user[64], field[256], head[512];
+    CHECK(load("[users]\nalice = s3cret\nal = pw1\ncarol = s3cret\ndave = a:b\n", err,
+               sizeof err) == 0);
+    STR_EQ(err, "");
+    memcpy(&cfg, &c, sizeof c);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        basic_field(cases[i].cred, field, sizeof field);
+        snprintf(head, sizeof head, "GET / HTTP/1.1\r\n%s\r\n\r\n", field);
+        CHECK(parse(head, 1) == 0);
+        enum auth got = auth_check(&m, user, sizeof user);
+        enum auth want = cases[i].user ? AUTH_OK : AUTH_BAD;
+        if (got != want) printf("  '%s': got %s\n", cases[i].cred, auth_names[got]);
+        CHECK(got == want);
+        STR_EQ(user, cases[i].user ? cases[i].user : "");
+    }
+    cfg.nusers = 0;
+}
+
 int main(void) {
     int fd = mkstemp(ini_path);
     if (fd < 0) return 1;
@@ -589,6 +648,8 @@ int main(void) {
     run("http: response heads", test_http_response_heads);
     run("http: chunk sizes, trailers, authorities and ports", test_http_chunks_and_authority);
     run("auth: strict base64, Basic credentials, constant-time check", test_base64_and_credentials);
+    run("auth: every user compared; the right one found, near misses refused",
+        test_credentials_against_every_user);
     unlink(ini_path);
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
