@@ -57,7 +57,7 @@ static unsigned same_secret(const unsigned char *guess, size_t glen, const char 
 }
 
 /* Checks the request's Proxy-Authorization against [users] (AUTH_OK when there are none) and
- * copies the user name into user. */
+ * copies the user name into user. Compares with every user in constant time. */
 enum auth auth_check(const struct msg *m, char *user, size_t cap) {
     unsigned char cred[256];
     user[0] = 0;
@@ -85,6 +85,15 @@ enum auth auth_check(const struct msg *m, char *user, size_t cap) {
     if (!found) return AUTH_BAD;
     snprintf(user, cap, "%s", cfg.users[found - 1].name);
     return AUTH_OK;
+}
+
+/* Counts a failed authentication (a 407) on c. Returns whether c may stay open for another
+ * try: 0 once it has had AUTH_FAILURES_MAX. */
+int auth_may_retry(struct conn *c) {
+    /* A guesser must reconnect every few tries (slower, and seen in the connection counters),
+     * and a client stuck retrying bad credentials does not hold its worker for ever. */
+    c->auth_failures++;
+    return c->auth_failures < AUTH_FAILURES_MAX;
 }
 
 /* Whether port is in ports, a bitmap of the config's (cfg.connect_ports for CONNECT,

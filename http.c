@@ -627,7 +627,10 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     int status = parse_target(m, &x, &t);
     if (status) return refuse(c, &x, status, 0);
     status = admit_request(m, &x);
-    if (status == 407) return refuse(c, &x, 407, !m->chunked && m->length <= 0 && !m->close);
+    if (status == 407) {
+        int retry = auth_may_retry(c); /* counts this failure */
+        return refuse(c, &x, 407, retry && !m->chunked && m->length <= 0 && !m->close);
+    }
     if (status) return refuse(c, &x, status, 0);
     if (!strcmp(x.method, "CONNECT")) return tunnel(w, c, m, &x);
     /* Any host, not any port: else a body could speak to SMTP on 25 or SSH on 22. */

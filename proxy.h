@@ -31,15 +31,16 @@
 #define PROXY_VERSION "0.1.0"
 
 /* Build-time limits: change them here. */
-#define MAX_UPSTREAMS   32
-#define MAX_ALLOW       64 /* [access] allow networks */
-#define MAX_USERS       256
-#define HEAD_MAX        16384  /* bytes in an HTTP request or response head: 16 KiB */
-#define HTTP_MAX_FIELDS 100    /* header fields in one head */
-#define STACK_SIZE      262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
-#define TICK_MS         1000   /* a blocked read or write wakes this often to check deadlines */
-#define DOWN_SECONDS    10     /* an upstream that failed a connect is skipped this long */
-#define GRACE_SECONDS   10     /* SIGTERM: how long active connections may finish */
+#define MAX_UPSTREAMS     32
+#define MAX_ALLOW         64 /* [access] allow networks */
+#define MAX_USERS         256
+#define HEAD_MAX          16384  /* bytes in an HTTP request or response head: 16 KiB */
+#define HTTP_MAX_FIELDS   100    /* header fields in one head */
+#define AUTH_FAILURES_MAX 3      /* 407s one client connection may get; the last one closes it */
+#define STACK_SIZE        262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
+#define TICK_MS           1000   /* a blocked read or write wakes this often to check deadlines */
+#define DOWN_SECONDS      10     /* an upstream that failed a connect is skipped this long */
+#define GRACE_SECONDS     10     /* SIGTERM: how long active connections may finish */
 
 /* Closes fd, keeping errno for the caller: `return close_failed(fd);` ends a failed setup. */
 static inline int close_failed(int fd) {
@@ -184,6 +185,7 @@ struct conn {
                                       upstream connection (http, between tunnels), not c */
     _Atomic int upstream_failed;   /* copy.c, when upstream_apart: the upstream connection
                                       failed; pool_set_upstream clears it */
+    int auth_failures;             /* http, the front thread: 407s sent; pool_submit zeroes it */
     char route[272]; /* http, the front thread: where upstream goes: "host:port", "=" (the
                         configured upstreams), "" (nowhere) */
 };
@@ -384,8 +386,11 @@ enum auth { AUTH_OK, AUTH_MISSING, AUTH_MALFORMED, AUTH_BAD, AUTH_MAX };
 extern const char *const auth_names[AUTH_MAX];
 
 /* Checks the request's Proxy-Authorization against [users] (AUTH_OK when there are none)
- * and copies the user name into user. */
+ * and copies the user name into user. Compares with every user in constant time. */
 enum auth auth_check(const struct msg *m, char *user, size_t cap);
+/* Counts a failed authentication (a 407) on c. Returns whether c may stay open for another
+ * try: 0 once it has had AUTH_FAILURES_MAX. */
+int auth_may_retry(struct conn *c);
 /* Decodes strict base64 (padding required, no whitespace, zero pad bits) into out. Returns
  * the decoded length, or -1. */
 int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap);

@@ -1,5 +1,6 @@
-"""tests/test_http_access.py — where http mode lets a request go: the [access] forward_ports
-allow-list for absolute-form requests, and port lists that are strict in the config.
+"""tests/test_http_access.py — where http mode lets a request go and how it treats credentials:
+the [access] forward_ports allow-list for absolute-form requests, port lists that are strict in
+the config, and the bound on failed 407s per client connection.
 
 Helpers come from test_http.py; every test name starts with test_http_ (run.py -k test_http_)."""
 import os
@@ -7,8 +8,17 @@ import re
 import subprocess
 
 from lib import PROXY, TMP, Proxy, Server, closed_port, echo_handler
-from test_http import (AUTH, ESTABLISHED, PASSWORD, USER, Client, assert_error, get, origin,
-                       request, url)
+from test_http import (AUTH, ESTABLISHED, PASSWORD, USER, WRONG, Client, assert_error, basic, get,
+                       origin, request, url)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_limit(name):
+    """A build-time limit from proxy.h, so that the tests follow it when it changes."""
+    with open(os.path.join(ROOT, "proxy.h")) as f:
+        return int(re.search(r"^#define %s\s+(\d+)" % name, f.read(), re.M).group(1))
 
 
 def access_proxy(upstream=None, users=True, access=None, **keys):
@@ -114,3 +124,38 @@ def test_http_malformed_port_lists_exit_2_naming_file_and_line():
             if status != 0:
                 failures.append("%s = %r refused: %r" % (key, value, err))
     assert not failures, "\n".join(failures)
+
+
+# ---- credentials: a bounded number of failures per connection ---------------------------
+
+def test_http_auth_failures_on_one_connection_are_bounded_then_it_closes():
+    limit = build_limit("AUTH_FAILURES_MAX")
+    assert limit >= 2, "the test needs a 407 that keeps the connection"
+    # Each reason counts: no credentials, a wrong password, a header that is not Basic.
+    kinds = [("missing", ()), ("bad_credentials", (basic(password=WRONG),)),
+             ("malformed", ("Proxy-Authorization: Basic !!" + PASSWORD,))]
+    sent = {reason: 0 for reason, _ in kinds}
+    with origin() as o, access_proxy() as px:
+        c = Client(px)
+        for i in range(limit):
+            reason, fields = kinds[i % len(kinds)]
+            sent[reason] += 1
+            resp = c.ask(get(o, "/fail%d" % i, *fields))
+            assert resp.status == 407, resp.head
+            if i < limit - 1:
+                assert resp.get("connection") == [], "407 #%d closed: %r" % (i + 1, resp.head)
+                # A success in between does not wipe the slate.
+                assert c.ask(get(o, "/ok%d" % i, AUTH)).status == 200
+            else:
+                assert_error(resp, 407, "Proxy Authentication Required")
+                assert c.closed(), "the connection stayed open after %d failures" % limit
+        assert not [h for h in o.heads if h.target.startswith("/fail")], "a failure got through"
+        # The limit is per connection, not a ban: the next connection starts afresh.
+        c = Client(px)
+        resp = c.ask(get(o, "/again", basic(password=WRONG)))
+        assert resp.status == 407 and resp.get("connection") == [], resp.head
+        assert c.ask(get(o, "/after", AUTH)).status == 200
+        sent["bad_credentials"] += 1
+        for reason, n in sent.items():
+            got = px.metric('proxy_auth_failures_total{reason="%s"}' % reason)
+            assert got == n, "%s: %s, want %d" % (reason, got, n)
