@@ -427,7 +427,8 @@ static enum answer relay_response(struct worker *w, struct conn *c, const struct
         }
         /* A body still streaming from the client when the answer comes cannot be finished
          * for sure (the upstream may have stopped reading): the client connection ends. */
-        x->close_client = final && (req->close || ends_at_close(&r, x) || body_pending(w));
+        x->close_client =
+            final && (req->close || ends_at_close(&r, x) || (x->streaming && body_pending(w)));
         long n = rewrite_response(h->out[DOWN], s->buf, &r, req, x->close_client);
         if (n < 0) return x->status ? ANSWER_CUT : ANSWER_BAD;
         s->off = r.size;
