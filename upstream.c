@@ -18,6 +18,12 @@ unsigned upstream_hash(const struct addr *client, unsigned n) {
     return h % n;
 }
 
+/* Whether a connect that failed with err counts against the upstream (marks it down): not when
+ * the shortage was our own. */
+int upstream_at_fault(int err) {
+    return !(err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM);
+}
+
 /* Chooses an upstream for c by cfg.balance, skipping ones marked down, failing over in
  * order, and connects. Sets c->chosen; returns the fd, or -1 when every upstream failed. */
 int upstream_open(struct conn *c) {
@@ -43,8 +49,7 @@ int upstream_open(struct conn *c) {
                 return fd;
             }
             int e = errno;
-            if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM)
-                return -1; /* our shortage, not the upstream's fault: keep it up */
+            if (!upstream_at_fault(e)) return -1; /* keep it up: try no other either */
             atomic_fetch_add(&u->failures, 1);
             atomic_store(&u->down_until, mono_ns() + DOWN_SECONDS * 1000000000ull);
             if (down_until <= now) /* log the fall, not every failure while down */
