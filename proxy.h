@@ -279,7 +279,7 @@ void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate);
 /* Which upstream a client starts at for balance = source: stable for one address. */
 unsigned upstream_hash(const struct addr *client, unsigned n);
 /* Whether a connect that failed with err counts against the upstream (marks it down): not when
- * the shortage was our own. */
+ * the shortage was our own (fds, memory, buffers, local ports). */
 int upstream_at_fault(int err);
 /* Chooses an upstream for c by cfg.balance, skipping ones marked down, failing over in
  * order, and connects. Sets c->chosen; returns the fd, or -1 when every upstream failed. */

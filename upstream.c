@@ -19,9 +19,12 @@ unsigned upstream_hash(const struct addr *client, unsigned n) {
 }
 
 /* Whether a connect that failed with err counts against the upstream (marks it down): not when
- * the shortage was our own. */
+ * the shortage was our own (fds, memory, buffers, local ports). */
 int upstream_at_fault(int err) {
-    return !(err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM);
+    /* EADDRNOTAVAIL: no ephemeral port is left to that address. Marking the upstream down for
+     * it would move the load to the others and take a healthy backend out of service. */
+    return !(err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM ||
+             err == EADDRNOTAVAIL);
 }
 
 /* Chooses an upstream for c by cfg.balance, skipping ones marked down, failing over in

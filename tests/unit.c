@@ -299,6 +299,18 @@ static void test_source_hash(void) {
     for (int i = 0; i < 4; i++) CHECK(seen[i] > 20); /* spread, roughly */
 }
 
+static void test_upstream_fault(void) {
+    CHECK(upstream_at_fault(ECONNREFUSED));
+    CHECK(upstream_at_fault(ETIMEDOUT));
+    CHECK(upstream_at_fault(EHOSTUNREACH));
+    CHECK(upstream_at_fault(ENETUNREACH));
+    CHECK(!upstream_at_fault(EMFILE));
+    CHECK(!upstream_at_fault(ENFILE));
+    CHECK(!upstream_at_fault(ENOBUFS));
+    CHECK(!upstream_at_fault(ENOMEM));
+    CHECK(!upstream_at_fault(EADDRNOTAVAIL)); /* no local port left: ours */
+}
+
 static void test_proxy_header(void) {
     struct addr s, d, m;
     char err[128], buf[128];
@@ -642,6 +654,7 @@ int main(void) {
     run("addresses: parse, format, brackets, v4-mapped", test_addresses);
     run("cidr: parse and match, v4, v6, v4-mapped", test_cidr);
     run("source hash: stable, port-blind, spread", test_source_hash);
+    run("upstream: our shortages never mark an upstream down", test_upstream_fault);
     run("PROXY protocol v1 and v2 headers are byte-exact", test_proxy_header);
     run("rate limit pacing arithmetic", test_pacing);
     run("http: request heads, strict framing, the CVE shapes", test_http_request_heads);
