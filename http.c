@@ -304,7 +304,7 @@ static enum route route(struct worker *w, struct conn *c, const struct target *t
     if (host) snprintf(want, sizeof want, "%s:%d", host, t->port);
     if (c->upstream >= 0 && !strcmp(c->route, want) && upstream_clean(w, c)) return ROUTE_REUSED;
     end_upstream(w, c);
-    int fd = host ? upstream_dial(host, t->port) : upstream_open(c);
+    int fd = host ? upstream_dial(c, host, t->port) : upstream_open(c);
     if (fd < 0) return ROUTE_FAILED;
     pool_set_upstream(w, fd);
     snprintf(c->route, sizeof c->route, "%s", want);
@@ -560,7 +560,7 @@ static enum next tunnel(struct worker *w, struct conn *c, const struct msg *m, s
         return refuse(c, x, 400, 0);
     if (!auth_port_allowed(cfg.connect_ports, port)) return refuse(c, x, 403, 0);
     end_upstream(w, c);
-    int fd = upstream_dial(host, port);
+    int fd = upstream_dial(c, host, port);
     if (fd < 0) return refuse(c, x, dial_status(errno), 0);
     pool_set_upstream(w, fd);
     c->upstream_apart = 0; /* a tunnel: either side failing ends it */

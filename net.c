@@ -6,8 +6,10 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
@@ -56,44 +58,69 @@ void net_set_tick(int fd, int ms) {
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tick, sizeof tick);
 }
 
-/* Connects to a within timeout_s seconds; the socket is then prepared (net_prepare) with a
- * tick of tick_ms. Returns the fd, or -1 with errno (ETIMEDOUT on timeout). */
-int net_connect(const struct addr *a, int timeout_s, int tick_ms) {
-    int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -1;
-    /* A blocking connect gives up after SO_SNDTIMEO (with EINPROGRESS), so the timeout costs
-     * no poll and no fcntl. */
-    net_set_tick(fd, timeout_s * 1000);
-    if (connect(fd, (const struct sockaddr *)&a->sa, a->len) < 0) {
-        if (errno == EINPROGRESS || errno == EAGAIN) errno = ETIMEDOUT;
-        return close_failed(fd);
+/* Waits for fd's connect in progress to complete, in slices of tick_ms so that a stop is seen.
+ * Returns 0, or -1 with errno: the connect's own error, ETIMEDOUT at the deadline, ECANCELED
+ * once *stop is nonzero. */
+static int connected(int fd, uint64_t deadline, const _Atomic int *stop, int tick_ms) {
+    struct pollfd p = {.fd = fd, .events = POLLOUT};
+    for (;;) {
+        uint64_t now = mono_ns();
+        if (stop && atomic_load(stop)) {
+            errno = ECANCELED;
+            return -1;
+        }
+        if (now >= deadline) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        uint64_t left_ms = (deadline - now + 999999) / 1000000;
+        int n = poll(&p, 1, left_ms < (uint64_t)tick_ms ? (int)left_ms : tick_ms);
+        if (n > 0) break;
+        if (n < 0 && errno != EINTR) return -1;
     }
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return -1;
+    errno = err;
+    return err ? -1 : 0;
+}
+
+/* Connects to a by deadline (monotonic ns), giving up once *stop is nonzero (NULL: never);
+ * the socket is then prepared (net_prepare) with a tick of tick_ms. Returns the fd, or -1
+ * with errno (ETIMEDOUT at the deadline, ECANCELED on a stop). */
+int net_connect(const struct addr *a, uint64_t deadline, const _Atomic int *stop, int tick_ms) {
+    /* Non-blocking, and waited on with poll: a blocking connect with SO_SNDTIMEO would hold a
+     * stop until its whole timeout ran out. */
+    int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) return -1;
+    int rc = connect(fd, (const struct sockaddr *)&a->sa, a->len);
+    if (rc < 0 && errno == EINPROGRESS) rc = connected(fd, deadline, stop, tick_ms);
+    if (rc < 0) return close_failed(fd);
+    /* Blocking again: the copy loops wait in blocking calls that wake every tick. */
+    if (fcntl(fd, F_SETFL, 0) < 0) return close_failed(fd);
     net_prepare(fd);
     net_set_tick(fd, tick_ms);
     return fd;
 }
 
-/* Resolves host and connects (net_connect) to the first of its addresses that answers.
- * Returns the fd, or -1 with errno (EHOSTUNREACH when the name does not resolve). */
-int net_dial(const char *host, int port, int timeout_s, int tick_ms) {
+/* Resolves host:port into at most max addresses, in the resolver's order. Returns how many,
+ * or -1 with errno (EHOSTUNREACH when the name does not resolve). */
+int net_resolve(const char *host, int port, struct addr *out, int max) {
     struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV}, *res;
     char service[8];
-    int fd = -1, tries = 0;
+    int n = 0;
     snprintf(service, sizeof service, "%d", port);
     if (getaddrinfo(host, service, &hints, &res)) {
         errno = EHOSTUNREACH;
         return -1;
     }
-    /* A name may have several addresses (::1 and 127.0.0.1 for localhost): try a few. */
-    for (struct addrinfo *ai = res; ai && fd < 0 && tries++ < 3; ai = ai->ai_next) {
-        struct addr a = {.len = ai->ai_addrlen};
-        memcpy(&a.sa, ai->ai_addr, ai->ai_addrlen);
-        fd = net_connect(&a, timeout_s, tick_ms);
+    for (struct addrinfo *ai = res; ai && n < max; ai = ai->ai_next) {
+        if (ai->ai_addrlen > sizeof out[n].sa) continue;
+        memcpy(&out[n].sa, ai->ai_addr, ai->ai_addrlen);
+        out[n++].len = ai->ai_addrlen;
     }
-    int e = errno;
     freeaddrinfo(res);
-    errno = e;
-    return fd;
+    return n;
 }
 
 /* ---- addresses ------------------------------------------------------------------------ */

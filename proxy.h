@@ -39,6 +39,7 @@
 #define AUTH_FAILURES_MAX 3      /* 407s one client connection may get; the last one closes it */
 #define STACK_SIZE        262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
 #define TICK_MS           1000   /* a blocked read or write wakes this often to check deadlines */
+#define DIAL_ADDRESSES    3      /* a name's addresses tried in turn, sharing connect_timeout */
 #define DOWN_SECONDS      10     /* an upstream that failed a connect is skipped this long */
 #define GRACE_SECONDS     10     /* SIGTERM: how long active connections may finish */
 
@@ -78,12 +79,13 @@ int net_local(int fd, struct addr *a);
 void net_prepare(int fd);
 /* Makes every blocking read and write on fd give up after ms with EAGAIN. */
 void net_set_tick(int fd, int ms);
-/* Connects to a within timeout_s seconds; the socket is then prepared (net_prepare) with a
- * tick of tick_ms. Returns the fd, or -1 with errno (ETIMEDOUT on timeout). */
-int net_connect(const struct addr *a, int timeout_s, int tick_ms);
-/* Resolves host and connects (net_connect) to the first of its addresses that answers.
- * Returns the fd, or -1 with errno (EHOSTUNREACH when the name does not resolve). */
-int net_dial(const char *host, int port, int timeout_s, int tick_ms);
+/* Connects to a by deadline (monotonic ns), giving up once *stop is nonzero (NULL: never);
+ * the socket is then prepared (net_prepare) with a tick of tick_ms. Returns the fd, or -1
+ * with errno (ETIMEDOUT at the deadline, ECANCELED on a stop). */
+int net_connect(const struct addr *a, uint64_t deadline, const _Atomic int *stop, int tick_ms);
+/* Resolves host:port into at most max addresses, in the resolver's order. Returns how many,
+ * or -1 with errno (EHOSTUNREACH when the name does not resolve). */
+int net_resolve(const char *host, int port, struct addr *out, int max);
 
 /* Parses "host:port", "[v6]:port" or "*:port" (resolving names). Returns 0, or -1 with a
  * reason in err. */
@@ -279,14 +281,15 @@ void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate);
 /* Which upstream a client starts at for balance = source: stable for one address. */
 unsigned upstream_hash(const struct addr *client, unsigned n);
 /* Whether a connect that failed with err counts against the upstream (marks it down): not when
- * the shortage was our own (fds, memory, buffers, local ports). */
+ * the shortage was our own (fds, memory, buffers, local ports) or the connection ended. */
 int upstream_at_fault(int err);
 /* Chooses an upstream for c by cfg.balance, skipping ones marked down, failing over in
  * order, and connects. Sets c->chosen; returns the fd, or -1 when every upstream failed. */
 int upstream_open(struct conn *c);
-/* Connects to host:port (a name from a request) within connect_timeout. Returns the fd, or
- * -1 with errno (ETIMEDOUT on timeout). */
-int upstream_dial(const char *host, int port);
+/* Connects c to host:port (a name from a request): its first DIAL_ADDRESSES addresses in
+ * turn, all within one connect_timeout, giving up when c ends. Returns the fd, or -1 with
+ * errno (ETIMEDOUT on timeout, ECANCELED when c ended). */
+int upstream_dial(struct conn *c, const char *host, int port);
 
 /* ==== pool.c: the queue, the workers, the graceful stop ================================ */
 

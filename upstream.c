@@ -19,12 +19,12 @@ unsigned upstream_hash(const struct addr *client, unsigned n) {
 }
 
 /* Whether a connect that failed with err counts against the upstream (marks it down): not when
- * the shortage was our own (fds, memory, buffers, local ports). */
+ * the shortage was our own (fds, memory, buffers, local ports) or the connection ended. */
 int upstream_at_fault(int err) {
     /* EADDRNOTAVAIL: no ephemeral port is left to that address. Marking the upstream down for
      * it would move the load to the others and take a healthy backend out of service. */
     return !(err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM ||
-             err == EADDRNOTAVAIL);
+             err == EADDRNOTAVAIL || err == ECANCELED);
 }
 
 /* Chooses an upstream for c by cfg.balance, skipping ones marked down, failing over in
@@ -44,7 +44,8 @@ int upstream_open(struct conn *c) {
             if ((tried & 1u << k) || (pass == 0 && down_until > now)) continue;
             if (atomic_load(&c->end)) return -1; /* stopped meanwhile: no more tries */
             tried |= 1u << k;
-            int fd = net_connect(&u->addr, cfg.connect_timeout, TICK_MS);
+            uint64_t deadline = mono_ns() + (uint64_t)cfg.connect_timeout * 1000000000u;
+            int fd = net_connect(&u->addr, deadline, &c->end, TICK_MS);
             if (fd >= 0) {
                 if (down_until) atomic_store(&u->down_until, 0);
                 atomic_fetch_add(&u->connects, 1);
@@ -52,7 +53,7 @@ int upstream_open(struct conn *c) {
                 return fd;
             }
             int e = errno;
-            if (!upstream_at_fault(e)) return -1; /* keep it up: try no other either */
+            if (!upstream_at_fault(e)) return -1; /* keep it up; ended: try no other */
             atomic_fetch_add(&u->failures, 1);
             atomic_store(&u->down_until, mono_ns() + DOWN_SECONDS * 1000000000ull);
             if (down_until <= now) /* log the fall, not every failure while down */
@@ -63,8 +64,22 @@ int upstream_open(struct conn *c) {
     return -1;
 }
 
-/* Connects to host:port (a name from a request) within connect_timeout. Returns the fd, or
- * -1 with errno (ETIMEDOUT on timeout). */
-int upstream_dial(const char *host, int port) {
-    return net_dial(host, port, cfg.connect_timeout, TICK_MS);
+/* Connects c to host:port (a name from a request): its first DIAL_ADDRESSES addresses in
+ * turn, all within one connect_timeout, giving up when c ends. Returns the fd, or -1 with
+ * errno (ETIMEDOUT on timeout, ECANCELED when c ended). */
+int upstream_dial(struct conn *c, const char *host, int port) {
+    uint64_t deadline = mono_ns() + (uint64_t)cfg.connect_timeout * 1000000000u;
+    struct addr a[DIAL_ADDRESSES];
+    int n = net_resolve(host, port, a, DIAL_ADDRESSES);
+    int fd = -1;
+    if (n < 0) return -1;
+    for (int i = 0; i < n && fd < 0; i++) {
+        /* A black-holed address must not use up the time the next one needs: each gets an
+         * equal share of what is left, the last all of it. */
+        uint64_t now = mono_ns();
+        uint64_t share = now < deadline ? (deadline - now) / (uint64_t)(n - i) : 0;
+        fd = net_connect(&a[i], now + share, &c->end, TICK_MS);
+        if (fd < 0 && errno == ECANCELED) break;
+    }
+    return fd;
 }

@@ -309,6 +309,7 @@ static void test_upstream_fault(void) {
     CHECK(!upstream_at_fault(ENOBUFS));
     CHECK(!upstream_at_fault(ENOMEM));
     CHECK(!upstream_at_fault(EADDRNOTAVAIL)); /* no local port left: ours */
+    CHECK(!upstream_at_fault(ECANCELED));     /* the connection ended: a stop */
 }
 
 static void test_proxy_header(void) {
