@@ -1,0 +1,198 @@
+"""tests/test_http_dial.py — how http mode dials: connect_timeout is one deadline for a name's
+resolution and all its addresses; a stop ends a connect or a name lookup in progress, so
+SIGTERM is never held past the grace period by a black-holed upstream or a slow resolver;
+requests never reach the proxy's own listeners; [access] local_destinations.
+
+Names with several addresses and names that resolve slowly come from a small getaddrinfo shim
+(FAKE_DNS below) preloaded into the proxy: the machine's resolver cannot be told to do either,
+and every address the shim hands out is on loopback. Every test name starts with test_http_."""
+import os
+import re
+import signal
+import subprocess
+import time
+
+from lib import PROXY, TMP, Proxy, Server, blackhole, closed_port, echo_handler, recv_all, write_ini
+from test_http import (ESTABLISHED, Client, assert_error, http_proxy, origin, request,
+                       url)
+
+GRACE_SECONDS = 10  # proxy.h
+
+# ---- a resolver the test controls -------------------------------------------------------
+
+FAKE_DNS = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netdb.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef int (*gai_fn)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
+
+/* slow.test: sleeps FAKE_DNS_SLOW seconds, then does not resolve. many.test: the addresses of
+ * FAKE_DNS_MANY ("ip port,ip port,..."), in that order, whatever port was asked for. Anything
+ * else, and any numeric-only lookup, goes to the real getaddrinfo. */
+int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
+                struct addrinfo **res) {
+    gai_fn real = (gai_fn)dlsym(RTLD_NEXT, "getaddrinfo");
+    const char *many = getenv("FAKE_DNS_MANY"), *slow = getenv("FAKE_DNS_SLOW");
+    int numeric = hints && (hints->ai_flags & AI_NUMERICHOST);
+    if (!node || numeric) return real(node, service, hints, res);
+    if (slow && !strcmp(node, "slow.test")) {
+        sleep((unsigned)atoi(slow));
+        return EAI_AGAIN;
+    }
+    if (!many || strcmp(node, "many.test")) return real(node, service, hints, res);
+    char list[512], *save = NULL;
+    struct addrinfo *first = NULL, **tail = &first;
+    struct addrinfo numeric_hints = {.ai_socktype = SOCK_STREAM,
+                                     .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV};
+    strncpy(list, many, sizeof list - 1);
+    list[sizeof list - 1] = 0;
+    for (char *item = strtok_r(list, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        char ip[64], port[8];
+        struct addrinfo *one;
+        if (sscanf(item, " %63s %7s", ip, port) != 2) return EAI_FAIL;
+        if (real(ip, port, &numeric_hints, &one)) return EAI_FAIL;
+        *tail = one;
+        while (*tail) tail = &(*tail)->ai_next;
+    }
+    *res = first;
+    return first ? 0 : EAI_NONAME;
+}
+"""
+
+
+def fake_dns():
+    """Builds the shim once; returns its path."""
+    lib = os.path.join(TMP, "fake_dns.so")
+    if not os.path.exists(lib):
+        src = os.path.join(TMP, "fake_dns.c")
+        with open(src, "w") as f:
+            f.write(FAKE_DNS)
+        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", lib, src, "-ldl"], check=True,
+                       capture_output=True, timeout=60)
+    return lib
+
+
+def with_fake_dns(many=None, slow=None):
+    """A preexec_fn that preloads the shim into the proxy with what it should answer."""
+    lib = fake_dns()
+
+    def preexec():
+        os.environ["LD_PRELOAD"] = lib
+        # A sanitizer build wants its runtime first among the libraries; the shim is not
+        # instrumented and only forwards, so the order does not matter here.
+        os.environ["ASAN_OPTIONS"] = os.environ.get("ASAN_OPTIONS", "") + \
+            ":verify_asan_link_order=0"
+        if many:
+            os.environ["FAKE_DNS_MANY"] = ",".join("%s %d" % a for a in many)
+        if slow:
+            os.environ["FAKE_DNS_SLOW"] = str(slow)
+    return preexec
+
+
+def host_port(addr):
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def dial_proxy(upstream=None, ports="*", local=None, preexec_fn=None, **keys):
+    """An http-mode proxy without users, CONNECT to any port, local_destinations as asked."""
+    access = {"connect_ports": ports}
+    if local:
+        access["local_destinations"] = local
+    keys.setdefault("header_timeout", 5)
+    return Proxy(upstream, mode="http", sections={"access": access}, preexec_fn=preexec_fn,
+                 **keys)
+
+
+def answer(c, timeout):
+    """What the client gets: its bytes up to the close, or b'' on a reset."""
+    c.sock.settimeout(timeout)
+    try:
+        return c.r.buf + recv_all(c.sock)
+    except ConnectionResetError:
+        return b""
+
+
+def stop_within(px, limit):
+    """SIGTERM; the proxy must exit 0 within limit seconds. Returns how long it took."""
+    start = time.monotonic()
+    px.signal(signal.SIGTERM)
+    try:
+        rc = px.p.wait(limit + 30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the proxy did not stop within %d s of SIGTERM" % (limit + 30))
+    took = time.monotonic() - start
+    assert rc == 0, "exit status %d" % rc
+    assert took < limit, "SIGTERM took %.1f s, more than %d s" % (took, limit)
+    return took
+
+
+def busy(px, n, timeout=10):
+    """Waits until n workers are busy: the requests are in, their connects under way."""
+    deadline = time.monotonic() + timeout
+    while px.metric("proxy_workers_busy") != n:
+        assert time.monotonic() < deadline, "workers busy: %s" % px.metric("proxy_workers_busy")
+        time.sleep(0.05)
+
+
+# ---- bounded connects --------------------------------------------------------------------
+
+def test_http_sigterm_during_blackholed_connects_stops_within_the_grace_period():
+    """CONNECT and absolute-form (upstream_dial) and origin-form to a configured upstream
+    (upstream_open), each connecting to a black hole with connect_timeout = 25: before, SIGTERM
+    waited out the 25 s connect, past the 10 s grace period."""
+    hole, keep = blackhole()
+    with dial_proxy(hole, connect_timeout=25) as px:
+        clients = []
+        for req in (request("CONNECT", hole, "Host: " + hole),
+                    request("GET", "http://%s/" % hole, "Host: h"),
+                    request("GET", "/", "Host: h")):
+            c = Client(px, timeout=60)
+            c.send(req)
+            clients.append(c)
+        busy(px, 3)
+        took = stop_within(px, GRACE_SECONDS + 6)
+        for c in clients:  # the close, or our error page: never a wait
+            got = answer(c, 5)
+            assert got == b"" or got.startswith(b"HTTP/1.1 5"), got[:80]
+        assert "is down" not in px.text(), "a stop marked the upstream down:\n" + px.text()
+        print("     SIGTERM during 3 black-holed connects: exit after %.1f s" % took)
+    for k in keep:
+        k.close()
+
+
+def test_http_connect_timeout_is_one_deadline_for_every_address_of_a_name():
+    """many.test has three black-holed addresses: before, each had the whole connect_timeout
+    (9 s for 3); now the three share it."""
+    hole, keep = blackhole()
+    three = [host_port(hole)] * 3
+    with dial_proxy(connect_timeout=3, preexec_fn=with_fake_dns(many=three)) as px:
+        for req in (request("GET", "http://many.test/", "Host: h"),
+                    request("CONNECT", "many.test:443", "Host: many.test:443")):
+            start = time.monotonic()
+            resp = Client(px, timeout=30).ask(req)
+            took = time.monotonic() - start
+            assert_error(resp, 504, "Gateway Timeout")
+            assert took < 6.5, "%.1f s for a 3 s connect_timeout" % took
+    for k in keep:
+        k.close()
+
+
+def test_http_a_name_whose_first_addresses_fail_still_connects_within_connect_timeout():
+    """many.test: a refused address, a black-holed one, then the origin. The black hole gets a
+    share of the deadline, not all of it, so the origin is reached within connect_timeout."""
+    hole, keep = blackhole()
+    with origin() as o:
+        addrs = [("::1", closed_port()), host_port(hole), host_port(o.addr)]
+        with dial_proxy(connect_timeout=8, preexec_fn=with_fake_dns(many=addrs)) as px:
+            start = time.monotonic()
+            resp = Client(px, timeout=30).ask(request("GET", "http://many.test/x", "Host: h"))
+            took = time.monotonic() - start
+            assert resp.status == 200 and resp.body == b"origin /x", resp.head
+            assert took < 7, "%.1f s: the black hole took the whole connect_timeout" % took
+    for k in keep:
+        k.close()
