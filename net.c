@@ -1,7 +1,7 @@
 /* net.c — sockets and addresses, the bottom layer: listeners, connecting with a deadline, the
- * socket options the copy loops rely on, addresses ("host:port") and networks ("10.0.0.0/8").
- * It calls nothing of the proxy's own. A failure is -1 with errno, or -1 with a reason in err
- * where a person has to read why (a config value). */
+ * socket options the copy loops rely on, name lookups that can be given up on, addresses
+ * ("host:port") and networks ("10.0.0.0/8"). It calls nothing of the proxy's own. A failure is
+ * -1 with errno, or -1 with a reason in err where a person has to read why (a config value). */
 #include "proxy.h"
 
 #include <arpa/inet.h>
@@ -103,23 +103,159 @@ int net_connect(const struct addr *a, uint64_t deadline, const _Atomic int *stop
     return fd;
 }
 
-/* Resolves host:port into at most max addresses, in the resolver's order. Returns how many,
- * or -1 with errno (EHOSTUNREACH when the name does not resolve). */
-int net_resolve(const char *host, int port, struct addr *out, int max) {
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV}, *res;
-    char service[8];
+/* ---- name lookups --------------------------------------------------------------------- */
+
+/* A lookup handed to a thread of its own: getaddrinfo cannot be interrupted and may take many
+ * seconds, and the asker must be able to give up on it (a stop, its deadline). The asker and
+ * the resolver thread share it; the last of them to let go frees it. */
+struct lookup {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;          /* signalled when done is set */
+    int holders;                /* (mu) the asker, and the thread once started; 0 frees */
+    int done, rc;               /* (mu) the resolver has finished, with getaddrinfo's result */
+    struct addrinfo *res;       /* (mu) its addresses, freed with the record */
+    char host[256], service[8]; /* written before the thread starts, then read-only */
+};
+
+static _Atomic int lookups; /* resolver threads running, abandoned ones included */
+
+/* Copies up to max of res's addresses into out. Returns how many, or -1 with errno
+ * EHOSTUNREACH when there was none. */
+static int copy_addrs(const struct addrinfo *res, struct addr *out, int max) {
     int n = 0;
+    for (const struct addrinfo *ai = res; ai && n < max; ai = ai->ai_next) {
+        if (ai->ai_addrlen > sizeof out[n].sa) continue;
+        memcpy(&out[n].sa, ai->ai_addr, ai->ai_addrlen);
+        out[n].len = ai->ai_addrlen;
+        n++;
+    }
+    if (n == 0) errno = EHOSTUNREACH;
+    return n ? n : -1;
+}
+
+/* Lets go of l; the last holder frees it. */
+static void lookup_release(struct lookup *l) {
+    pthread_mutex_lock(&l->mu);
+    int last = --l->holders == 0;
+    pthread_mutex_unlock(&l->mu);
+    if (!last) return;
+    if (l->res) freeaddrinfo(l->res);
+    pthread_cond_destroy(&l->cv);
+    pthread_mutex_destroy(&l->mu);
+    free(l);
+}
+
+/* The resolver thread: one getaddrinfo, its result handed over. Nobody joins it (detached):
+ * the process may even exit while it is still blocked. */
+static void *resolver_main(void *arg) {
+    struct lookup *l = arg;
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV};
+    struct addrinfo *res = NULL;
+    int rc = getaddrinfo(l->host, l->service, &hints, &res);
+    pthread_mutex_lock(&l->mu);
+    l->rc = rc;
+    l->res = rc ? NULL : res;
+    l->done = 1;
+    pthread_cond_signal(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+    lookup_release(l);
+    atomic_fetch_sub(&lookups, 1);
+    return NULL;
+}
+
+/* Makes a lookup record for host and service, held by the asker. Returns it, or NULL. */
+static struct lookup *lookup_new(const char *host, const char *service) {
+    struct lookup *l = calloc(1, sizeof *l);
+    pthread_condattr_t ca;
+    if (!l) return NULL;
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* deadlines are mono_ns() */
+    pthread_cond_init(&l->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    l->holders = 1;
+    snprintf(l->host, sizeof l->host, "%s", host);
+    snprintf(l->service, sizeof l->service, "%s", service);
+    return l;
+}
+
+/* Starts l's resolver thread. Returns 0, or -1 with errno EAGAIN: too many lookups running
+ * (LOOKUPS_MAX; abandoned ones still count), or no thread could be made. */
+static int lookup_start(struct lookup *l) {
+    pthread_attr_t attr;
+    pthread_t t;
+    if (atomic_fetch_add(&lookups, 1) >= LOOKUPS_MAX) {
+        atomic_fetch_sub(&lookups, 1);
+        errno = EAGAIN;
+        return -1;
+    }
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, STACK_SIZE); /* getaddrinfo needs more than 32 KiB */
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    l->holders = 2; /* before the thread runs: it may let go at once */
+    int e = pthread_create(&t, &attr, resolver_main, l);
+    pthread_attr_destroy(&attr);
+    if (!e) return 0;
+    l->holders = 1;
+    atomic_fetch_sub(&lookups, 1);
+    errno = EAGAIN;
+    return -1;
+}
+
+/* Waits for l in slices of tick_ms until it is done, the deadline passes or *stop is nonzero,
+ * then copies its addresses. Returns how many, or -1 with errno. */
+static int lookup_wait(struct lookup *l, struct addr *out, int max, uint64_t deadline,
+                       const _Atomic int *stop, int tick_ms) {
+    int n = -1, err = 0;
+    pthread_mutex_lock(&l->mu);
+    while (!l->done) {
+        uint64_t now = mono_ns(), wake = now + (uint64_t)tick_ms * 1000000u;
+        if (stop && atomic_load(stop)) {
+            err = ECANCELED;
+            break;
+        }
+        if (now >= deadline) {
+            err = ETIMEDOUT;
+            break;
+        }
+        if (wake > deadline) wake = deadline;
+        struct timespec ts = {(time_t)(wake / 1000000000u), (long)(wake % 1000000000u)};
+        pthread_cond_timedwait(&l->cv, &l->mu, &ts);
+    }
+    if (l->done && l->rc) err = EHOSTUNREACH;
+    if (l->done && !l->rc) n = copy_addrs(l->res, out, max); /* sets errno if it fails */
+    pthread_mutex_unlock(&l->mu);
+    if (err) errno = err;
+    return n;
+}
+
+/* Resolves host:port into at most max addresses, in the resolver's order, by deadline (mono
+ * ns), giving up once *stop is nonzero (NULL: never). Returns how many, or -1 with errno
+ * (EHOSTUNREACH when the name does not resolve, ETIMEDOUT, ECANCELED, EAGAIN). */
+int net_resolve(const char *host, int port, struct addr *out, int max, uint64_t deadline,
+                const _Atomic int *stop, int tick_ms) {
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_NUMERICSERV | AI_NUMERICHOST};
+    struct addrinfo *res;
+    char service[8];
     snprintf(service, sizeof service, "%d", port);
-    if (getaddrinfo(host, service, &hints, &res)) {
+    /* An address needs no lookup: no thread, nothing to wait for (127.0.0.1, the benchmarks). */
+    int rc = getaddrinfo(host, service, &hints, &res);
+    if (rc == 0) {
+        int n = copy_addrs(res, out, max);
+        freeaddrinfo(res);
+        return n;
+    }
+    if (rc != EAI_NONAME) {
         errno = EHOSTUNREACH;
         return -1;
     }
-    for (struct addrinfo *ai = res; ai && n < max; ai = ai->ai_next) {
-        if (ai->ai_addrlen > sizeof out[n].sa) continue;
-        memcpy(&out[n].sa, ai->ai_addr, ai->ai_addrlen);
-        out[n++].len = ai->ai_addrlen;
-    }
-    freeaddrinfo(res);
+    struct lookup *l = lookup_new(host, service);
+    if (!l) return -1;
+    int n = lookup_start(l) < 0 ? -1 : lookup_wait(l, out, max, deadline, stop, tick_ms);
+    int e = errno;
+    lookup_release(l);
+    errno = e;
     return n;
 }
 

@@ -40,6 +40,7 @@
 #define STACK_SIZE        262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
 #define TICK_MS           1000   /* a blocked read or write wakes this often to check deadlines */
 #define DIAL_ADDRESSES    3      /* a name's addresses tried in turn, sharing connect_timeout */
+#define LOOKUPS_MAX       256    /* name lookups at once, each a thread; beyond: EAGAIN (502) */
 #define DOWN_SECONDS      10     /* an upstream that failed a connect is skipped this long */
 #define GRACE_SECONDS     10     /* SIGTERM: how long active connections may finish */
 
@@ -83,9 +84,11 @@ void net_set_tick(int fd, int ms);
  * the socket is then prepared (net_prepare) with a tick of tick_ms. Returns the fd, or -1
  * with errno (ETIMEDOUT at the deadline, ECANCELED on a stop). */
 int net_connect(const struct addr *a, uint64_t deadline, const _Atomic int *stop, int tick_ms);
-/* Resolves host:port into at most max addresses, in the resolver's order. Returns how many,
- * or -1 with errno (EHOSTUNREACH when the name does not resolve). */
-int net_resolve(const char *host, int port, struct addr *out, int max);
+/* Resolves host:port into at most max addresses, in the resolver's order, by deadline (mono
+ * ns), giving up once *stop is nonzero (NULL: never). Returns how many, or -1 with errno
+ * (EHOSTUNREACH when the name does not resolve, ETIMEDOUT, ECANCELED, EAGAIN). */
+int net_resolve(const char *host, int port, struct addr *out, int max, uint64_t deadline,
+                const _Atomic int *stop, int tick_ms);
 
 /* Parses "host:port", "[v6]:port" or "*:port" (resolving names). Returns 0, or -1 with a
  * reason in err. */

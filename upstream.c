@@ -70,7 +70,7 @@ int upstream_open(struct conn *c) {
 int upstream_dial(struct conn *c, const char *host, int port) {
     uint64_t deadline = mono_ns() + (uint64_t)cfg.connect_timeout * 1000000000u;
     struct addr a[DIAL_ADDRESSES];
-    int n = net_resolve(host, port, a, DIAL_ADDRESSES);
+    int n = net_resolve(host, port, a, DIAL_ADDRESSES, deadline, &c->end, TICK_MS);
     int fd = -1;
     if (n < 0) return -1;
     for (int i = 0; i < n && fd < 0; i++) {

@@ -196,3 +196,26 @@ def test_http_a_name_whose_first_addresses_fail_still_connects_within_connect_ti
             assert took < 7, "%.1f s: the black hole took the whole connect_timeout" % took
     for k in keep:
         k.close()
+
+
+def test_http_a_slow_name_lookup_ends_at_connect_timeout_and_does_not_hold_sigterm():
+    """slow.test takes 60 s to fail. A lookup is part of the connect: 504 at connect_timeout;
+    and a stop abandons it (the process exits while the lookup still runs)."""
+    with dial_proxy(connect_timeout=2, preexec_fn=with_fake_dns(slow=60)) as px:
+        for req in (request("GET", "http://slow.test/", "Host: h"),
+                    request("CONNECT", "slow.test:443", "Host: slow.test:443")):
+            start = time.monotonic()
+            resp = Client(px, timeout=30).ask(req)
+            took = time.monotonic() - start
+            assert_error(resp, 504, "Gateway Timeout")
+            assert took < 8, "%.1f s for a 2 s connect_timeout" % took
+        resp = Client(px).ask(request("GET", "http://127.0.0.1:%d/" % closed_port(), "Host: h"))
+        assert_error(resp, 502, "Bad Gateway")  # numeric hosts never wait for a lookup
+    with dial_proxy(connect_timeout=25, preexec_fn=with_fake_dns(slow=60)) as px:
+        c = Client(px, timeout=60)
+        c.send(request("GET", "http://slow.test/", "Host: h"))
+        busy(px, 1)
+        took = stop_within(px, GRACE_SECONDS + 6)
+        got = answer(c, 5)
+        assert got == b"" or got.startswith(b"HTTP/1.1 5"), got[:80]
+        print("     SIGTERM during a 60 s lookup: exit after %.1f s" % took)
