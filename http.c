@@ -123,8 +123,10 @@ static void http_refuse(int fd) {
     send(fd, busy, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
-/* 502 when a connect was refused or a name did not resolve, 504 when it timed out. */
+/* 502 when a connect was refused or a name did not resolve, 504 when it timed out, 403 when
+ * the destination is not allowed (the proxy itself, a local address). */
 static int dial_status(int err) {
+    if (err == EACCES) return 403;
     return err == ETIMEDOUT ? 504 : 502;
 }
 

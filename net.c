@@ -58,6 +58,18 @@ void net_set_tick(int fd, int ms) {
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tick, sizeof tick);
 }
 
+/* Whether this host owns a's IP (any port): a socket can bind to it. The kernel's own answer,
+ * so it covers every interface, alias and local route without a list that could go stale. */
+int net_owns(const struct addr *a) {
+    struct addr any = *a;
+    int fd = socket(a->sa.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return 0;
+    ((struct sockaddr_in *)&any.sa)->sin_port = 0; /* where sin6_port is, too */
+    int rc = bind(fd, (const struct sockaddr *)&any.sa, any.len);
+    close(fd);
+    return rc == 0;
+}
+
 /* Waits for fd's connect in progress to complete, in slices of tick_ms so that a stop is seen.
  * Returns 0, or -1 with errno: the connect's own error, ETIMEDOUT at the deadline, ECANCELED
  * once *stop is nonzero. */

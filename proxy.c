@@ -171,17 +171,22 @@ static void start(sigset_t *set) {
     net_prepare(listen_fd);
     net_set_tick(listen_fd, TICK_MS);
     int admin_fd = cfg.stats_listen.len ? listen_or_die(&cfg.stats_listen, 0) : -1;
+    /* The listeners as bound (port 0 chosen by now), which no request may be dialled to; told
+     * before any worker runs, so they need no lock. */
+    struct addr own[2];
+    int nown = admin_fd >= 0 ? 2 : 1;
+    if (net_local(listen_fd, &own[0]) < 0) err(1, "cannot read the listening address");
+    if (admin_fd >= 0 && net_local(admin_fd, &own[1]) < 0) err(1, "cannot read the admin address");
+    upstream_own(own, nown);
     if (pool_start(mode) < 0) err(1, "cannot start %d workers", cfg.workers);
     if (admin_fd >= 0 && admin_start(admin_fd, mode->metrics) < 0)
         err(1, "cannot start the metrics thread");
     if (pthread_create(&acceptor, NULL, acceptor_main, NULL)) errx(1, "cannot start the acceptor");
 
-    struct addr bound;
     char where[64], admin[64] = "off";
-    if (admin_fd >= 0 && net_local(admin_fd, &bound) == 0) addr_format(&bound, admin, sizeof admin);
-    net_local(listen_fd, &bound);
+    if (admin_fd >= 0) addr_format(&own[1], admin, sizeof admin);
     fprintf(stderr, "proxy: listening on %s (%s, %d workers), metrics on %s\n",
-            addr_format(&bound, where, sizeof where), mode->name, cfg.workers, admin);
+            addr_format(&own[0], where, sizeof where), mode->name, cfg.workers, admin);
 }
 
 /* Waits for signals until SIGTERM or SIGINT: SIGHUP reopens the log, SIGUSR1 logs the

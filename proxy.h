@@ -80,6 +80,8 @@ int net_local(int fd, struct addr *a);
 void net_prepare(int fd);
 /* Makes every blocking read and write on fd give up after ms with EAGAIN. */
 void net_set_tick(int fd, int ms);
+/* Whether this host owns a's IP (any port): a socket can bind to it. */
+int net_owns(const struct addr *a);
 /* Connects to a by deadline (monotonic ns), giving up once *stop is nonzero (NULL: never);
  * the socket is then prepared (net_prepare) with a tick of tick_ms. Returns the fd, or -1
  * with errno (ETIMEDOUT at the deadline, ECANCELED on a stop). */
@@ -289,9 +291,15 @@ int upstream_at_fault(int err);
 /* Chooses an upstream for c by cfg.balance, skipping ones marked down, failing over in
  * order, and connects. Sets c->chosen; returns the fd, or -1 when every upstream failed. */
 int upstream_open(struct conn *c);
+/* Tells the dial path the proxy's own listeners (as bound: port 0 resolved, unmapped), which no
+ * request may reach. Called once, before the pool starts. */
+void upstream_own(const struct addr *listeners, int n);
+/* Whether a request may be dialled to a: never to one of the proxy's own listeners. */
+int upstream_allowed(const struct addr *a);
 /* Connects c to host:port (a name from a request): its first DIAL_ADDRESSES addresses in
  * turn, all within one connect_timeout, giving up when c ends. Returns the fd, or -1 with
- * errno (ETIMEDOUT on timeout, ECANCELED when c ended). */
+ * errno (EACCES when an address is not allowed, ETIMEDOUT on timeout, ECANCELED when c
+ * ended). */
 int upstream_dial(struct conn *c, const char *host, int port);
 
 /* ==== pool.c: the queue, the workers, the graceful stop ================================ */

@@ -7,6 +7,10 @@
 #include <string.h>
 
 static _Atomic unsigned next_rr;
+/* The proxy's listeners as bound: written by upstream_own before the workers start, then
+ * read-only. */
+static struct addr own[2];
+static int nown;
 
 /* Which upstream a client starts at for balance = source: stable for one address. FNV-1a
  * over the address bytes, not the port: one client machine, one upstream. */
@@ -64,15 +68,69 @@ int upstream_open(struct conn *c) {
     return -1;
 }
 
+/* Tells the dial path the proxy's own listeners (as bound: port 0 resolved, unmapped), which no
+ * request may reach. Called once, before the pool starts. */
+void upstream_own(const struct addr *listeners, int n) {
+    for (nown = 0; nown < n && nown < (int)(sizeof own / sizeof own[0]); nown++)
+        own[nown] = listeners[nown];
+}
+
+/* The address a connection to a reaches: IPv4-mapped as IPv4, and the unspecified address as
+ * loopback (Linux connects 0.0.0.0 to 127.0.0.1 and :: to ::1). */
+static struct addr reached(const struct addr *a) {
+    static const uint8_t zero[16];
+    struct addr t = *a;
+    int len;
+    addr_unmap(&t);
+    const uint8_t *ip = addr_ip(&t, &len);
+    if (memcmp(ip, zero, (size_t)len)) return t;
+    if (len == 4)
+        ((struct sockaddr_in *)&t.sa)->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    else
+        ((struct sockaddr_in6 *)&t.sa)->sin6_addr = in6addr_loopback;
+    return t;
+}
+
+/* Whether a connection to a (as reached) would come back to one of our own listeners. Checked
+ * before connecting, so that no such connection is ever made: a listener on an address takes
+ * that address; a wildcard one (0.0.0.0 for IPv4, [::] for both) takes every address this
+ * host owns. */
+static int own_listener(const struct addr *a) {
+    static const uint8_t zero[16];
+    int len, olen;
+    const uint8_t *ip = addr_ip(a, &len);
+    for (int i = 0; i < nown; i++) {
+        const uint8_t *oip = addr_ip(&own[i], &olen);
+        if (addr_port(&own[i]) != addr_port(a)) continue;
+        if (olen == len && !memcmp(oip, ip, (size_t)len)) return 1;
+        if (!memcmp(oip, zero, (size_t)olen) && (olen == 16 || len == 4) && net_owns(a)) return 1;
+    }
+    return 0;
+}
+
+/* Whether a request may be dialled to a: never to one of the proxy's own listeners. */
+int upstream_allowed(const struct addr *a) {
+    struct addr t = reached(a);
+    return !own_listener(&t);
+}
+
 /* Connects c to host:port (a name from a request): its first DIAL_ADDRESSES addresses in
  * turn, all within one connect_timeout, giving up when c ends. Returns the fd, or -1 with
- * errno (ETIMEDOUT on timeout, ECANCELED when c ended). */
+ * errno (EACCES when an address is not allowed, ETIMEDOUT on timeout, ECANCELED when c
+ * ended). */
 int upstream_dial(struct conn *c, const char *host, int port) {
     uint64_t deadline = mono_ns() + (uint64_t)cfg.connect_timeout * 1000000000u;
     struct addr a[DIAL_ADDRESSES];
     int n = net_resolve(host, port, a, DIAL_ADDRESSES, deadline, &c->end, TICK_MS);
     int fd = -1;
     if (n < 0) return -1;
+    /* One address not allowed refuses the name: which of its addresses happens to be tried
+     * must not decide it. */
+    for (int i = 0; i < n; i++) {
+        if (upstream_allowed(&a[i])) continue;
+        errno = EACCES;
+        return -1;
+    }
     for (int i = 0; i < n && fd < 0; i++) {
         /* A black-holed address must not use up the time the next one needs: each gets an
          * equal share of what is left, the last all of it. */

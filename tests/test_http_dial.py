@@ -219,3 +219,36 @@ def test_http_a_slow_name_lookup_ends_at_connect_timeout_and_does_not_hold_sigte
         got = answer(c, 5)
         assert got == b"" or got.startswith(b"HTTP/1.1 5"), got[:80]
         print("     SIGTERM during a 60 s lookup: exit after %.1f s" % took)
+
+
+# ---- never the proxy's own listeners; local destinations ---------------------------------
+
+def refused(px, target):
+    """Asks for target by CONNECT and by absolute-form GET: both must get our 403."""
+    for req in (request("CONNECT", target, "Host: " + target),
+                request("GET", "http://%s/metrics" % target, "Host: h")):
+        c = Client(px)
+        assert_error(c.ask(req), 403, "Forbidden")
+        assert c.closed(), target
+
+
+def test_http_the_admin_listener_is_not_reachable_through_the_proxy():
+    """Before, GET http://127.0.0.1:ADMIN/metrics through the proxy returned the metrics."""
+    with dial_proxy() as px:
+        port = px.metrics_addr[1]
+        for target in ("127.0.0.1:%d", "localhost:%d", "[::ffff:127.0.0.1]:%d", "0.0.0.0:%d",
+                       "127.1:%d"):
+            refused(px, target % port)
+        assert px.metric("proxy_http_tunnels_total") == 0
+
+
+def test_http_the_proxy_own_port_is_refused_without_connecting_to_itself():
+    """Before, GET http://localhost:PORT/ went round through the proxy (508 from the inner
+    hop) and CONNECT localhost:PORT opened a tunnel to itself."""
+    with dial_proxy() as px:
+        port = px.addr[1]
+        targets = ("localhost:%d", "127.0.0.1:%d", "[::ffff:127.0.0.1]:%d", "0.0.0.0:%d")
+        for target in targets:
+            refused(px, target % port)
+        # Only the test's own clients were accepted: the proxy never connected to itself.
+        assert px.metric("proxy_connections_accepted_total") == 2 * len(targets)

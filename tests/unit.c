@@ -299,6 +299,57 @@ static void test_source_hash(void) {
     for (int i = 0; i < 4; i++) CHECK(seen[i] > 20); /* spread, roughly */
 }
 
+/* a parsed from "host:port" (numeric). */
+static struct addr at(const char *s) {
+    struct addr a = {0};
+    char err[128];
+    if (addr_parse(s, &a, err, sizeof err) < 0) printf("  bad address in a test: %s\n", s);
+    return a;
+}
+
+static void test_own_listeners(void) {
+    /* Listening on 127.0.0.1:8888 and [::1]:9100: those, and the addresses that reach them. */
+    struct addr own[2] = {at("127.0.0.1:8888"), at("[::1]:9100")};
+    upstream_own(own, 2);
+    static const char *const us[] = {
+        "127.0.0.1:8888",        "0.0.0.0:8888", "[::ffff:127.0.0.1]:8888",
+        "[::ffff:0.0.0.0]:8888", "[::1]:9100",   "[::]:9100"};
+    static const char *const others[] = {"127.0.0.1:8889", "127.0.0.2:8888", "[::1]:8888",
+                                         "127.0.0.1:9100", "10.0.0.1:8888",  "0.0.0.0:9100"};
+    for (size_t i = 0; i < sizeof us / sizeof us[0]; i++) {
+        struct addr a = at(us[i]);
+        if (upstream_allowed(&a)) printf("  allowed: %s\n", us[i]);
+        CHECK(!upstream_allowed(&a));
+    }
+    for (size_t i = 0; i < sizeof others / sizeof others[0]; i++) {
+        struct addr a = at(others[i]);
+        if (!upstream_allowed(&a)) printf("  refused: %s\n", others[i]);
+        CHECK(upstream_allowed(&a));
+    }
+    /* A wildcard listener is every address this host owns, on its port, in its families. */
+    own[0] = at("0.0.0.0:8888");
+    own[1] = at("[::]:9100");
+    upstream_own(own, 2);
+    struct addr lo = at("127.0.0.5:9"), doc = at("198.51.100.77:9");
+    CHECK(net_owns(&lo));   /* all of 127/8 is this host's */
+    CHECK(!net_owns(&doc)); /* a documentation address: nobody's */
+    static const char *const wild_us[] = {"127.0.0.9:8888", "0.0.0.0:8888", "127.0.0.9:9100",
+                                          "[::1]:9100", "[::ffff:127.0.0.1]:9100"};
+    static const char *const wild_others[] = {"[::1]:8888", "198.51.100.77:8888",
+                                              "198.51.100.77:9100", "127.0.0.1:8887"};
+    for (size_t i = 0; i < sizeof wild_us / sizeof wild_us[0]; i++) {
+        struct addr a = at(wild_us[i]);
+        if (upstream_allowed(&a)) printf("  allowed: %s\n", wild_us[i]);
+        CHECK(!upstream_allowed(&a));
+    }
+    for (size_t i = 0; i < sizeof wild_others / sizeof wild_others[0]; i++) {
+        struct addr a = at(wild_others[i]);
+        if (!upstream_allowed(&a)) printf("  refused: %s\n", wild_others[i]);
+        CHECK(upstream_allowed(&a));
+    }
+    upstream_own(own, 0);
+}
+
 static void test_upstream_fault(void) {
     CHECK(upstream_at_fault(ECONNREFUSED));
     CHECK(upstream_at_fault(ETIMEDOUT));
@@ -655,6 +706,8 @@ int main(void) {
     run("addresses: parse, format, brackets, v4-mapped", test_addresses);
     run("cidr: parse and match, v4, v6, v4-mapped", test_cidr);
     run("source hash: stable, port-blind, spread", test_source_hash);
+    run("upstream: never to our own listeners, by any address that reaches them",
+        test_own_listeners);
     run("upstream: our shortages never mark an upstream down", test_upstream_fault);
     run("PROXY protocol v1 and v2 headers are byte-exact", test_proxy_header);
     run("rate limit pacing arithmetic", test_pacing);
