@@ -47,6 +47,8 @@ static const struct key keys[] = {
     {"access", "allow", CIDRS, F(allow), "127.0.0.0/8, ::1"}, /* loopback only */
     {"access", "connect_ports", PORTS, F(connect_ports), "443"},
     {"access", "forward_ports", PORTS, F(forward_ports), "80, 443, 1025-65535"}, /* squid's */
+    {"access", "local_destinations", ENUM, F(local_destinations), "auto",
+     .enums = "auto allow deny"},
     {"auth", "realm", TEXT, F(realm), "proxy", 0, sizeof cfg.realm},
     {"users", "*", USER, F(users)}, /* none: auth is off */
     {"stats", "listen", ADDR, F(stats_listen), "127.0.0.1:9100"},
@@ -301,6 +303,16 @@ static int same_listener(const struct addr *a, const struct addr *b) {
            (!strncmp(x, "0.0.0.0:", 8) && v4y) || (!strncmp(y, "0.0.0.0:", 8) && v4x);
 }
 
+/* Whether a is a loopback address (IPv4-mapped too): where auto allows local destinations. */
+static int loopback(const struct addr *a) {
+    struct addr t = *a;
+    struct cidr lo[2];
+    addr_unmap(&t);
+    cidr_parse("127.0.0.0/8", &lo[0]);
+    cidr_parse("::1", &lo[1]);
+    return cidr_match(lo, 2, &t);
+}
+
 /* The line a key was set on, or def if it was not: where to point an error about it. */
 static int line_of(const struct loader *l, const char *section, const char *name, int def) {
     for (size_t i = 0; i < NKEYS; i++)
@@ -344,6 +356,10 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
     if (same_listener(&c->listen, &c->stats_listen))
         fail(&l, line_of(&l, "stats", "listen", where),
              "[stats] listen must differ from the proxy's listen address");
+    /* A proxy on loopback serves this host's own users, who can reach its local services
+     * anyway; on any other address, clients from elsewhere could reach them through it. */
+    c->local_auto = c->local_destinations == LOCAL_AUTO;
+    if (c->local_auto) c->local_destinations = loopback(&c->listen) ? LOCAL_ALLOW : LOCAL_DENY;
     return l.err_line ? -1 : 0;
 }
 
@@ -365,6 +381,10 @@ void config_plan(const struct config *c, FILE *o) {
     fprintf(o, "%s: configuration ok\nmode %s on %s, %d upstream(s), copy %s, metrics on %s\n",
             c->file, modes[c->mode], addr_format(&c->listen, listen, sizeof listen), c->nup,
             copies[c->copy], admin);
+    if (c->mode == MODE_HTTP)
+        fprintf(o, "local destinations: %s%s\n",
+                c->local_destinations == LOCAL_DENY ? "deny" : "allow",
+                c->local_auto ? " (auto)" : "");
     fprintf(o,
             "%d workers: %d threads, %.1f MiB of stacks (resident only as touched), %.1f MiB of %s",
             c->workers, 2 * c->workers, w * 2 * STACK_SIZE / mib, w * 2 * c->buffer_size / mib,

@@ -359,6 +359,18 @@ void addr_unmap(struct addr *a) {
     a->len = sizeof s4;
 }
 
+/* Whether a is a loopback, link-local or unspecified address (127.0.0.0/8, 169.254.0.0/16,
+ * 0.0.0.0/8, ::1, fe80::/10, ::), IPv4-mapped forms included. */
+int addr_is_local(const struct addr *a) {
+    struct addr t = *a;
+    int len;
+    addr_unmap(&t);
+    const uint8_t *ip = addr_ip(&t, &len);
+    if (len == 4) return ip[0] == 127 || ip[0] == 0 || (ip[0] == 169 && ip[1] == 254);
+    const struct in6_addr *ip6 = (const struct in6_addr *)ip;
+    return IN6_IS_ADDR_LOOPBACK(ip6) || IN6_IS_ADDR_UNSPECIFIED(ip6) || IN6_IS_ADDR_LINKLOCAL(ip6);
+}
+
 /* ---- networks ------------------------------------------------------------------------- */
 
 /* Parses "10.0.0.0/8", "::1" (a single host) and so on. Returns 0 or -1. */

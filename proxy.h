@@ -104,6 +104,9 @@ char *addr_format(const struct addr *a, char *buf, size_t len);
 /* Rewrites an IPv4-mapped IPv6 address (::ffff:1.2.3.4) as plain IPv4: done once, on accept,
  * so that the allow-list, the source hash, the PROXY header and the log all see IPv4. */
 void addr_unmap(struct addr *a);
+/* Whether a is a loopback, link-local or unspecified address (127.0.0.0/8, 169.254.0.0/16,
+ * 0.0.0.0/8, ::1, fe80::/10, ::), IPv4-mapped forms included. */
+int addr_is_local(const struct addr *a);
 /* Parses "10.0.0.0/8", "::1" (a single host) and so on. Returns 0 or -1. */
 int cidr_parse(const char *s, struct cidr *n);
 /* Whether a is inside one of the count networks of list. */
@@ -123,6 +126,7 @@ enum mode_name { MODE_TCP, MODE_HTTP };
 enum balance { BALANCE_SOURCE, BALANCE_ROUNDROBIN };
 enum copy_mode { COPY_SPLICE, COPY_BUFFER };
 enum send_proxy { SEND_PROXY_OFF, SEND_PROXY_V1, SEND_PROXY_V2 };
+enum local_destinations { LOCAL_AUTO, LOCAL_ALLOW, LOCAL_DENY };
 
 struct user {
     char name[64], pass[128];
@@ -145,6 +149,8 @@ struct config {
     int nallow;
     uint8_t connect_ports[65536 / 8]; /* a bit per port CONNECT may reach */
     uint8_t forward_ports[65536 / 8]; /* a bit per port absolute-form requests may reach */
+    int local_destinations;           /* LOCAL_ALLOW or LOCAL_DENY once loaded: what auto chose */
+    int local_auto;                   /* local_destinations was auto: -t says so */
     char realm[64];
     struct user users[MAX_USERS]; /* any user turns Basic auth on */
     int nusers;
@@ -294,7 +300,9 @@ int upstream_open(struct conn *c);
 /* Tells the dial path the proxy's own listeners (as bound: port 0 resolved, unmapped), which no
  * request may reach. Called once, before the pool starts. */
 void upstream_own(const struct addr *listeners, int n);
-/* Whether a request may be dialled to a: never to one of the proxy's own listeners. */
+/* Whether a request may be dialled to a: never to one of the proxy's own listeners; with
+ * local_destinations = deny, not to a loopback, link-local or unspecified address, nor to any
+ * address this host owns. */
 int upstream_allowed(const struct addr *a);
 /* Connects c to host:port (a name from a request): its first DIAL_ADDRESSES addresses in
  * turn, all within one connect_timeout, giving up when c ends. Returns the fd, or -1 with

@@ -108,10 +108,13 @@ static int own_listener(const struct addr *a) {
     return 0;
 }
 
-/* Whether a request may be dialled to a: never to one of the proxy's own listeners. */
+/* Whether a request may be dialled to a: never to one of the proxy's own listeners; with
+ * local_destinations = deny, not to a loopback, link-local or unspecified address, nor to any
+ * address this host owns. */
 int upstream_allowed(const struct addr *a) {
     struct addr t = reached(a);
-    return !own_listener(&t);
+    if (own_listener(&t)) return 0;
+    return cfg.local_destinations != LOCAL_DENY || !(addr_is_local(&t) || net_owns(&t));
 }
 
 /* Connects c to host:port (a name from a request): its first DIAL_ADDRESSES addresses in

@@ -252,3 +252,50 @@ def test_http_the_proxy_own_port_is_refused_without_connecting_to_itself():
             refused(px, target % port)
         # Only the test's own clients were accepted: the proxy never connected to itself.
         assert px.metric("proxy_connections_accepted_total") == 2 * len(targets)
+
+
+def test_http_local_destinations_deny_refuses_loopback_and_allow_permits_it():
+    with origin() as o, Server(echo_handler) as echo:
+        oport, eport = host_port(o.addr)[1], echo.port
+        with dial_proxy(o.addr, local="deny") as px:
+            for target in ("127.0.0.1:%d", "localhost:%d", "127.0.0.2:%d", "[::1]:%d",
+                           "[::ffff:127.0.0.1]:%d", "0.0.0.0:%d", "[::]:%d"):
+                refused(px, target % oport)
+                refused(px, target % eport)
+            assert (o.conns, echo.conns) == (0, 0), "a denied destination was connected"
+            # Origin-form goes to the configured upstream: the operator chose it.
+            resp = Client(px).ask(request("GET", "/configured", "Host: h"))
+            assert resp.status == 200 and resp.body == b"origin /configured", resp.head
+        with dial_proxy(local="allow") as px:
+            resp = Client(px).ask(request("GET", url(o, "/allowed"), "Host: h"))
+            assert resp.status == 200 and resp.body == b"origin /allowed", resp.head
+            resp = Client(px).ask(request("GET", "http://localhost:%d/by-name" % oport, "Host: h"))
+            assert resp.status == 200 and resp.body == b"origin /by-name", resp.head
+            c = Client(px)
+            c.send(request("CONNECT", echo.addr, "Host: " + echo.addr) + b"ping")
+            assert c.r.exactly(len(ESTABLISHED) + 4) == ESTABLISHED + b"ping"
+            c.close()
+
+
+def test_http_local_destinations_bad_value_exits_2_and_t_shows_what_auto_chose():
+    def run_proxy(*args):
+        return subprocess.run([PROXY, *args], capture_output=True, text=True, timeout=10)
+
+    path = os.path.join(TMP, "local.ini")
+    with open(path, "w") as f:
+        f.write("[proxy]\nmode = http\n[access]\nconnect_ports = 443\n"
+                "local_destinations = maybe\n")
+    for args in (["-c", path], ["-t", "-c", path]):
+        r = run_proxy(*args)
+        assert r.returncode == 2, r
+        want = "%s:5: local_destinations = 'maybe': expected one of: auto allow deny" % path
+        assert r.stderr.strip() == want, r.stderr
+    for listen, value, want in (("127.0.0.1:8888", "auto", "allow (auto)"),
+                                ("[::1]:8888", "auto", "allow (auto)"),
+                                ("0.0.0.0:8888", "auto", "deny (auto)"),
+                                ("0.0.0.0:8888", "allow", "allow")):
+        ini = write_ini({"proxy": {"listen": listen, "mode": "http"},
+                         "access": {"local_destinations": value}}, "local-t.ini")
+        r = run_proxy("-t", "-c", ini)  # -t binds nothing
+        assert r.returncode == 0, r
+        assert "\nlocal destinations: %s\n" % want in r.stdout, (listen, value, r.stdout)

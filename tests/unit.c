@@ -73,6 +73,8 @@ static void test_config_golden_errors(void) {
          "3: copy = 'Splice': expected one of: splice buffer"},
         {"[proxy]\nupstream = 127.0.0.1:80\nsend_proxy = v3\n",
          "3: send_proxy = 'v3': expected one of: off v1 v2"},
+        {"[proxy]\n[access]\nlocal_destinations = yes\n",
+         "3: local_destinations = 'yes': expected one of: auto allow deny"},
         {"[proxy]\nupstream = 127.0.0.1:80\nlisten = 127.0.0.1\n",
          "3: listen = '127.0.0.1': expected host:port"},
         {"[proxy]\nupstream = 127.0.0.1:80\nlisten = ::1:80\n",
@@ -223,6 +225,25 @@ static void test_config_values(void) {
     /* A list is the union of its items, so '*' beside others is still every port. */
     CHECK(load("[access]\nforward_ports = 80, *\n", err, sizeof err) == 0);
     CHECK(auth_port_allowed(c.forward_ports, 1) && auth_port_allowed(c.forward_ports, 65535));
+
+    /* local_destinations = auto: allowed on loopback, denied on any other listen address. */
+    static const struct {
+        const char *listen, *value;
+        int want, autos;
+    } local[] = {
+        {"127.0.0.1:1", "auto", LOCAL_ALLOW, 1}, {"127.0.0.2:1", "auto", LOCAL_ALLOW, 1},
+        {"[::1]:1", "auto", LOCAL_ALLOW, 1},     {"[::ffff:127.0.0.1]:1", "auto", LOCAL_ALLOW, 1},
+        {"0.0.0.0:1", "auto", LOCAL_DENY, 1},    {"[::]:1", "auto", LOCAL_DENY, 1},
+        {"192.0.2.1:1", "auto", LOCAL_DENY, 1},  {"192.0.2.1:1", "allow", LOCAL_ALLOW, 0},
+        {"127.0.0.1:1", "deny", LOCAL_DENY, 0},
+    };
+    for (size_t i = 0; i < sizeof local / sizeof local[0]; i++) {
+        char ini[128];
+        snprintf(ini, sizeof ini, "[proxy]\nlisten = %s\n[access]\nlocal_destinations = %s\n",
+                 local[i].listen, local[i].value);
+        CHECK(load(ini, err, sizeof err) == 0);
+        CHECK(c.local_destinations == local[i].want && c.local_auto == local[i].autos);
+    }
 }
 
 static void test_addresses(void) {
@@ -307,7 +328,41 @@ static struct addr at(const char *s) {
     return a;
 }
 
+static void test_local_addresses(void) {
+    static const char *const local[] = {"127.0.0.1:1",
+                                        "127.255.0.9:1",
+                                        "0.0.0.0:1",
+                                        "0.1.2.3:1",
+                                        "169.254.169.254:80",
+                                        "[::1]:1",
+                                        "[::]:1",
+                                        "[fe80::1]:1",
+                                        "[febf::1]:1",
+                                        "[::ffff:127.0.0.1]:1",
+                                        "[::ffff:0.0.0.0]:1",
+                                        "[::ffff:169.254.0.1]:1"};
+    static const char *const remote[] = {"10.0.0.1:1",      "128.0.0.1:1", "169.255.0.1:1",
+                                         "[2001:db8::1]:1", "[fec0::1]:1", "[::ffff:10.0.0.1]:1",
+                                         "[::2]:1"};
+    for (size_t i = 0; i < sizeof local / sizeof local[0]; i++) {
+        struct addr a = at(local[i]);
+        if (!addr_is_local(&a)) printf("  not local: %s\n", local[i]);
+        CHECK(addr_is_local(&a));
+    }
+    for (size_t i = 0; i < sizeof remote / sizeof remote[0]; i++) {
+        struct addr a = at(remote[i]);
+        if (addr_is_local(&a)) printf("  local: %s\n", remote[i]);
+        CHECK(!addr_is_local(&a));
+    }
+    struct addr lo = at("127.0.0.5:9"), doc = at("198.51.100.77:9");
+    CHECK(net_owns(&lo));   /* all of 127/8 is this host's */
+    CHECK(!net_owns(&doc)); /* a documentation address: nobody's */
+}
+
 static void test_own_listeners(void) {
+    char err[512];
+    CHECK(load("[proxy]\nlisten = 127.0.0.1:8888\n", err, sizeof err) == 0); /* auto: allow */
+    memcpy(&cfg, &c, sizeof c);
     /* Listening on 127.0.0.1:8888 and [::1]:9100: those, and the addresses that reach them. */
     struct addr own[2] = {at("127.0.0.1:8888"), at("[::1]:9100")};
     upstream_own(own, 2);
@@ -330,9 +385,6 @@ static void test_own_listeners(void) {
     own[0] = at("0.0.0.0:8888");
     own[1] = at("[::]:9100");
     upstream_own(own, 2);
-    struct addr lo = at("127.0.0.5:9"), doc = at("198.51.100.77:9");
-    CHECK(net_owns(&lo));   /* all of 127/8 is this host's */
-    CHECK(!net_owns(&doc)); /* a documentation address: nobody's */
     static const char *const wild_us[] = {"127.0.0.9:8888", "0.0.0.0:8888", "127.0.0.9:9100",
                                           "[::1]:9100", "[::ffff:127.0.0.1]:9100"};
     static const char *const wild_others[] = {"[::1]:8888", "198.51.100.77:8888",
@@ -347,6 +399,10 @@ static void test_own_listeners(void) {
         if (!upstream_allowed(&a)) printf("  refused: %s\n", wild_others[i]);
         CHECK(upstream_allowed(&a));
     }
+    /* deny: no local address, whatever the port; a remote one still goes. */
+    cfg.local_destinations = LOCAL_DENY;
+    struct addr a = at("127.0.0.1:80"), b = at("[fe80::1]:80"), d = at("198.51.100.77:80");
+    CHECK(!upstream_allowed(&a) && !upstream_allowed(&b) && upstream_allowed(&d));
     upstream_own(own, 0);
 }
 
@@ -706,8 +762,8 @@ int main(void) {
     run("addresses: parse, format, brackets, v4-mapped", test_addresses);
     run("cidr: parse and match, v4, v6, v4-mapped", test_cidr);
     run("source hash: stable, port-blind, spread", test_source_hash);
-    run("upstream: never to our own listeners, by any address that reaches them",
-        test_own_listeners);
+    run("addresses: loopback, link-local, unspecified; this host's own", test_local_addresses);
+    run("upstream: never to our own listeners; local_destinations = deny", test_own_listeners);
     run("upstream: our shortages never mark an upstream down", test_upstream_fault);
     run("PROXY protocol v1 and v2 headers are byte-exact", test_proxy_header);
     run("rate limit pacing arithmetic", test_pacing);
