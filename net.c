@@ -90,6 +90,8 @@ static int connected(int fd, uint64_t deadline, const _Atomic int *stop, int tic
         if (n > 0) break;
         if (n < 0 && errno != EINTR) return -1;
     }
+    /* Writable without an error or a hang-up: connected, and a getsockopt saved per connect. */
+    if (!(p.revents & (POLLERR | POLLHUP))) return 0;
     int err = 0;
     socklen_t len = sizeof err;
     if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return -1;
