@@ -1,6 +1,7 @@
 /* upstream.c — where a connection goes: balancing over the configured upstreams, skipping the
  * ones that failed recently and failing over to the next, and connecting to a host a request
- * names, each within connect_timeout. */
+ * names, each within connect_timeout; and which destinations a request may not reach (the
+ * proxy's own listeners; local addresses with local_destinations = deny). */
 #include "proxy.h"
 
 #include <errno.h>
@@ -75,15 +76,20 @@ void upstream_own(const struct addr *listeners, int n) {
         own[nown] = listeners[nown];
 }
 
+/* Whether the len bytes of ip are all zero: the unspecified address, a wildcard listener. */
+static int unspecified(const uint8_t *ip, int len) {
+    static const uint8_t zero[16];
+    return !memcmp(ip, zero, (size_t)len);
+}
+
 /* The address a connection to a reaches: IPv4-mapped as IPv4, and the unspecified address as
  * loopback (Linux connects 0.0.0.0 to 127.0.0.1 and :: to ::1). */
 static struct addr reached(const struct addr *a) {
-    static const uint8_t zero[16];
     struct addr t = *a;
     int len;
     addr_unmap(&t);
     const uint8_t *ip = addr_ip(&t, &len);
-    if (memcmp(ip, zero, (size_t)len)) return t;
+    if (!unspecified(ip, len)) return t;
     if (len == 4)
         ((struct sockaddr_in *)&t.sa)->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     else
@@ -96,14 +102,14 @@ static struct addr reached(const struct addr *a) {
  * that address; a wildcard one (0.0.0.0 for IPv4, [::] for both) takes every address this
  * host owns. */
 static int own_listener(const struct addr *a) {
-    static const uint8_t zero[16];
     int len, olen;
     const uint8_t *ip = addr_ip(a, &len);
     for (int i = 0; i < nown; i++) {
         const uint8_t *oip = addr_ip(&own[i], &olen);
         if (addr_port(&own[i]) != addr_port(a)) continue;
         if (olen == len && !memcmp(oip, ip, (size_t)len)) return 1;
-        if (!memcmp(oip, zero, (size_t)olen) && (olen == 16 || len == 4) && net_owns(a)) return 1;
+        int covers = olen == 16 || len == 4; /* [::] takes IPv4 too; 0.0.0.0 no IPv6 */
+        if (unspecified(oip, olen) && covers && net_owns(a)) return 1;
     }
     return 0;
 }
