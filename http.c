@@ -123,8 +123,9 @@ static void http_refuse(int fd) {
     send(fd, busy, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
-/* 502 when a connect was refused or a name did not resolve, 504 when it timed out, 403 when
- * the destination is not allowed (the proxy itself, a local address). */
+/* The answer when no upstream connection could be made: 403 for a destination refused by
+ * local_destinations or one of our own listeners, 504 when the connect timed out, else 502
+ * (refused, or the name did not resolve). */
 static int dial_status(int err) {
     if (err == EACCES) return 403;
     return err == ETIMEDOUT ? 504 : 502;
