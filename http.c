@@ -293,7 +293,7 @@ static void end_upstream(struct worker *w, struct conn *c) {
  * passed, the everyday case; the retry covers the race that is left. */
 static int upstream_clean(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
-    char byte;
+    char byte = 0;
     if (h->in[DOWN].len > h->in[DOWN].off) return 0;
     return recv(c->upstream, &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN;
 }
