@@ -662,6 +662,20 @@ def test_http_interim_response_bytes_are_counted_in_down():
             "is %d)" % (lines[0][5], got, len(interim.head))
 
 
+def test_http_10_client_never_gets_an_interim_response():
+    """RFC 9110 15.2: a server must not send a 1xx to an HTTP/1.0 client, which cannot tell it
+    from the final answer. The proxy drops the upstream's 100 Continue for a 1.0 request and
+    relays only the final 200."""
+    def answer(server, req, r):
+        return b"HTTP/1.1 100 Continue\r\n\r\n" + reply(200, b"final")
+
+    with origin(answer) as o, http_proxy(users=False, idle_timeout=60) as px:
+        c = Client(px, timeout=5)
+        c.send(request("GET", url(o, "/old"), "Host: h", version="HTTP/1.0"))
+        first = c.response()
+        assert first.status == 200 and first.body == b"final", first.head
+
+
 def test_http_chunked_upload_size_is_logged_once_the_body_is_done():
     """An upstream that answers as soon as it has the head (early_handler), while the client
     sends its chunked body only after reading that answer: up= in the log line must count
