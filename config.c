@@ -35,10 +35,13 @@ static const struct key keys[] = {
     {"proxy", "balance", ENUM, F(balance), "source", .enums = "source roundrobin"},
     {"proxy", "workers", INT, F(workers), "256", 1, 50000},
     {"proxy", "queue", INT, F(queue), "1024", 0, 1000000},
+    {"proxy", "max_connections", INT, F(max_connections), "8192", 1, 10000000},
+    {"proxy", "park_after", INT, F(park_after), "50", 0, 60000}, /* ms; 0: never */
     {"proxy", "buffer_size", SIZE, F(buffer_size), "64k", 1024, 64 << 20},
     {"proxy", "copy", ENUM, F(copy), "splice", .enums = "splice buffer"},
     {"proxy", "connect_timeout", INT, F(connect_timeout), "5", 1, 600},
     {"proxy", "idle_timeout", INT, F(idle_timeout), "300", 0, 604800},
+    {"proxy", "keepalive_timeout", INT, F(keepalive_timeout), "60", 0, 604800},
     {"proxy", "header_timeout", INT, F(header_timeout), "10", 1, 3600},
     {"proxy", "rate_limit", SIZE, F(rate_limit), "0", 0, 0x7fffffff},
     {"proxy", "send_proxy", ENUM, F(send_proxy), "off", .enums = "off v1 v2"},
@@ -360,21 +363,33 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
      * anyway; on any other address, clients from elsewhere could reach them through it. */
     c->local_auto = c->local_destinations == LOCAL_AUTO;
     if (c->local_auto) c->local_destinations = loopback(&c->listen) ? LOCAL_ALLOW : LOCAL_DENY;
+    /* A quiet connection parks within a quarter of park_after of it; without parking, reads
+     * wake only to check the timeouts. */
+    c->park_tick = c->park_after ? c->park_after / 4 : TICK_MS;
+    if (c->park_tick < 1) c->park_tick = 1;
+    if (c->park_tick > TICK_MS) c->park_tick = TICK_MS;
     return l.err_line ? -1 : 0;
 }
 
 /* ---- the memory plan (-t) ------------------------------------------------------------- */
 
-/* File descriptors a full load needs: sockets, pipes, the queue, a few to spare. */
-long long config_fds(const struct config *c) {
-    return (long long)c->workers * (c->copy == COPY_SPLICE ? 6 : 2) + c->queue + 16;
+/* File descriptors one worker holds for good: its two pipes with copy = splice. */
+static long long pool_fds(const struct config *c) {
+    return c->copy == COPY_SPLICE ? 4 : 0;
 }
 
-/* Prints what -t shows: threads, stacks, buffers, pipes, descriptors, connection records. */
+/* File descriptors a full load needs: max_connections' sockets, the workers' pipes, a few to
+ * spare. */
+long long config_fds(const struct config *c) {
+    return (long long)c->max_connections * 2 + (long long)c->workers * pool_fds(c) + 16;
+}
+
+/* Prints what -t shows: the pool (threads, stacks, buffers, pipes), the connections
+ * (records, sockets), and whether the fd limit holds them. */
 void config_plan(const struct config *c, FILE *o) {
     static const char *modes[] = {"tcp", "http"}, *copies[] = {"splice", "buffer"};
     char listen[64], admin[64] = "off";
-    double w = c->workers, mib = 1 << 20;
+    double w = c->workers, mib = 1 << 20, n = c->max_connections;
     struct rlimit rl = {0};
     getrlimit(RLIMIT_NOFILE, &rl);
     if (c->stats_listen.len) addr_format(&c->stats_listen, admin, sizeof admin);
@@ -386,14 +401,27 @@ void config_plan(const struct config *c, FILE *o) {
                 c->local_destinations == LOCAL_DENY ? "deny" : "allow",
                 c->local_auto ? " (auto)" : "");
     fprintf(o,
-            "%d workers: %d threads, %.1f MiB of stacks (resident only as touched), %.1f MiB of %s",
+            "pool: %d workers: %d threads, %.1f MiB of stacks (resident only as touched), %.1f MiB "
+            "of %s",
             c->workers, 2 * c->workers, w * 2 * STACK_SIZE / mib, w * 2 * c->buffer_size / mib,
             c->copy == COPY_SPLICE ? "pipe buffers in the kernel at most" : "buffers");
-    if (c->mode == MODE_HTTP) /* http.c: two input buffers and a rewritten head */
-        fprintf(o, ", %.1f MiB of http heads", w * 3 * HEAD_MAX / mib);
-    fprintf(o, "\nfds at full load: %lld (limit %llu); queue: %d connections may wait\n",
-            config_fds(c), (unsigned long long)rl.rlim_max, c->queue);
-    /* pool.c's slab: a record for every connection that can be open at once. */
-    fprintf(o, "%d connection records (queued or served): %.1f MiB\n", c->queue + c->workers,
-            (double)(c->queue + c->workers) * sizeof(struct conn) / mib);
+    if (c->mode == MODE_HTTP) /* http.c: two input buffers and two rewritten heads */
+        fprintf(o, ", %.1f MiB of http heads", w * 4 * HEAD_MAX / mib);
+    fprintf(o, "; %lld fds\n", (long long)c->workers * pool_fds(c));
+    /* pool.c's slab: a record for every connection that can be open at once, resident only
+     * once used; and two sockets each. The kernel's socket buffers come on top. */
+    fprintf(o,
+            "connections: max_connections %d (busy, queued or parked; the queue holds %d new "
+            "ones): %.1f MiB of records, %lld fds\n",
+            c->max_connections, c->queue, n * sizeof(struct conn) / mib, (long long)n * 2);
+    fprintf(o, "park_after %d ms%s, keepalive_timeout %d s, idle_timeout %d s\n", c->park_after,
+            c->park_after ? "" : " (never park: a connection keeps its worker)",
+            c->keepalive_timeout, c->idle_timeout);
+    fprintf(o, "fds at full load: %lld (limit %llu)\n", config_fds(c),
+            (unsigned long long)rl.rlim_max);
+    if ((unsigned long long)config_fds(c) > (unsigned long long)rl.rlim_max)
+        fprintf(o,
+                "warning: the fd limit cannot hold max_connections; lower it to %lld or "
+                "raise the limit (LimitNOFILE=, ulimit -n)\n",
+                ((long long)rl.rlim_max - (long long)c->workers * pool_fds(c) - 16) / 2);
 }

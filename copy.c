@@ -1,7 +1,8 @@
 /* copy.c — the copy loops that move a connection's bytes, one direction per thread: through a
- * buffer (read/send) or through a pipe (splice), with half-close, the idle clock and the rate
- * limit, and conn_end, which wakes both loops when a connection ends. It knows nothing of
- * queues or protocols: pool.c and the modes call it. */
+ * buffer (read/send) or through a pipe (splice), with half-close, the idle clock, the rate
+ * limit, and the moment a quiet relay may leave to park; and conn_end, which wakes both loops
+ * when a connection ends. It knows nothing of queues or protocols: pool.c and the modes call
+ * it. */
 #include "proxy.h"
 
 #include <errno.h>
@@ -154,9 +155,29 @@ void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate) {
     k->tat = (k->tat > now ? k->tat : now) + n * 1000000000ull / (uint64_t)rate;
 }
 
-/* Moves up to limit bytes from → to, counting them. Returns the bytes moved when from reached
- * EOF or the limit, or -1 when the connection ended (c->end says why). */
-int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit) {
+/* Whether c may leave its worker to park: park_after is on and no byte moved for park_after,
+ * or for one park_tick while other connections wait for a worker. */
+int copy_quiet(struct conn *c) {
+    uint64_t last = atomic_load_explicit(&c->last_ns, memory_order_relaxed), now = mono_ns();
+    uint64_t quiet = now > last ? now - last : 0;
+    if (!cfg.park_after) return 0;
+    if (quiet >= (uint64_t)cfg.park_after * 1000000u) return 1;
+    return atomic_load(&stats.queued) > 0 && quiet >= (uint64_t)cfg.park_tick * 1000000u;
+}
+
+/* At a read's tick with nothing read: whether the loop copying direction d leaves to park (see
+ * copy_stream). park is 0 where parking is not for this loop to decide (a body, a response). */
+static int leave_to_park(struct conn *c, int park, enum dir d) {
+    int asked = PARKING_ASKED;
+    if (!park) return 0;
+    if (d == UP) return copy_quiet(c);
+    return atomic_compare_exchange_strong(&c->parking, &asked, PARKING_AGREED);
+}
+
+/* copy_bytes, and for copy_stream also: returns -2 when the loop for direction d leaves to
+ * park (park set). */
+static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t limit, int park,
+                    enum dir d) {
     uint64_t moved = 0;
     size_t chunk = (size_t)cfg.buffer_size;
     if (cfg.rate_limit && chunk > (size_t)cfg.rate_limit / 8) /* ~8 reads a second when paced */
@@ -184,6 +205,7 @@ int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t 
             n = read(from, k->buf, want);
         }
         if (n == 0) break; /* EOF */
+        if (n < 0 && errno == EAGAIN && leave_to_park(c, park, d)) return -2;
         if (n < 0) {
             if (retry(c, from, errno)) continue;
             return -1;
@@ -197,11 +219,24 @@ int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t 
     return (int64_t)moved;
 }
 
-/* Copies one direction of c until EOF (then shuts down the write side of the destination)
- * or until the connection ends. */
-void copy_stream(struct conn *c, struct copier *k, enum dir d) {
+/* Moves up to limit bytes from → to, counting them. Returns the bytes moved when from reached
+ * EOF or the limit, or -1 when the connection ended (c->end says why). */
+int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit) {
+    return move(c, k, from, to, limit, 0, UP);
+}
+
+/* Copies one direction of c, UP on the front thread and DOWN on the back one: STREAM_EOF at
+ * EOF (the write side of the destination is shut down, c->eof[d] set); STREAM_ENDED when the
+ * connection ended; STREAM_QUIET at a tick with nothing read, when UP finds c quiet
+ * (copy_quiet) or DOWN finds the front asking to park (PARKING_ASKED → AGREED). No byte is
+ * read and left behind. */
+enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d) {
     int from = d == UP ? c->client : c->upstream;
     int to = d == UP ? c->upstream : c->client;
-    if (copy_bytes(c, k, from, to, UINT64_MAX) >= 0)
-        shutdown(to, SHUT_WR); /* EOF: pass the half-close on; the other direction goes on */
+    int64_t moved = move(c, k, from, to, UINT64_MAX, 1, d);
+    if (moved == -2) return STREAM_QUIET;
+    if (moved < 0) return STREAM_ENDED;
+    shutdown(to, SHUT_WR); /* EOF: pass the half-close on; the other direction goes on */
+    c->eof[d] = 1;
+    return STREAM_EOF;
 }

@@ -15,12 +15,9 @@
 
 #define OUT_MAX (HEAD_MAX + 1024) /* a rewritten head: Host, Via, Connection add a little */
 
-/* One request and its response: what the front thread knows of it while it runs, and what its
- * access log line says. */
+/* One request and its response: what the front thread knows of it while it runs. What its
+ * access log line says is in c->req. */
 struct exchange {
-    uint64_t start_ns;
-    uint64_t up_bytes, down_bytes; /* what went upstream for it (head, body); what the client got */
-    char method[16], target[128], user[64];
     int is_head;       /* a HEAD request: its response has no body */
     int upgrade;       /* it asks to upgrade, and may: no body streams behind it */
     size_t out_len;    /* out[UP]: the rewritten head, and the body when held */
@@ -29,7 +26,6 @@ struct exchange {
     int close_client;  /* the client was told that the connection ends after the response */
     int keep_upstream; /* the upstream connection can carry another request */
     int unreachable;   /* no upstream connection could be made: answer this (502, 504) */
-    int status;        /* the last status line the client got; 0: none (logged as "-") */
 };
 
 /* One worker's http scratch (w->scratch), allocated once and reused for each connection. */
@@ -44,7 +40,11 @@ struct http_worker {
 };
 
 /* What the front thread does after a request. */
-enum next { NEXT_READ, NEXT_CLOSE };
+enum next {
+    NEXT_READ,  /* read the next request */
+    NEXT_CLOSE, /* end the connection */
+    NEXT_PARK   /* park it: quiet between requests, or a quiet tunnel */
+};
 
 /* Where c->upstream stands after route(). */
 enum route { ROUTE_FAILED, ROUTE_NEW, ROUTE_REUSED };
@@ -104,16 +104,17 @@ static void count_method(const char *method) {
 
 /* Counts the status the client got and writes the request's access log line: every request
  * gets one, and its status is "-" when no status line reached the client. */
-static void log_request(const struct conn *c, const struct exchange *x) {
+static void log_request(const struct conn *c) {
     char peer[64], status[8] = "-";
-    if (x->status >= 100 && x->status < 600) {
-        atomic_fetch_add(&counts.classes[x->status / 100], 1);
-        snprintf(status, sizeof status, "%d", x->status);
+    if (c->req.status >= 100 && c->req.status < 600) {
+        atomic_fetch_add(&counts.classes[c->req.status / 100], 1);
+        snprintf(status, sizeof status, "%d", c->req.status);
     }
     log_line("%s %s %s %s %s up=%llu down=%llu ms=%.3f", addr_format(&c->peer, peer, sizeof peer),
-             x->user[0] ? x->user : "-", x->method, x->target, status,
-             (unsigned long long)x->up_bytes, (unsigned long long)x->down_bytes,
-             (double)(mono_ns() - x->start_ns) / 1e6);
+             c->req.user[0] ? c->req.user : "-", c->req.method, c->req.target, status,
+             (unsigned long long)(c->bytes[UP] - c->req.bytes0[UP]),
+             (unsigned long long)(c->bytes[DOWN] - c->req.bytes0[DOWN]),
+             (double)(mono_ns() - c->req.start_ns) / 1e6);
 }
 
 /* The acceptor's last word to a client the queue has no room for: 503, never blocking. */
@@ -147,21 +148,19 @@ static void stream_clear(struct stream *s) {
 
 /* Sends the proxy's own response and records it in x. Returns 0, or -1 when the client could
  * not take it. The caller decides whether the connection goes on (keep). */
-static int reply(struct conn *c, struct exchange *x, int status, int keep) {
+static int reply(struct conn *c, int status, int keep) {
     char buf[512];
     int n = http_error(buf, sizeof buf, status, keep);
     if (copy_send(c, c->client, buf, (size_t)n) < 0) return -1;
-    x->status = status;
+    c->req.status = status;
     return 0;
 }
 
 /* Answers a request with the proxy's own response, logs it, and says what comes next: the
  * next request only if keep and the reply went out. */
-static enum next refuse(struct conn *c, struct exchange *x, int status, int keep) {
-    uint64_t before = c->bytes[DOWN];
-    int rc = reply(c, x, status, keep);
-    x->down_bytes = c->bytes[DOWN] - before;
-    log_request(c, x);
+static enum next refuse(struct conn *c, int status, int keep) {
+    int rc = reply(c, status, keep);
+    log_request(c);
     return keep && rc == 0 ? NEXT_READ : NEXT_CLOSE;
 }
 
@@ -316,19 +315,35 @@ static enum route route(struct worker *w, struct conn *c, const struct target *t
 
 /* ---- relaying ------------------------------------------------------------------------ */
 
-/* Relays what is buffered in direction d, then everything until EOF (a tunnel), then passes
- * the half-close on. */
-static void relay_rest(struct worker *w, struct conn *c, enum dir d) {
+/* Sends on what is buffered in direction d: bytes that came behind a head in a tunnel or an
+ * upgrade. Returns 0, or -1 when the connection ended. */
+static int flush(struct worker *w, struct conn *c, enum dir d) {
     struct stream *s = &((struct http_worker *)w->scratch)->in[d];
     int to = d == UP ? c->upstream : c->client;
-    if (s->len > s->off && copy_send(c, to, s->buf + s->off, s->len - s->off) < 0) return;
+    if (s->len > s->off && copy_send(c, to, s->buf + s->off, s->len - s->off) < 0) return -1;
     s->off = s->len;
-    copy_stream(c, &w->cp[d], d);
+    return 0;
 }
 
-/* The back thread's job in a tunnel: upstream → client until EOF. */
+/* The back thread's job in a tunnel: what came behind the response head, then upstream →
+ * client until EOF or a park. */
 static void relay_down(struct worker *w, struct conn *c) {
-    relay_rest(w, c, DOWN);
+    if (flush(w, c, DOWN) == 0) copy_stream(c, &w->cp[DOWN], DOWN);
+}
+
+/* Relays a tunnel (after CONNECT's 200) or an upgraded connection (after a 101) raw both ways,
+ * what came behind the heads first: until both sides are done or it ends, then logs the request
+ * that opened it (NEXT_CLOSE); or until it is quiet (NEXT_PARK), and the worker that takes it
+ * back from the waiting room calls this again. */
+static enum next relay(struct worker *w, struct conn *c) {
+    if (!c->relay) {
+        c->relay = 1;
+        c->upstream_apart = 0;                         /* a tunnel: either side failing ends it */
+        net_set_read_tick(c->upstream, cfg.park_tick); /* its reads now see when to park */
+    }
+    if (flush(w, c, UP) == 0 && pool_relay(w, c, relay_down) == SERVED_PARK) return NEXT_PARK;
+    log_request(c);
+    return NEXT_CLOSE;
 }
 
 /* The back thread's job while a request body streams: sends it upstream by its framing, and
@@ -418,11 +433,11 @@ static enum answer relay_response(struct worker *w, struct conn *c, const struct
         int status;
         enum head got = http_read_head(c, s, c->upstream, &r, 0, 0, &status);
         if (atomic_load(&c->end)) return ANSWER_ENDED;
-        if (got != HEAD_OK && x->status) return ANSWER_CUT;
+        if (got != HEAD_OK && c->req.status) return ANSWER_CUT;
         if (got == HEAD_NONE || (got == HEAD_LOST && !s->len)) return ANSWER_NONE;
         /* A 101 nobody asked for would turn the connection into a tunnel behind our back. */
         if (got != HEAD_OK || (r.status == 101 && !x->upgrade))
-            return x->status ? ANSWER_CUT : ANSWER_BAD;
+            return c->req.status ? ANSWER_CUT : ANSWER_BAD;
         int final = r.status >= 200 || r.status == 101;
         if (!final && !req->version) { /* an HTTP/1.0 client never gets a 1xx (RFC 9110 15.2) */
             s->off = r.size;
@@ -433,13 +448,13 @@ static enum answer relay_response(struct worker *w, struct conn *c, const struct
         x->close_client =
             final && (req->close || ends_at_close(&r, x) || (x->streaming && body_pending(w)));
         long n = rewrite_response(h->out[DOWN], s->buf, &r, req, x->close_client);
-        if (n < 0) return x->status ? ANSWER_CUT : ANSWER_BAD;
+        if (n < 0) return c->req.status ? ANSWER_CUT : ANSWER_BAD;
         s->off = r.size;
         size_t sent = 0;
         if (has_body(&r, x) && !r.chunked && r.length > 0)
             sent = with_body(h->out[DOWN], (size_t)n, s, (uint64_t)r.length);
         if (copy_send(c, c->client, h->out[DOWN], (size_t)n + sent) < 0) return ANSWER_ENDED;
-        x->status = r.status;
+        c->req.status = r.status;
         if (!final) continue; /* interim: the final one follows */
         enum body b = response_body(w, c, &r, x, sent);
         if (b == BODY_FAILED) return atomic_load(&c->end) ? ANSWER_ENDED : ANSWER_CUT;
@@ -472,7 +487,7 @@ static enum answer exchange(struct worker *w, struct conn *c, const struct msg *
             x->unreachable = dial_status(errno);
             return ANSWER_BAD;
         }
-        if (!t->authority) snprintf(x->target, sizeof x->target, "%.127s", c->chosen->name);
+        if (!t->authority) snprintf(c->req.target, sizeof c->req.target, "%.127s", c->chosen->name);
         int sent = copy_send(c, c->upstream, h->out[UP], x->out_len) == 0;
         if (sent && !x->held) {
             stream_body(w, c, m);
@@ -482,7 +497,7 @@ static enum answer exchange(struct worker *w, struct conn *c, const struct msg *
          * request (413) often answers and closes before it has read all of it. */
         enum answer a = ANSWER_ENDED;
         if (!atomic_load(&c->end)) a = relay_response(w, c, m, x);
-        int safe = !sent || (x->held && (idempotent(x->method) || m->length <= 0));
+        int safe = !sent || (x->held && (idempotent(c->req.method) || m->length <= 0));
         if (a != ANSWER_NONE || r != ROUTE_REUSED || attempt || !safe) return a;
         atomic_fetch_add(&counts.retries, 1);
         end_upstream(w, c);
@@ -498,7 +513,7 @@ static enum next forward(struct worker *w, struct conn *c, const struct msg *m, 
     struct stream *in = &h->in[UP];
     uint64_t length = m->length > 0 ? (uint64_t)m->length : 0;
     long n = rewrite_request(h->out[UP], m, t, m->upgrade);
-    if (n < 0) return refuse(c, x, 431, 0);
+    if (n < 0) return refuse(c, 431, 0);
     /* A body that came whole with its head goes with it, and is held for a second try. */
     x->out_len = (size_t)n;
     x->held = !m->chunked && in->len - in->off >= length && (size_t)n + length <= OUT_MAX;
@@ -510,10 +525,9 @@ static enum next forward(struct worker *w, struct conn *c, const struct msg *m, 
     }
     x->close_client = 1;
     x->unreachable = 502;
-    uint64_t up_before = c->bytes[UP], down_before = c->bytes[DOWN];
     enum answer a = exchange(w, c, m, x, t);
     enum next next = a == ANSWER_DONE && !x->close_client ? NEXT_READ : NEXT_CLOSE;
-    if (a == ANSWER_BAD || a == ANSWER_NONE) reply(c, x, x->unreachable, 0);
+    if (a == ANSWER_BAD || a == ANSWER_NONE) reply(c, x->unreachable, 0);
     if (a == ANSWER_CUT) conn_end(c, END_UPSTREAM); /* the client sees the response cut short */
     if (x->streaming) {
         if (a != ANSWER_DONE) shutdown(c->upstream, SHUT_RDWR); /* stops the body going there */
@@ -521,18 +535,12 @@ static enum next forward(struct worker *w, struct conn *c, const struct msg *m, 
         pool_back_wait(w);
         if (h->body_rc < 0) next = NEXT_CLOSE;
     }
-    if (a == ANSWER_DONE && x->status == 101) {
+    if (a == ANSWER_DONE && c->req.status == 101) {
         atomic_fetch_add(&counts.upgrades, 1);
-        c->upstream_apart = 0; /* a tunnel: either side failing ends it */
-        pool_back_start(w, c, relay_down);
-        relay_rest(w, c, UP);
-        pool_back_wait(w);
-        next = NEXT_CLOSE;
+        return relay(w, c);
     }
     if (next == NEXT_CLOSE || !x->keep_upstream) end_upstream(w, c);
-    x->up_bytes = c->bytes[UP] - up_before;
-    x->down_bytes = c->bytes[DOWN] - down_before;
-    log_request(c, x);
+    log_request(c);
     return next;
 }
 
@@ -553,40 +561,34 @@ static void drain_client(struct worker *w, struct conn *c) {
     }
 }
 
-/* CONNECT host:port: an allowed port, a connection, 200, then raw bytes both ways. */
-static enum next tunnel(struct worker *w, struct conn *c, const struct msg *m, struct exchange *x) {
+/* CONNECT host:port: an allowed port, a connection, 200, then raw bytes both ways (relay). */
+static enum next tunnel(struct worker *w, struct conn *c, const struct msg *m) {
     static const char ok[] = "HTTP/1.1 200 Connection established\r\n\r\n";
     char host[256];
     int port;
     if (http_authority(m->target, m->tlen, host, sizeof host, &port, 0) < 0 || m->chunked ||
         m->length > 0)
-        return refuse(c, x, 400, 0);
-    if (!auth_port_allowed(cfg.connect_ports, port)) return refuse(c, x, 403, 0);
+        return refuse(c, 400, 0);
+    if (!auth_port_allowed(cfg.connect_ports, port)) return refuse(c, 403, 0);
     end_upstream(w, c);
     int fd = upstream_dial(c, host, port);
-    if (fd < 0) return refuse(c, x, dial_status(errno), 0);
+    if (fd < 0) return refuse(c, dial_status(errno), 0);
     pool_set_upstream(w, fd);
-    c->upstream_apart = 0; /* a tunnel: either side failing ends it */
-    uint64_t up = c->bytes[UP], down = c->bytes[DOWN];
-    if (copy_send(c, c->client, ok, sizeof ok - 1) == 0) {
-        x->status = 200;
-        atomic_fetch_add(&counts.tunnels, 1);
-        pool_back_start(w, c, relay_down);
-        relay_rest(w, c, UP); /* what the client sent after the head, then the rest */
-        pool_back_wait(w);
+    if (copy_send(c, c->client, ok, sizeof ok - 1) < 0) {
+        log_request(c);
+        return NEXT_CLOSE;
     }
-    x->up_bytes = c->bytes[UP] - up;
-    x->down_bytes = c->bytes[DOWN] - down;
-    log_request(c, x);
-    return NEXT_CLOSE;
+    c->req.status = 200;
+    atomic_fetch_add(&counts.tunnels, 1);
+    return relay(w, c);
 }
 
 /* Parses the request's target into t and names it in x for the log. Returns 0 or 400. */
-static int parse_target(const struct msg *m, struct exchange *x, struct target *t) {
-    int asterisk = m->tlen == 1 && *m->target == '*' && !strcmp(x->method, "OPTIONS");
+static int parse_target(struct conn *c, const struct msg *m, struct target *t) {
+    int asterisk = m->tlen == 1 && *m->target == '*' && !strcmp(c->req.method, "OPTIONS");
     *t = (struct target){.path = m->target, .plen = m->tlen};
-    if (!strcmp(x->method, "CONNECT")) {
-        snprintf(x->target, sizeof x->target, "%.*s", (int)m->tlen, m->target);
+    if (!strcmp(c->req.method, "CONNECT")) {
+        snprintf(c->req.target, sizeof c->req.target, "%.*s", (int)m->tlen, m->target);
     } else if (m->tlen > 7 && !strncasecmp(m->target, "http://", 7)) {
         t->authority = m->target + 7;
         t->path = t->authority;
@@ -595,7 +597,7 @@ static int parse_target(const struct msg *m, struct exchange *x, struct target *
         t->plen = m->tlen - 7 - t->alen;
         if (http_authority(t->authority, t->alen, t->host, sizeof t->host, &t->port, 80) < 0)
             return 400;
-        snprintf(x->target, sizeof x->target, "%.*s", (int)t->alen, t->authority);
+        snprintf(c->req.target, sizeof c->req.target, "%.*s", (int)t->alen, t->authority);
     } else if (*m->target != '/' && !asterisk) {
         return 400; /* https:// outside CONNECT, or nonsense */
     }
@@ -604,12 +606,12 @@ static int parse_target(const struct msg *m, struct exchange *x, struct target *
 
 /* Whether the request may go on: not a loop through us (508), and authenticated (407).
  * Returns 0 or that status. */
-static int admit_request(const struct msg *m, struct exchange *x) {
+static int admit_request(struct conn *c, const struct msg *m) {
     for (int i = 0; i < m->nfields; i++)
         if (http_is(m->field[i].name, m->field[i].nlen, "via") &&
             http_list_has(m->field[i].value, m->field[i].vlen, via, strlen(via)))
             return 508; /* it came through us before */
-    enum auth a = auth_check(m, x->user, sizeof x->user);
+    enum auth a = auth_check(m, c->req.user, sizeof c->req.user);
     if (a == AUTH_OK) return 0;
     atomic_fetch_add(&counts.auth_failures[a], 1);
     return 407;
@@ -619,59 +621,82 @@ static int admit_request(const struct msg *m, struct exchange *x) {
  * tunnel or forwarding. */
 static enum next request(struct worker *w, struct conn *c, const struct msg *m) {
     struct http_worker *h = w->scratch;
-    struct exchange x = {.start_ns = mono_ns()};
+    struct exchange x = {0};
     struct target t;
     h->in[UP].off = m->size; /* the head is read; what follows is body or the next request */
-    snprintf(x.method, sizeof x.method, "%.*s", (int)m->mlen, m->method);
-    snprintf(x.target, sizeof x.target, "-");
+    c->req = (struct request_log){
+        .start_ns = mono_ns(), .bytes0 = {c->bytes[UP], c->bytes[DOWN]}, .target = "-"};
+    snprintf(c->req.method, sizeof c->req.method, "%.*s", (int)m->mlen, m->method);
     /* Methods are case-sensitive (RFC 9110 9.1): "head" is not HEAD; its response has a body. */
-    x.is_head = !strcmp(x.method, "HEAD");
-    count_method(x.method);
+    x.is_head = !strcmp(c->req.method, "HEAD");
+    count_method(c->req.method);
 
-    int status = parse_target(m, &x, &t);
-    if (status) return refuse(c, &x, status, 0);
-    status = admit_request(m, &x);
+    int status = parse_target(c, m, &t);
+    if (status) return refuse(c, status, 0);
+    status = admit_request(c, m);
     if (status == 407) {
         int retry = auth_may_retry(c); /* counts this failure */
-        return refuse(c, &x, 407, retry && !m->chunked && m->length <= 0 && !m->close);
+        return refuse(c, 407, retry && !m->chunked && m->length <= 0 && !m->close);
     }
-    if (status) return refuse(c, &x, status, 0);
-    if (!strcmp(x.method, "CONNECT")) return tunnel(w, c, m, &x);
+    if (status) return refuse(c, status, 0);
+    if (!strcmp(c->req.method, "CONNECT")) return tunnel(w, c, m);
     /* Any host, not any port: else a body could speak to SMTP on 25 or SSH on 22. */
-    if (t.authority && !auth_port_allowed(cfg.forward_ports, t.port)) return refuse(c, &x, 403, 0);
-    if (!t.authority && (!cfg.nup || (m->version && !m->host))) return refuse(c, &x, 400, 0);
+    if (t.authority && !auth_port_allowed(cfg.forward_ports, t.port)) return refuse(c, 403, 0);
+    if (!t.authority && (!cfg.nup || (m->version && !m->host))) return refuse(c, 400, 0);
     return forward(w, c, m, &x, &t);
 }
 
 /* Serves one client connection: every request head read, parsed and handled in turn, until a
- * request or its response ends the connection (RFC 9112 9.6: then no further request is
- * read). */
-static void http_serve(struct worker *w, struct conn *c) {
+ * request or its response ends the connection (RFC 9112 9.6: then no further request is read),
+ * or until it parks: quiet between requests (at once when other connections wait for a
+ * worker), or a quiet tunnel. A connection back from the waiting room goes on from there: its
+ * buffers were empty when it parked. */
+static enum served http_serve(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
-    /* The first head counts from accept, later ones from their first byte. */
-    uint64_t deadline = c->start_ns + (uint64_t)cfg.header_timeout * 1000000000u;
+    struct stream *in = &h->in[UP];
+    /* The first head counts from accept, later ones from their first byte. A new connection
+     * does not park before its first request: header_timeout bounds that wait, as in Apache. */
+    uint64_t deadline = c->parks ? 0 : c->start_ns + (uint64_t)cfg.header_timeout * 1000000000u;
     enum next next = NEXT_READ;
-    stream_clear(&h->in[UP]);
+    int answered = 0; /* requests this call served: a connection just back reads first */
+    stream_clear(in);
     stream_clear(&h->in[DOWN]);
-    c->upstream_apart = 1; /* an upstream connection failing is retried or answered 502 */
+    if (c->relay)
+        next = relay(w, c); /* a tunnel back from the waiting room */
+    else
+        c->upstream_apart = 1; /* an upstream connection failing is retried or answered 502 */
     while (next == NEXT_READ) {
         struct msg m;
         int status;
-        enum head r = http_read_head(c, &h->in[UP], c->client, &m, 1, deadline, &status);
+        /* Others wait for a worker: yield at once, not after park_after. Not before reading
+         * once, or a connection woken by a byte would go round the room while the queue is
+         * long. */
+        if (answered && in->off == in->len && cfg.park_after && atomic_load(&stats.queued)) {
+            next = NEXT_PARK;
+            break;
+        }
+        enum head r = http_read_head(c, in, c->client, &m, 1, deadline, &status);
         deadline = 0;
-        if (r == HEAD_NONE || r == HEAD_LOST) break;
+        if (r == HEAD_IDLE) next = NEXT_PARK;
+        if (r == HEAD_NONE || r == HEAD_LOST || r == HEAD_IDLE) break;
         if (r == HEAD_BAD) {
-            struct exchange x = {.start_ns = mono_ns(), .method = "-", .target = "-"};
-            next = refuse(c, &x, status, 0);
+            c->req = (struct request_log){.start_ns = mono_ns(),
+                                          .bytes0 = {c->bytes[UP], c->bytes[DOWN]},
+                                          .method = "-",
+                                          .target = "-"};
+            next = refuse(c, status, 0);
         } else {
             next = request(w, c, &m);
         }
+        answered++;
     }
+    if (next == NEXT_PARK) return SERVED_PARK;
     end_upstream(w, c);
     if (next == NEXT_CLOSE && !atomic_load(&c->end)) {
         shutdown(c->client, SHUT_WR); /* the end of the last response */
         drain_client(w, c);
     }
+    return SERVED_DONE;
 }
 
 /* ---- the worker's scratch ------------------------------------------------------------- */

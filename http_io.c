@@ -37,6 +37,12 @@ int http_error(char *buf, size_t cap, int status, int keep) {
         status, reason(status), extra, blen, keep ? "" : "Connection: close\r\n", body);
 }
 
+/* Whether nothing moved on c for seconds (0: never). */
+static int idle_for(struct conn *c, int seconds) {
+    uint64_t last = atomic_load(&c->last_ns), now = mono_ns();
+    return seconds && now > last && now - last >= (uint64_t)seconds * 1000000000u;
+}
+
 /* Moves the unread bytes of s to the start of its buffer. */
 static void compact(struct stream *s) {
     memmove(s->buf, s->buf + s->off, s->len - s->off);
@@ -46,8 +52,10 @@ static void compact(struct stream *s) {
 
 /* Reads until s holds a whole head and parses it into m (a request if request, whose head must
  * be whole by deadline, or header_timeout after its first byte when deadline is 0): HEAD_OK;
- * HEAD_NONE at EOF before any byte; HEAD_LOST when the connection ended or the client left
- * mid-head; HEAD_BAD with the status to refuse it with in *status (502 for any bad response). */
+ * HEAD_NONE at EOF before any byte, or when a client between requests (deadline 0, nothing
+ * read) was idle for keepalive_timeout; HEAD_IDLE when such a client is quiet enough to park
+ * (copy_quiet); HEAD_LOST when the connection ended or the client left mid-head; HEAD_BAD with
+ * the status to refuse it with in *status (502 for any bad response). */
 enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
                          uint64_t deadline, int *status) {
     size_t scanned = 0, end, got;
@@ -71,6 +79,13 @@ enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m
             return HEAD_BAD;
         }
         enum recv r = copy_recv(c, fd, s->buf + s->len, HEAD_MAX - s->len, &got);
+        if (r == RECV_TICK && request && !deadline && !s->len) { /* between requests */
+            if (idle_for(c, cfg.keepalive_timeout)) {
+                conn_end(c, END_IDLE);
+                return HEAD_NONE;
+            }
+            if (copy_quiet(c)) return HEAD_IDLE;
+        }
         if (r == RECV_DATA) s->len += got;
         if (r == RECV_ENDED) return HEAD_LOST;
         if (r == RECV_EOF && !s->len) return HEAD_NONE;

@@ -1,11 +1,10 @@
-/* proxy.c — main: the command line, the config, the listeners, the signals and the stop; and the
- * acceptor thread, which admits each client and hands it to the pool. Start reading here;
+/* proxy.c — main: the command line, the config, the listeners, the signals and the stop. The
+ * acceptor thread (acceptor.c) admits each client and hands it to the pool. Start reading here;
  * proxy.h lists what the other files offer, layer by layer. */
 #include "proxy.h"
 
 #include <err.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,88 +13,6 @@
 
 static const struct mode *mode; /* tcp_mode or http_mode, chosen once by the config */
 static int listen_fd = -1;
-static pthread_t acceptor;
-static _Atomic int stopping; /* set by main on SIGTERM; the acceptor reads it every tick */
-
-/* ---- the acceptor --------------------------------------------------------------------- */
-
-/* Logs a refused connection (peer NULL: accept itself failed), at most one line a second:
- * a flood of refusals must not flood the log too. Only the acceptor thread calls it. */
-static void log_refused(const char *why, const struct addr *peer) {
-    static uint64_t last;
-    static unsigned quiet;
-    uint64_t now = mono_ns();
-    char p[64] = "accept";
-    if (last && now - last < 1000000000u) {
-        quiet++;
-        return;
-    }
-    if (peer) addr_format(peer, p, sizeof p);
-    log_line("%s refused: %s (%u more refusals not logged)", p, why, quiet);
-    last = now;
-    quiet = 0;
-}
-
-/* Lets one accepted client in: it must be in [access] allow, and the queue must have room;
- * else it is closed (after the mode's last word), counted and logged. */
-static void admit_client(int fd, struct addr *peer) {
-    addr_unmap(peer); /* a dual-stack listener's IPv4 clients are IPv4 from here on */
-    atomic_fetch_add(&stats.accepted, 1);
-    if (!cidr_match(cfg.allow, cfg.nallow, peer)) {
-        atomic_fetch_add(&stats.refused[REFUSED_NOT_ALLOWED], 1);
-        log_refused("not in [access] allow", peer);
-        close(fd);
-        return;
-    }
-    atomic_fetch_add(&stats.active, 1);
-    if (pool_submit(fd, peer) == 0) return;
-    atomic_fetch_sub(&stats.active, 1);
-    atomic_fetch_add(&stats.refused[REFUSED_QUEUE_FULL], 1);
-    log_refused("queue full", peer);
-    if (mode->refuse) mode->refuse(fd);
-    close(fd);
-}
-
-/* Accepts one client and admits it. Returns 0, or -1 with accept's errno: EAGAIN when the
- * listener's tick passed, or, once the listener is non-blocking, the backlog is empty. Nothing
- * slow here: accepted sockets inherit their options from the listener. */
-static int accept_one(void) {
-    struct addr peer = {.len = sizeof peer.sa};
-    int fd = accept4(listen_fd, (struct sockaddr *)&peer.sa, &peer.len, SOCK_CLOEXEC);
-    if (fd < 0) return -1;
-    admit_client(fd, &peer);
-    return 0;
-}
-
-/* Once stopping: takes what is already in the listener's backlog (those clients are connected,
- * and closing the listener would reset them) without blocking, and at most queue + workers of
- * them, so that a flood cannot keep the acceptor from ending. */
-static void drain_backlog(void) {
-    int left = cfg.queue + cfg.workers;
-    fcntl(listen_fd, F_SETFL, O_NONBLOCK); /* accepted sockets never inherit it on Linux */
-    while (left > 0) {
-        if (accept_one() == 0)
-            left--;
-        else if (errno != EINTR && errno != ECONNABORTED)
-            break; /* EAGAIN: the backlog is empty */
-    }
-}
-
-/* The acceptor thread: accepts and admits until the stop, then drains the backlog. */
-static void *acceptor_main(void *arg) {
-    (void)arg;
-    while (!atomic_load(&stopping)) {
-        if (accept_one() == 0) continue;
-        if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED) continue;
-        /* Out of fds or memory: the connection stays in the kernel's backlog. Pause instead of
-         * spinning on it; it is served once descriptors free up. */
-        atomic_fetch_add(&stats.accept_errors, 1);
-        log_refused(strerror(errno), NULL);
-        usleep(100000);
-    }
-    drain_backlog();
-    return NULL;
-}
 
 /* ---- main ----------------------------------------------------------------------------- */
 
@@ -167,9 +84,10 @@ static void start(sigset_t *set) {
 
     listen_fd = listen_or_die(&cfg.listen, cfg.reuse_port);
     /* Set once on the listener, these are inherited by every accepted socket: no calls per
-     * client. The tick also wakes the acceptor's accept() to check for a stop. */
+     * client. A client's reads wake every park_tick, to see whether it may park. */
     net_prepare(listen_fd);
     net_set_tick(listen_fd, TICK_MS);
+    net_set_read_tick(listen_fd, cfg.park_tick);
     int admin_fd = cfg.stats_listen.len ? listen_or_die(&cfg.stats_listen, 0) : -1;
     /* The listeners as bound (port 0 chosen by now), which no request may be dialled to; told
      * before any worker runs, so they need no lock. */
@@ -181,7 +99,7 @@ static void start(sigset_t *set) {
     if (pool_start(mode) < 0) err(1, "cannot start %d workers", cfg.workers);
     if (admin_fd >= 0 && admin_start(admin_fd, mode->metrics) < 0)
         err(1, "cannot start the metrics thread");
-    if (pthread_create(&acceptor, NULL, acceptor_main, NULL)) errx(1, "cannot start the acceptor");
+    if (acceptor_start(listen_fd, mode) < 0) err(1, "cannot start the acceptor");
 
     char where[64], admin[64] = "off";
     if (admin_fd >= 0) addr_format(&own[1], admin, sizeof admin);
@@ -207,16 +125,16 @@ static void wait_for_stop(const sigset_t *set) {
     }
 }
 
-/* The graceful stop: the acceptor ends, the pool gives open connections GRACE_SECONDS, the
- * admin thread ends. */
+/* The graceful stop: the acceptor ends and closes the parked connections, the pool gives the
+ * busy ones GRACE_SECONDS, the admin thread ends. */
 static void stop(void) {
-    /* The acceptor sees this within one tick of its accept(); no shutdown() of the listener,
-     * which would reset the connections still waiting in its backlog. */
-    atomic_store(&stopping, 1);
-    pthread_join(acceptor, NULL);
+    /* No shutdown() of the listener, which would reset the connections still waiting in its
+     * backlog: the acceptor takes them in first. */
+    uint64_t parked = acceptor_stop();
     close(listen_fd);
-    log_line("stopping: %llu connections open get up to %d s to finish",
-             (unsigned long long)atomic_load(&stats.active), GRACE_SECONDS);
+    log_line("stopping: %llu connections open get up to %d s to finish (%llu parked ones closed)",
+             (unsigned long long)atomic_load(&stats.active), GRACE_SECONDS,
+             (unsigned long long)parked);
     pool_stop();
     admin_stop();
     log_line("stopped");

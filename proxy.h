@@ -1,11 +1,12 @@
 /* proxy.h — the table of contents. The files are layers; each calls only the layers below it
  * (`make layers` checks this from the object files):
  *
- *     proxy.c              main: options, start, signals, stop; the acceptor thread
+ *     proxy.c              main: options, start, signals, stop
+ *     acceptor.c           the acceptor thread: new clients, and the waiting room of idle ones
  *     tcp.c   http.c       the two modes: what a worker does with a connection
  *     http_io.c            HTTP messages between sockets: heads, bodies, error replies
  *     auth.c  http_parse.c http's pure helpers: credentials and ports; strict heads
- *     pool.c               the queue, the worker pairs, the back-thread hand-off, the stop
+ *     pool.c               the queue, the worker pairs, the back-thread hand-off, parking, the stop
  *     upstream.c           choosing an upstream (balance, failover) and connecting to it
  *     copy.c               the copy loops: splice or buffer, half-close, idle clock, rate limit
  *     admin.c              the /metrics listener
@@ -80,6 +81,8 @@ int net_local(int fd, struct addr *a);
 void net_prepare(int fd);
 /* Makes every blocking read and write on fd give up after ms with EAGAIN. */
 void net_set_tick(int fd, int ms);
+/* Makes every blocking read on fd give up after ms with EAGAIN (writes keep their tick). */
+void net_set_read_tick(int fd, int ms);
 /* Whether this host owns a's IP (any port): a socket can bind to it. */
 int net_owns(const struct addr *a);
 /* Connects to a by deadline (monotonic ns), giving up once *stop is nonzero (NULL: never);
@@ -141,7 +144,12 @@ struct config {
     struct upstream up[MAX_UPSTREAMS];
     int nup;
     int workers, queue, buffer_size;
+    int max_connections;               /* client connections open at once: busy, queued, parked */
+    int park_after;                    /* ms quiet before a connection parks; 0 = never */
+    int park_tick;                     /* ms: how often a blocked read checks whether to park
+                                          (derived: park_after / 4, at most TICK_MS) */
     int connect_timeout, idle_timeout; /* seconds; idle_timeout 0 = never */
+    int keepalive_timeout;             /* http: seconds idle between requests; 0 = never */
     int header_timeout;                /* http: seconds to receive a request head */
     int rate_limit;                    /* bytes/s per direction, 0 = unlimited */
     char log[256];                     /* "-", "off" or a path */
@@ -161,7 +169,8 @@ extern struct config cfg;
 /* Loads and validates FILE into *c (then defaults for the keys it left out). Returns 0, or -1
  * with "FILE:LINE: what is wrong" in err. Names in upstream and listen are resolved here. */
 int config_load(struct config *c, const char *file, char *err, size_t errlen);
-/* File descriptors a full load needs: sockets, pipes, the queue, a few to spare. */
+/* File descriptors a full load needs: max_connections' sockets, the workers' pipes, a few to
+ * spare. */
 long long config_fds(const struct config *c);
 /* Prints what -t shows: threads, stacks, buffers, pipes, descriptors, connection records. */
 void config_plan(const struct config *c, FILE *out);
@@ -181,16 +190,28 @@ enum end {
 };
 enum dir { UP, DOWN }; /* UP: client → upstream; DOWN: upstream → client */
 
+/* What an http request's access log line says. It is kept in the connection, not on a worker's
+ * stack, because a CONNECT tunnel's line is written when the tunnel ends, and a tunnel may park
+ * and end on another worker. */
+struct request_log {
+    uint64_t start_ns;
+    uint64_t bytes0[2]; /* c->bytes when it began: what it moved is counted from there */
+    int status;         /* the last status line the client got; 0: none (logged "-") */
+    char method[16], target[128], user[64];
+};
+
 /* One client connection, from accept to close. It lives in pool.c's slab, not on a worker's
  * stack, and a worker's scratch (struct worker) is kept apart, so that a connection's state
- * does not depend on the worker serving it: the way is open for a connection to leave its
- * worker between requests and come back to another. Who writes what: */
+ * does not depend on the worker serving it: it can park between requests (acceptor.c's
+ * waiting room) and come back to another worker. While it is parked the acceptor thread alone
+ * touches it. Who writes what while it is served: */
 struct conn {
     int client;                    /* pool_submit, then read-only */
-    int upstream;                  /* only pool_set_upstream, under the worker's mu; -1: none */
+    int upstream;                  /* pool_set_upstream, under the worker's mu; or the waiting
+                                      room while parked; -1: none */
     struct addr peer;              /* pool_submit, then read-only */
     const struct upstream *chosen; /* the front thread: the configured upstream; NULL: none */
-    uint64_t start_ns;             /* the front thread, when it takes the connection */
+    uint64_t start_ns;             /* the front thread, when it first takes the connection */
     _Atomic uint64_t last_ns;      /* either thread: the last byte moved, the idle clock */
     _Atomic int end;               /* any thread, first reason wins: enum end */
     uint64_t bytes[2];             /* by enum dir: the one thread sending that way now */
@@ -199,20 +220,36 @@ struct conn {
     _Atomic int upstream_failed;   /* copy.c, when upstream_apart: the upstream connection
                                       failed; pool_set_upstream clears it */
     int auth_failures;             /* http, the front thread: 407s sent; pool_submit zeroes it */
-    char route[272]; /* http, the front thread: where upstream goes: "host:port", "=" (the
-                        configured upstreams), "" (nowhere) */
+    char route[272];        /* http, the front thread: where upstream goes: "host:port", "=" (the
+                               configured upstreams), "" (nowhere) */
+    struct request_log req; /* http, the front thread: the request being served */
+    /* Parking. */
+    int relay;           /* the front thread: bytes are relayed raw both ways (tcp mode, a
+                            tunnel, an upgrade); else c parks between http requests */
+    int parks;           /* pool.c: times c parked; 0 while it waits for its first request */
+    uint8_t eof[2];      /* by enum dir, the thread copying that way: EOF passed on; a parked
+                            relay does not watch that direction */
+    _Atomic int parking; /* copy.c's hand-shake between the two copy loops: enum parking */
+    /* The waiting room's own, while c is parked (acceptor.c): */
+    struct conn *prev, *next; /* in the FIFO of connections parked with the same timeout */
+    uint64_t deadline;        /* monotonic ns: closed then if still parked */
+    struct watch {
+        struct conn *c;
+        int fd;
+    } watch[2]; /* by enum dir, what epoll reports: the socket read for that direction */
 };
 
 /* ==== stats.c: counters, gauges, the log =============================================== */
 
-enum refusal { REFUSED_QUEUE_FULL, REFUSED_NOT_ALLOWED };
+enum refusal { REFUSED_QUEUE_FULL, REFUSED_NOT_ALLOWED, REFUSED_MAX_CONNECTIONS, REFUSED_MAX };
 #define DURATION_BUCKETS 8
 /* The counters every mode shares. Gauges are published here by the layer that owns them
- * (pool.c: queued, busy), so that reading them calls nothing above. */
+ * (pool.c: queued, busy, parked), so that reading them calls nothing above. */
 struct stats {
-    _Atomic uint64_t accepted, active, busy, queued, accept_errors;
-    _Atomic uint64_t refused[2]; /* by enum refusal */
-    _Atomic uint64_t bytes[2];   /* by enum dir */
+    _Atomic uint64_t accepted, active, busy, queued, parked, accept_errors;
+    _Atomic uint64_t parks, wakeups, room_timeouts; /* the waiting room's traffic */
+    _Atomic uint64_t refused[REFUSED_MAX];          /* by enum refusal */
+    _Atomic uint64_t bytes[2];                      /* by enum dir */
     _Atomic uint64_t ended[END_MAX];
     _Atomic uint64_t duration[DURATION_BUCKETS]; /* per bucket, not cumulative */
     _Atomic uint64_t duration_us;                /* sum */
@@ -263,6 +300,11 @@ struct copier {
 
 /* What copy_recv found. */
 enum recv { RECV_DATA, RECV_EOF, RECV_TICK, RECV_ENDED };
+/* How copy_stream ended. */
+enum streamed { STREAM_EOF, STREAM_QUIET, STREAM_ENDED };
+/* The hand-shake by which a relay's two copy loops leave together to park (c->parking): the
+ * front's loop asks, the back's agrees or the front takes the question back. */
+enum parking { PARKING_NO, PARKING_ASKED, PARKING_AGREED };
 
 /* A worker's copier: allocated once (buffer or pipe by cfg.copy). Returns 0 or -1. */
 int copy_init(struct copier *k);
@@ -274,9 +316,15 @@ void copy_free(struct copier *k);
 int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit);
 /* Sends all n bytes to fd. Returns 0, or -1 when the connection ended. */
 int copy_send(struct conn *c, int to, const char *p, size_t n);
-/* Copies one direction of c until EOF (then shuts down the write side of the destination)
- * or until the connection ends. */
-void copy_stream(struct conn *c, struct copier *k, enum dir d);
+/* Copies one direction of c, UP on the front thread and DOWN on the back one: STREAM_EOF at
+ * EOF (the write side of the destination is shut down, c->eof[d] set); STREAM_ENDED when the
+ * connection ended; STREAM_QUIET at a tick with nothing read, when UP finds c quiet
+ * (copy_quiet) or DOWN finds the front asking to park (PARKING_ASKED → AGREED). No byte is
+ * read and left behind. */
+enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d);
+/* Whether c may leave its worker to park: park_after is on and no byte moved for park_after,
+ * or for one park_tick while other connections wait for a worker. */
+int copy_quiet(struct conn *c);
 /* Receives up to len bytes into buf: RECV_DATA (*got bytes), RECV_EOF, RECV_TICK (TICK_MS
  * passed with nothing to read: the caller checks its own deadlines), or RECV_ENDED. */
 enum recv copy_recv(struct conn *c, int fd, void *buf, size_t len, size_t *got);
@@ -314,12 +362,17 @@ int upstream_dial(struct conn *c, const char *host, int port);
 
 struct worker;
 typedef void (*job_fn)(struct worker *w, struct conn *c);
+/* What the front thread does with a connection once its mode is done with it for now. */
+enum served { SERVED_DONE, SERVED_PARK };
+typedef enum served (*serve_fn)(struct worker *w, struct conn *c);
 
 /* A mode: how a worker serves a connection. The pool is started with one and never names a
  * mode itself. */
 struct mode {
     const char *name;
-    job_fn serve;                       /* the front thread's whole job for one connection */
+    serve_fn serve;                     /* the front thread's job for one connection, until it
+                                           ends (SERVED_DONE) or parks (SERVED_PARK); called
+                                           again when a parked connection has work */
     int (*init)(struct worker *w);      /* allocates w->scratch; returns 0 or -1 */
     void (*free)(struct worker *w);     /* frees w->scratch */
     void (*refuse)(int fd);             /* a last word to a client turned away; never blocks */
@@ -332,10 +385,10 @@ struct mode {
 struct worker {
     pthread_t front, back;
     pthread_mutex_t mu; /* guards conn, job, back_job, quit, and what a mode's scratch says */
-    pthread_cond_t cv;
-    struct conn *conn; /* being served; what a forced stop shuts down */
-    struct conn *job;  /* handed to the back thread; NULL when it is idle */
-    job_fn back_job;   /* what the back thread runs for job */
+    pthread_cond_t cv;  /* on the monotonic clock */
+    struct conn *conn;  /* being served; what a forced stop shuts down */
+    struct conn *job;   /* handed to the back thread; NULL when it is idle */
+    job_fn back_job;    /* what the back thread runs for job */
     int quit;
     struct copier cp[2]; /* by enum dir */
     void *scratch;       /* the mode's own per-worker state (http: head buffers, the body job) */
@@ -356,9 +409,29 @@ void pool_back_start(struct worker *w, struct conn *c, job_fn job);
 void pool_back_wait(struct worker *w);
 /* The usual back job: copies upstream → client until EOF (copy_stream). */
 void pool_copy_down(struct worker *w, struct conn *c);
+/* Relays c raw both ways, down (its job: copy_stream DOWN, after anything of the mode's own)
+ * on the back thread and client → upstream here, skipping directions already at EOF:
+ * SERVED_DONE once both reached EOF or c ended; SERVED_PARK once neither moved a byte for
+ * park_after and both loops left (copy_stream's hand-shake). */
+enum served pool_relay(struct worker *w, struct conn *c, job_fn down);
 /* Stops taking connections, lets active ones finish for GRACE_SECONDS, ends the rest,
  * joins every thread. */
 void pool_stop(void);
+
+/* The waiting room's side (acceptor.c): a connection a worker parked comes out here, goes back
+ * in with pool_resume when it has work, or is closed with pool_close_parked. */
+
+/* An eventfd that is readable once connections have parked since pool_take_parked. */
+int pool_parked_fd(void);
+/* The connections parked since the last call, oldest first, linked by next; NULL: none. */
+struct conn *pool_take_parked(void);
+/* A parked connection has work (its socket is readable or hung up): back into the queue. */
+void pool_resume(struct conn *c);
+/* Closes a parked connection for why: its sockets, its counts, its log line, its record. */
+void pool_close_parked(struct conn *c, enum end why);
+/* From now on a connection that would park is closed instead (the stop). Returns those that
+ * parked since the last pool_take_parked, as that does. */
+struct conn *pool_room_close(void);
 
 /* ==== http_parse.c: strict HTTP/1.1 heads, targets and chunk sizes ===================== */
 
@@ -433,12 +506,14 @@ struct stream {
 };
 
 /* What http_read_head found. */
-enum head { HEAD_OK, HEAD_NONE, HEAD_LOST, HEAD_BAD };
+enum head { HEAD_OK, HEAD_NONE, HEAD_LOST, HEAD_BAD, HEAD_IDLE };
 
 /* Reads until s holds a whole head and parses it into m (a request if request, whose head must
  * be whole by deadline, or header_timeout after its first byte when deadline is 0): HEAD_OK;
- * HEAD_NONE at EOF before any byte; HEAD_LOST when the connection ended or the client left
- * mid-head; HEAD_BAD with the status to refuse it with in *status (502 for any bad response). */
+ * HEAD_NONE at EOF before any byte, or when a client between requests (deadline 0, nothing
+ * read) was idle for keepalive_timeout; HEAD_IDLE when such a client is quiet enough to park
+ * (copy_quiet); HEAD_LOST when the connection ended or the client left mid-head; HEAD_BAD with
+ * the status to refuse it with in *status (502 for any bad response). */
 enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
                          uint64_t deadline, int *status);
 /* Relays exactly n body bytes from s (what is buffered, then the socket from) to `to`.
@@ -462,5 +537,14 @@ int tcp_proxy_header(int version, const struct addr *src, const struct addr *dst
 /* ==== http.c: http mode ================================================================ */
 
 extern const struct mode http_mode;
+
+/* ==== acceptor.c: the acceptor thread and its waiting room ============================== */
+
+/* Starts the acceptor thread on the listening socket fd (made non-blocking here), handing
+ * clients to the pool, which runs mode. Returns 0 or -1. */
+int acceptor_start(int listen_fd, const struct mode *mode);
+/* Stops accepting (the backlog is taken in first), and closes every parked connection: only
+ * connections with work in progress get the grace period. Returns how many were closed. */
+uint64_t acceptor_stop(void);
 
 #endif

@@ -109,24 +109,36 @@ void metric_family(FILE *f, const char *name, const char *type, const char *help
 /* Returns the Prometheus text of every counter, with more's families (may be NULL) among
  * them: malloc'd, the caller frees; NULL on failure. */
 char *stats_render(render_fn more, size_t *len) {
-    static const char *const refusals[] = {"queue_full", "not_allowed"}, *dirs[] = {"up", "down"};
+    static const char *const refusals[] = {"queue_full", "not_allowed", "max_connections"},
+                             *dirs[] = {"up", "down"};
     char *out = NULL;
     FILE *f = open_memstream(&out, len);
     if (!f) return NULL;
     metric_one(f, "proxy_connections_accepted_total", "counter", "Connections accepted.",
                atomic_load(&stats.accepted));
     metric_family(f, "proxy_connections_refused_total", "counter", "Connections closed at once.",
-                  "reason", refusals, stats.refused, 2);
+                  "reason", refusals, stats.refused, REFUSED_MAX);
     metric_one(f, "proxy_accept_errors_total", "counter",
                "accept() failures such as running out of file descriptors.",
                atomic_load(&stats.accept_errors));
-    metric_one(f, "proxy_connections_active", "gauge", "Connections open now, queued or served.",
-               atomic_load(&stats.active));
+    metric_one(f, "proxy_connections_active", "gauge",
+               "Connections open now: queued, served or parked.", atomic_load(&stats.active));
     metric_one(f, "proxy_workers", "gauge", "Workers in the pool.", (uint64_t)cfg.workers);
     metric_one(f, "proxy_workers_busy", "gauge", "Workers serving a connection now.",
                atomic_load(&stats.busy));
     metric_one(f, "proxy_queue_length", "gauge", "Connections waiting for a worker.",
                atomic_load(&stats.queued));
+    metric_one(f, "proxy_connections_parked", "gauge",
+               "Idle connections in the waiting room, holding no worker.",
+               atomic_load(&stats.parked));
+    metric_one(f, "proxy_parks_total", "counter", "Times a connection went to the waiting room.",
+               atomic_load(&stats.parks));
+    metric_one(f, "proxy_wakeups_total", "counter",
+               "Times a parked connection went back to the queue, readable or hung up.",
+               atomic_load(&stats.wakeups));
+    metric_one(f, "proxy_waiting_room_timeouts_total", "counter",
+               "Parked connections closed by keepalive_timeout or idle_timeout.",
+               atomic_load(&stats.room_timeouts));
     metric_family(f, "proxy_connections_closed_total", "counter", "Connections ended, by how.",
                   "reason", end_names + END_DONE, stats.ended + END_DONE, END_MAX - END_DONE);
     metric_family(f, "proxy_bytes_total", "counter",

@@ -6,27 +6,30 @@
 #include <arpa/inet.h>
 #include <string.h>
 
-/* Connects an upstream, tells it who the client is if asked, relays both ways. */
-static void tcp_serve(struct worker *w, struct conn *c) {
+/* Connects an upstream, tells it who the client is if asked, relays both ways; a connection
+ * back from the waiting room goes on relaying. */
+static enum served tcp_serve(struct worker *w, struct conn *c) {
+    if (c->relay) return pool_relay(w, c, pool_copy_down);
     int fd = upstream_open(c);
     if (fd < 0) {
         conn_end(c, END_NO_UPSTREAM);
-        return;
+        return SERVED_DONE;
     }
+    net_set_read_tick(fd, cfg.park_tick); /* both loops see when it is quiet enough to park */
     pool_set_upstream(w, fd);
     if (cfg.send_proxy != SEND_PROXY_OFF) {
         char hdr[128];
         struct addr local = {0}; /* if getsockname fails: families differ, PROXY UNKNOWN */
         net_local(c->client, &local);
         int n = tcp_proxy_header(cfg.send_proxy, &c->peer, &local, hdr);
-        if (copy_send(c, c->upstream, hdr, (size_t)n) < 0) return;
+        if (copy_send(c, c->upstream, hdr, (size_t)n) < 0) return SERVED_DONE;
     }
-    pool_back_start(w, c, pool_copy_down); /* the back thread: upstream → client */
-    copy_stream(c, &w->cp[UP], UP);
-    pool_back_wait(w);
+    c->relay = 1;
+    return pool_relay(w, c, pool_copy_down); /* the back thread: upstream → client */
 }
 
-/* One access log line per connection, once it is closed and counted. */
+/* One access log line per connection, once it is closed and counted, however often it
+ * parked. */
 static void tcp_done(const struct conn *c) {
     char peer[64];
     log_line("%s -> %s up=%llu down=%llu ms=%.3f end=%s", addr_format(&c->peer, peer, sizeof peer),

@@ -252,7 +252,9 @@ def test_proxy_protocol_v1_and_v2_headers_are_byte_exact():
 
 def test_sigterm_lets_a_transfer_finish_then_exits_0():
     data = random_bytes(4 << 20)
-    with Server(sink_handler) as sink, Proxy(sink.addr) as px:
+    # Pauses of 0.2 s, well inside park_after: the connection stays busy, never parked (a
+    # parked one would be closed at once by the stop).
+    with Server(sink_handler) as sink, Proxy(sink.addr, park_after=2000) as px:
         s = connect(px.addr)
         s.sendall(data[:1 << 20])
         px.signal(signal.SIGTERM)
@@ -272,7 +274,9 @@ def test_sigterm_lets_a_transfer_finish_then_exits_0():
 
 @limit(40)
 def test_sigterm_ends_a_connection_that_outlives_the_grace_period():
-    with Server(echo_handler) as echo, Proxy(echo.addr) as px:
+    # park_after = 0: the quiet connection keeps its worker, so it is busy and gets the grace
+    # period (a parked one is closed at once: test_park.py).
+    with Server(echo_handler) as echo, Proxy(echo.addr, park_after=0) as px:
         s = connect(px.addr, timeout=20)
         s.sendall(b"x")
         assert s.recv(1) == b"x"
