@@ -19,6 +19,7 @@ static struct {
     pthread_cond_t cv, all_idle; /* cv: a connection or the stop; all_idle: for pool_start */
     struct conn **ring;          /* queued connections: len of them from first on */
     int size, first, len;
+    int fresh;           /* of them, new ones (never served): what cfg.queue bounds */
     struct conn *slab;   /* every record, allocated once */
     struct conn **spare; /* the records not in use: a stack of nspare */
     int nspare;
@@ -42,13 +43,15 @@ static _Atomic int forced; /* the grace period is over: end every connection */
  * stopping (the caller closes fd). */
 int pool_submit(int fd, const struct addr *peer) {
     pthread_mutex_lock(&q.mu);
-    /* Idle workers take a connection at once, so they do not count against the queue. A spare
-     * record is there unless a closed connection is still on its way back to the slab. */
-    int ok = !q.stopping && q.len < cfg.queue + q.idle && q.nspare > 0;
+    /* Idle workers take a connection at once, so they do not count against the queue, nor do
+     * parked connections back with work: they were admitted long ago. A spare record is there
+     * unless a closed connection is still on its way back to the slab. */
+    int ok = !q.stopping && q.fresh < cfg.queue + q.idle && q.nspare > 0;
     if (ok) {
         struct conn *c = q.spare[--q.nspare];
         *c = (struct conn){.client = fd, .upstream = -1, .peer = *peer};
         q.ring[(q.first + q.len++) % q.size] = c;
+        q.fresh++;
         atomic_fetch_add(&stats.queued, 1);
         pthread_cond_signal(&q.cv);
     }
@@ -68,6 +71,7 @@ static struct conn *take(void) {
         c = q.ring[q.first];
         q.first = (q.first + 1) % q.size;
         q.len--;
+        if (!c->start_ns) q.fresh--; /* begin() starts its clock */
         atomic_fetch_sub(&stats.queued, 1);
     }
     pthread_mutex_unlock(&q.mu);
@@ -390,8 +394,12 @@ static void force_stop(void) {
     atomic_store(&forced, 1);
     do { /* in batches: retire() takes q.mu to give the record back */
         pthread_mutex_lock(&q.mu);
-        for (n = 0; q.len && n < 64; n++, q.len--, q.first = (q.first + 1) % q.size)
+        for (n = 0; q.len && n < 64; n++) {
             left[n] = q.ring[q.first];
+            q.first = (q.first + 1) % q.size;
+            q.len--;
+            if (!left[n]->start_ns) q.fresh--;
+        }
         atomic_fetch_sub(&stats.queued, (uint64_t)n);
         pthread_mutex_unlock(&q.mu);
         for (int i = 0; i < n; i++) {
