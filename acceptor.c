@@ -22,8 +22,10 @@ enum kind {
     KINDS
 };
 
-/* A FIFO of parked connections, linked through prev and next. All of a kind share one timeout
- * and join at the tail, so the head always has the nearest deadline: no timer tree. */
+/* A queue of parked connections in deadline order, linked through prev and next. All of a kind
+ * share one timeout counted from their last byte, and they park a little after it (park_after,
+ * or at once when others queue), so each joins at the tail or a step or two before it: the
+ * head always has the nearest deadline, and no timer tree is needed. */
 struct fifo {
     struct conn *head, *tail;
     uint64_t timeout_ns; /* 0: never */
@@ -140,14 +142,20 @@ static void drain_backlog(void) {
 
 /* ---- the waiting room ------------------------------------------------------------------- */
 
-static void fifo_push(struct fifo *f, struct conn *c) {
-    c->prev = f->tail;
-    c->next = NULL;
-    if (f->tail)
-        f->tail->next = c;
+/* Puts c in deadline order, walking from the tail. */
+static void fifo_insert(struct fifo *f, struct conn *c) {
+    struct conn *after = f->tail;
+    while (after && after->deadline > c->deadline) after = after->prev;
+    c->prev = after;
+    c->next = after ? after->next : f->head;
+    if (c->next)
+        c->next->prev = c;
+    else
+        f->tail = c;
+    if (after)
+        after->next = c;
     else
         f->head = c;
-    f->tail = c;
 }
 
 static void fifo_unlink(struct fifo *f, struct conn *c) {
@@ -183,7 +191,7 @@ static int watch(struct conn *c, enum dir d, int fd) {
 /* Takes in a connection a worker parked. A relay is watched on each side that has not reached
  * EOF (a half-closed socket is always readable: watching it would bounce c between here and
  * the pool forever); a connection between requests on its client, and on its kept-alive
- * upstream connection, which may close meanwhile. The deadline counts from now. */
+ * upstream connection, which may close meanwhile. Its time counts from its last byte. */
 static void enter(struct conn *c) {
     enum kind k = c->relay ? RELAY : KEEPALIVE;
     int ok = 1;
@@ -196,8 +204,8 @@ static void enter(struct conn *c) {
         pool_resume(c);
         return;
     }
-    c->deadline = mono_ns() + a.fifo[k].timeout_ns;
-    fifo_push(&a.fifo[k], c);
+    c->deadline = atomic_load(&c->last_ns) + a.fifo[k].timeout_ns;
+    fifo_insert(&a.fifo[k], c);
 }
 
 /* Takes c out of the room: its watches and its place in the FIFO. */
