@@ -1,0 +1,610 @@
+"""tests/test_park.py — the waiting room: connections idle between requests (http), and relays
+and tunnels with no byte moving (tcp mode, CONNECT), leave their worker and wait in the
+acceptor's epoll set, then go back to whichever worker is free when they become readable.
+
+What is checked: a client is served while every worker's previous client sits idle (and is
+starved with park_after = 0); a parked keep-alive connection wakes for its next request, a
+pipelined pair included, on the same upstream connection; parked tunnels and tcp relays
+resume both ways with every byte intact over several park/wake cycles; an upstream that closes
+its kept-alive connection while the client is parked; keepalive_timeout and idle_timeout in
+the waiting room; SIGTERM with parked and busy connections; max_connections, parked
+connections counted; the new config keys and metrics. Every test name starts with test_park_
+(run.py -k test_park_)."""
+import hashlib
+import os
+import queue
+import re
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+from lib import TMP, Proxy, Server, connect, echo_handler, write_ini
+from test_http import (ESTABLISHED, Client, Message, Reader, get, origin, read_body, reply,
+                       request, wait_for)
+from test_http_upstreams import log_lines, reset, wait_log
+
+# TIME CLIENT -> UPSTREAM up=N down=N ms=F end=REASON
+TCP_LOG = re.compile(r"^\S+ (\S+) -> (\S+) up=(\d+) down=(\d+) ms=\S+ end=(\w+)$")
+
+
+def limit(seconds):
+    """Sets the test's time limit in run.py."""
+    def set_limit(fn):
+        fn.limit = seconds
+        return fn
+    return set_limit
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+def http_px(upstream=None, sections=None, **keys):
+    """An http-mode proxy without auth that parks after 100 ms unless told otherwise."""
+    keys.setdefault("park_after", 100)
+    keys.setdefault("header_timeout", 5)
+    return Proxy(upstream, mode="http", sections=sections, **keys)
+
+
+def tcp_px(upstream, **keys):
+    keys.setdefault("park_after", 100)
+    return Proxy(upstream, mode="tcp", **keys)
+
+
+def tunnel_sections(port):
+    """CONNECT may reach the test server's port on loopback."""
+    return {"access": {"connect_ports": "443, %d" % port, "local_destinations": "allow"}}
+
+
+def numbered_origin():
+    """A keep-alive origin that answers each request '<connection number> <target>', so a
+    response tells which upstream connection carried it. .seen holds (connection, target)."""
+    def handler(c, server):
+        with server.lock:
+            server.index += 1
+            i = server.index
+        r = Reader(c)
+        try:
+            while True:
+                req = Message(r.until(b"\r\n\r\n"))
+                req.body = read_body(r, req)
+                with server.lock:
+                    server.seen.append((i, req.target, req.line.split(" ")[0], req.body))
+                c.sendall(reply(200, b"%d %s" % (i, req.target.encode())))
+        except (EOFError, ValueError):
+            pass
+        finally:
+            with server.lock:
+                server.ended += 1
+
+    srv = Server(handler)
+    srv.index, srv.ended, srv.seen = 0, 0, []
+    return srv
+
+
+def held_upstream():
+    """A server that hands each accepted socket to the test (.socks, a queue) and keeps it open
+    until .release is set, so the test can send and read on the upstream side itself."""
+    def handler(c, server):
+        c.settimeout(10)
+        server.socks.put(c)
+        server.release.wait(30)
+
+    srv = Server(handler)
+    srv.socks, srv.release = queue.Queue(), threading.Event()
+    return srv
+
+
+def recv_exactly(s, n):
+    out = bytearray()
+    while len(out) < n:
+        d = s.recv(min(1 << 20, n - len(out)))
+        if not d:
+            raise EOFError("EOF after %d of %d bytes" % (len(out), n))
+        out += d
+    return bytes(out)
+
+
+def through(src, dst, data, reader=None):
+    """Sends data on src (from a thread) and returns the sha256 of the len(data) bytes that
+    arrive on dst (or through reader, a test_http.Reader of dst)."""
+    err = []
+
+    def send():
+        try:
+            src.sendall(data)
+        except OSError as e:
+            err.append(e)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    got = reader.exactly(len(data)) if reader else recv_exactly(dst, len(data))
+    t.join(10)
+    assert not err, "send failed: %s" % err
+    return hashlib.sha256(got).hexdigest()
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def readable(s, timeout):
+    """Whether s has a byte (or EOF) to read within timeout."""
+    return bool(select.select([s], [], [], timeout)[0])
+
+
+def eof_within(s, timeout, buffered=b""):
+    """Whether the peer closes s (EOF or reset) within timeout, with nothing read first."""
+    s.settimeout(timeout)
+    try:
+        return buffered == b"" and s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def wait_parks(px, at_least, timeout=5):
+    """Waits until proxy_parks_total reaches at_least; returns it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = px.metric("proxy_parks_total")
+        if got is not None and got >= at_least:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError("proxy_parks_total is %s, want >= %d" % (got, at_least))
+        time.sleep(0.05)
+
+
+def wait_parked(px, n, timeout=5):
+    px.wait_metric("proxy_connections_parked", n, timeout)
+
+
+def run_proxy(*args, **kw):
+    return subprocess.run([os.environ.get("PROXY_BIN", "./proxy"), *args], capture_output=True,
+                          text=True, timeout=10, **kw)
+
+
+# ---- 1. idle clients do not hold the workers ---------------------------------------------
+
+@limit(30)
+def test_park_a_third_client_is_served_while_both_workers_hold_idle_keepalive_clients():
+    with origin() as o:
+        with http_px(o.addr, workers=2) as px:
+            idle = [Client(px, timeout=5) for _ in range(2)]
+            for i, c in enumerate(idle):
+                assert c.ask(get(o, "/idle%d" % i)).status == 200
+            third = Client(px, timeout=5)
+            start = time.monotonic()
+            try:
+                resp = third.ask(get(o, "/third"))
+            except socket.timeout:
+                raise AssertionError("the third client got no response in 5 s: the two idle "
+                                     "keep-alive clients still hold both workers")
+            assert time.monotonic() - start < 3, "answered only after %.1f s" % (
+                time.monotonic() - start)
+            assert resp.status == 200 and resp.body == b"origin /third", resp.head
+            wait_parked(px, 3)  # all three now idle, in the waiting room
+            m = px.metrics()
+            assert m["proxy_workers_busy"] == 0 and m["proxy_connections_active"] == 3, m
+            for c in idle:  # and the idle ones still work
+                assert c.ask(get(o, "/again")).status == 200
+        # park_after = 0 is the old behaviour: the third client starves while the others idle.
+        with http_px(o.addr, workers=2, park_after=0) as px:
+            idle = [Client(px, timeout=5) for _ in range(2)]
+            for c in idle:
+                assert c.ask(get(o, "/idle")).status == 200
+            third = Client(px, timeout=5)
+            third.send(get(o, "/starved"))
+            assert not readable(third.sock, 2), "served with park_after = 0: nothing holds?"
+            assert px.metric("proxy_parks_total") == 0
+            idle[0].close()  # a worker frees: now the third is served
+            resp = third.response()
+            assert resp.status == 200 and resp.body == b"origin /starved", resp.head
+
+
+# ---- 2. a parked keep-alive connection wakes for its next request ------------------------
+
+@limit(30)
+def test_park_a_parked_keepalive_connection_wakes_on_another_worker_and_reuses_its_upstream():
+    with numbered_origin() as o, http_px(o.addr, workers=1) as px:
+        a = Client(px, timeout=5)
+        assert a.ask(get(o, "/a1")).body == b"1 /a1"
+        wait_parked(px, 1)
+        m = px.metrics()
+        assert m["proxy_parks_total"] == 1 and m["proxy_workers_busy"] == 0, m
+        # The only worker is free: another client is served while a is parked.
+        b = Client(px, timeout=5)
+        try:
+            assert b.ask(get(o, "/b1")).body == b"2 /b1"
+        except socket.timeout:
+            raise AssertionError("a parked connection still holds the only worker")
+        wait_parked(px, 2)
+        # a's next request wakes it; it goes on on its own upstream connection.
+        assert a.ask(get(o, "/a2")).body == b"1 /a2", "upstream connection not reused"
+        assert px.metric("proxy_wakeups_total") >= 1
+        assert b.ask(get(o, "/b2")).body == b"2 /b2"
+        wait_parked(px, 2)
+        parks = wait_parks(px, 4)
+        # A pipelined pair sent to a parked connection: both answered, in order.
+        a.send(get(o, "/a3") + get(o, "/a4"))
+        r3, r4 = a.response(), a.response()
+        assert (r3.body, r4.body) == (b"1 /a3", b"1 /a4"), (r3.head, r3.body, r4.body)
+        assert b.ask(get(o, "/b3")).body == b"2 /b3"
+        wait_parked(px, 2)
+        m = px.metrics()
+        assert m["proxy_parks_total"] > parks, m
+        assert m["proxy_wakeups_total"] >= 4, m  # a2, b2, a3 + a4, b3
+        assert m["proxy_wakeups_total"] <= m["proxy_parks_total"], m
+        assert o.index == 2 and o.ended == 0, "upstream connections: %d, ended %d" % (
+            o.index, o.ended)
+        assert [t for i, t, _, _ in o.seen if i == 1] == ["/a1", "/a2", "/a3", "/a4"], o.seen
+        statuses = [line[3] for line in wait_log(px, "GET", 7)]
+        assert statuses == ["200"] * 7, statuses
+
+
+# ---- 3. parked tunnels and relays resume both ways -----------------------------------------
+
+def park_wake_cycles(px, client_sock, up_sock, reader=None, cycles=3):
+    """Several times: wait until the connection parked (again), send a random payload from
+    the client, then after the next park one from the upstream; each must arrive intact."""
+    parks = px.metric("proxy_parks_total") or 0
+    for cycle in range(cycles):
+        for direction in ("up", "down"):
+            parks = wait_parks(px, parks + 1)
+            wait_parked(px, 1)
+            data = os.urandom((256 << 10) + cycle * 1000 + (direction == "up"))
+            if direction == "up":
+                got = through(client_sock, up_sock, data)
+            else:
+                got = through(up_sock, client_sock, data, reader)
+            assert got == sha(data), "cycle %d, %s: bytes changed" % (cycle, direction)
+    assert px.metric("proxy_wakeups_total") >= 2 * cycles
+
+
+@limit(45)
+def test_park_a_parked_connect_tunnel_and_tcp_relay_resume_both_ways_bytes_intact():
+    with held_upstream() as up:
+        try:
+            with http_px(sections=tunnel_sections(up.port), workers=1) as px:
+                c = Client(px, timeout=10)
+                c.send(request("CONNECT", up.addr, "Host: " + up.addr))
+                assert c.r.exactly(len(ESTABLISHED)) == ESTABLISHED, c.r.buf
+                u = up.socks.get(timeout=5)
+                park_wake_cycles(px, c.sock, u, c.r)
+                # a parked tunnel does not hold the only worker
+                other = Client(px, timeout=5)
+                other.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")  # origin-form, no upstream
+                assert other.response().status == 400
+                c.sock.shutdown(socket.SHUT_WR)
+                assert u.recv(1) == b"", "the client's EOF did not cross the tunnel"
+                u.close()
+                assert eof_within(c.sock, 5, c.r.buf)
+                lines = wait_log(px, "CONNECT", 1)
+                assert len(lines) == 1 and lines[0][3] == "200", lines
+            with tcp_px(up.addr, workers=1) as px:
+                s = connect(px.addr)
+                u = up.socks.get(timeout=5)
+                s.sendall(b"hello")
+                assert recv_exactly(u, 5) == b"hello"
+                park_wake_cycles(px, s, u)
+                u.sendall(b"bye")
+                u.shutdown(socket.SHUT_WR)
+                assert recv_exactly(s, 3) == b"bye"
+                assert eof_within(s, 5)
+                s.close()
+                px.wait_line(r"end=done")
+        finally:
+            up.release.set()
+
+
+# ---- 4. the upstream closes while the client is parked -------------------------------------
+
+@limit(30)
+def test_park_upstream_closing_its_connection_while_the_client_is_parked_is_replaced():
+    """Upstream connection 1 closes (FIN) and connection 2 resets while their client is parked.
+    Each next request, a POST included, must be answered on a new upstream connection, sent
+    exactly once, and the client connection must outlive them."""
+    closed = {1: threading.Event(), 2: threading.Event()}
+    go = {1: threading.Event(), 2: threading.Event()}
+    seen = []
+
+    def handler(c, server):
+        with server.lock:
+            server.index += 1
+            i = server.index
+        r = Reader(c)
+        try:
+            while True:
+                req = Message(r.until(b"\r\n\r\n"))
+                req.body = read_body(r, req)
+                with server.lock:
+                    seen.append((i, req.line, req.body))
+                c.sendall(reply(200, b"%d %s" % (i, req.target.encode())))
+                if i in go:
+                    go[i].wait(10)
+                    if i == 1:
+                        c.shutdown(socket.SHUT_RDWR)
+                    else:
+                        reset(c)
+                    closed[i].set()
+                    return
+        except (EOFError, ValueError, OSError):
+            pass
+
+    with Server(handler) as up, http_px(up.addr, workers=1) as px:
+        up.index = 0
+        c = Client(px, timeout=5)
+        body = b"post body, once"
+        asks = [get(up, "/1"),
+                request("POST", "http://%s/2" % up.addr, "Host: h",
+                        "Content-Length: %d" % len(body), body=body),
+                get(up, "/3")]
+        for n, ask in enumerate(asks, 1):
+            resp = c.ask(ask)
+            assert resp.status == 200 and resp.body == b"%d /%d" % (n, n), (n, resp.head,
+                                                                            resp.body)
+            if n in go:
+                wait_parked(px, 1)
+                go[n].set()
+                assert closed[n].wait(5)
+                time.sleep(0.3)  # the FIN or reset has reached the waiting room
+                assert not readable(c.sock, 0.2), "the client connection ended with the " \
+                                                  "upstream's"
+                wait_parked(px, 1)
+        assert up.conns == 3, "upstream connections: %d" % up.conns
+        assert seen == [(1, "GET /1 HTTP/1.1", b""), (2, "POST /2 HTTP/1.1", body),
+                        (3, "GET /3 HTTP/1.1", b"")], seen
+        assert px.metric("proxy_http_retries_total") == 0
+        assert [l[3] for l in wait_log(px, None, 3)] == ["200"] * 3
+
+
+# ---- 5. timeouts in the waiting room -------------------------------------------------------
+
+@limit(30)
+def test_park_keepalive_timeout_closes_a_parked_http_connection():
+    with origin() as o, http_px(o.addr, keepalive_timeout=1, idle_timeout=60) as px:
+        c = Client(px, timeout=5)
+        assert c.ask(get(o, "/1")).status == 200
+        done = time.monotonic()
+        wait_parked(px, 1)
+        assert eof_within(c.sock, 4, c.r.buf), "still open 4 s after keepalive_timeout = 1"
+        took = time.monotonic() - done
+        assert 0.8 < took < 4, "closed %.1f s after the response" % took
+        px.wait_metric("proxy_waiting_room_timeouts_total", 1)
+        px.wait_metric('proxy_connections_closed_total{reason="idle"}', 1)
+        m = px.metrics()
+        assert m["proxy_connections_parked"] == 0 and m["proxy_connections_active"] == 0, m
+        # keepalive_timeout is about the time between requests, not the connection's age
+        c = Client(px, timeout=5)
+        for i in range(4):
+            assert c.ask(get(o, "/%d" % i)).status == 200
+            time.sleep(0.5)
+        assert px.metric("proxy_waiting_room_timeouts_total") == 1
+
+
+@limit(30)
+def test_park_idle_timeout_closes_a_parked_tcp_relay_with_one_log_line():
+    with Server(echo_handler) as echo, tcp_px(echo.addr, idle_timeout=1) as px:
+        s = connect(px.addr, timeout=5)
+        me = "%s:%d" % s.getsockname()
+        sent = 0
+        for i in range(3):  # three park/wake cycles, each well within idle_timeout
+            msg = b"ping %d" % i
+            s.sendall(msg)
+            assert recv_exactly(s, len(msg)) == msg
+            sent += len(msg)
+            wait_parks(px, i + 1)
+        wait_parked(px, 1)
+        start = time.monotonic()
+        assert eof_within(s, 4), "still open 4 s after idle_timeout = 1"
+        assert time.monotonic() - start < 4
+        px.wait_metric("proxy_waiting_room_timeouts_total", 1)
+        px.wait_metric('proxy_connections_closed_total{reason="idle"}', 1)
+        px.wait_line(r"^\S+ %s -> " % re.escape(me))
+        time.sleep(0.3)
+        lines = [TCP_LOG.match(l) for l in px.text().splitlines()]
+        mine = [m for m in lines if m and m.group(1) == me]
+        assert len(mine) == 1, "log lines for %s: %s" % (me, px.text())
+        assert mine[0].group(3, 4, 5) == (str(sent), str(sent), "idle"), mine[0].group(0)
+        assert px.metric("proxy_parks_total") >= 3
+
+
+# ---- 6. SIGTERM ----------------------------------------------------------------------------
+
+def slow_answer(server, req, r):
+    """/slow: a 10-byte body, a byte every 0.25 s; anything else: 200 at once."""
+    if req.target != "/slow":
+        return reply(200, b"quick")
+    r.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    for i in range(10):
+        time.sleep(0.25)
+        r.sock.sendall(b"%d" % i)
+    return b""
+
+
+@limit(40)
+def test_park_sigterm_closes_parked_connections_at_once_and_lets_a_busy_one_finish():
+    with origin(slow_answer) as o, Server(echo_handler) as echo, \
+            http_px(o.addr, sections=tunnel_sections(echo.port), workers=4) as px:
+        keep = Client(px, timeout=5)
+        assert keep.ask(get(o, "/quick")).body == b"quick"
+        tun = Client(px, timeout=5)
+        tun.send(request("CONNECT", echo.addr, "Host: " + echo.addr))
+        assert tun.r.exactly(len(ESTABLISHED)) == ESTABLISHED
+        tun.send(b"x")
+        assert tun.r.exactly(1) == b"x"
+        wait_parked(px, 2)
+        busy = Client(px, timeout=10)
+        busy.send(get(o, "/slow"))
+        head = Message(busy.r.until(b"\r\n\r\n"))
+        assert head.status == 200, head.head
+        assert px.metric("proxy_workers_busy") == 1, "the parked ones still hold workers"
+        start = time.monotonic()
+        px.signal(signal.SIGTERM)
+        px.wait_line("stopping")
+        assert eof_within(keep.sock, 2, keep.r.buf), "parked keep-alive client not closed"
+        assert eof_within(tun.sock, 2, tun.r.buf), "parked tunnel not closed"
+        assert time.monotonic() - start < 3
+        px.wait_metric('proxy_connections_closed_total{reason="stopped"}', 2, timeout=2)
+        assert busy.r.exactly(10) == b"0123456789", "the busy response was cut"
+        finished = time.monotonic()
+        # it would park now, but the proxy is stopping: closed instead
+        assert eof_within(busy.sock, 3, busy.r.buf), "busy client not closed after its response"
+        assert px.p.wait(5) == 0
+        assert time.monotonic() - finished < 5
+        px.wait_line(r"\bstopped$")
+
+
+# ---- 7. max_connections --------------------------------------------------------------------
+
+@limit(30)
+def test_park_max_connections_refuses_with_503_in_http_counting_parked_connections():
+    with origin() as o, http_px(o.addr, workers=8, max_connections=3) as px:
+        held = [Client(px, timeout=5) for _ in range(3)]
+        for i, c in enumerate(held):
+            assert c.ask(get(o, "/%d" % i)).status == 200
+        wait_parked(px, 3)
+        assert px.metric("proxy_workers_busy") == 0, "idle clients still hold workers"
+        extra = Client(px, timeout=5)  # sends nothing: a refusal does not drain what it got
+        start = time.monotonic()
+        resp = extra.response()
+        assert time.monotonic() - start < 3
+        assert resp.status == 503 and resp.get("retry-after") == ["1"], resp.head
+        assert resp.get("content-length") == [str(len(resp.body))], resp.head
+        assert extra.closed(), "a refused client was kept open"
+        m = px.metrics()
+        assert m['proxy_connections_refused_total{reason="max_connections"}'] == 1, m
+        assert m.get('proxy_connections_refused_total{reason="queue_full"}', 0) == 0, m
+        held[0].close()
+        px.wait_metric("proxy_connections_active", 2)
+        assert Client(px, timeout=5).ask(get(o, "/after")).status == 200
+        for c in held[1:]:
+            assert c.ask(get(o, "/still")).status == 200
+
+
+@limit(30)
+def test_park_max_connections_closes_the_extra_tcp_client_at_once_counting_parked_ones():
+    with Server(echo_handler) as echo, tcp_px(echo.addr, workers=8, max_connections=3) as px:
+        held = [connect(px.addr, timeout=5) for _ in range(3)]
+        for s in held:
+            s.sendall(b"a")
+            assert s.recv(1) == b"a"
+        wait_parked(px, 3)
+        extra = connect(px.addr, timeout=5)
+        try:
+            extra.sendall(b"lost")
+        except OSError:
+            pass
+        assert eof_within(extra, 3), "the 4th tcp client was not closed"
+        assert echo.conns == 3, "the refused client reached the upstream"
+        px.wait_metric('proxy_connections_refused_total{reason="max_connections"}', 1)
+        held[0].close()
+        px.wait_metric("proxy_connections_active", 2)
+        again = connect(px.addr, timeout=5)
+        again.sendall(b"z")
+        assert again.recv(1) == b"z"
+        for s in held[1:]:
+            s.sendall(b"b")
+            assert s.recv(1) == b"b"
+
+
+# ---- when a connection parks, and when not -------------------------------------------------
+
+@limit(30)
+def test_park_queue_pressure_parks_an_idle_keepalive_connection_at_once():
+    """park_after = 60 s: an idle keep-alive client would hold the only worker for a minute,
+    but a connection waiting in the queue makes it park at once."""
+    with origin() as o, http_px(o.addr, workers=1, park_after=60000) as px:
+        a = Client(px, timeout=5)
+        assert a.ask(get(o, "/a")).status == 200
+        time.sleep(0.5)
+        assert px.metric("proxy_connections_parked") == 0, "parked before park_after"
+        b = Client(px, timeout=5)
+        try:
+            resp = b.ask(get(o, "/b"))
+        except socket.timeout:
+            raise AssertionError("the queued client waited: the idle one did not park")
+        assert resp.status == 200
+        assert px.metric("proxy_parks_total") >= 1
+        assert a.ask(get(o, "/a2")).status == 200
+
+
+@limit(30)
+def test_park_never_before_the_first_head_nor_in_the_middle_of_a_body():
+    """A new connection that sent nothing, and one in the middle of a request body, keep their
+    worker even while another connection waits in the queue."""
+    with origin() as o, http_px(o.addr, workers=1, header_timeout=2) as px:
+        silent = Client(px, timeout=5)
+        time.sleep(0.2)  # the silent one has the worker
+        queued = Client(px, timeout=5)
+        queued.send(get(o, "/queued"))
+        assert not readable(queued.sock, 1), "served while a new silent connection held " \
+                                             "the only worker: it parked before its head"
+        assert px.metric("proxy_parks_total") == 0
+        assert silent.response().status == 408  # at header_timeout
+        assert queued.response().status == 200
+        queued.close()
+        silent.close()
+        px.wait_metric("proxy_connections_active", 0)
+        parks = px.metric("proxy_parks_total")
+        up = Client(px, timeout=5)
+        up.send(request("POST", "http://%s/up" % o.addr, "Host: h", "Content-Length: 10",
+                        body=b"12345"))
+        time.sleep(0.3)
+        waiting = Client(px, timeout=5)
+        waiting.send(get(o, "/waiting"))
+        assert not readable(waiting.sock, 1), "served while a body was half sent: it parked"
+        assert px.metric("proxy_parks_total") == parks
+        up.send(b"67890")
+        assert up.response().status == 200
+        assert waiting.response().status == 200
+        assert [r.body for r in o.received if r.target == "/up"] == [b"1234567890"]
+
+
+# ---- config and metrics --------------------------------------------------------------------
+
+def test_park_metrics_gauges_and_counters_are_exported():
+    with origin() as o, http_px(o.addr) as px:
+        import urllib.request
+        with urllib.request.urlopen("http://%s:%d/metrics" % px.metrics_addr, timeout=5) as r:
+            body = r.read().decode()
+        for name, kind in (("proxy_connections_parked", "gauge"),
+                           ("proxy_workers_busy", "gauge"),
+                           ("proxy_queue_length", "gauge"),
+                           ("proxy_connections_active", "gauge"),
+                           ("proxy_parks_total", "counter"),
+                           ("proxy_wakeups_total", "counter"),
+                           ("proxy_waiting_room_timeouts_total", "counter")):
+            assert re.search(r"^# TYPE %s %s$" % (name, kind), body, re.M), (name, body)
+            assert re.search(r"^%s 0$" % name, body, re.M), (name, body)
+        assert 'proxy_connections_refused_total{reason="max_connections"} 0' in body, body
+        c = Client(px, timeout=5)
+        assert c.ask(get(o, "/x")).status == 200
+        wait_parked(px, 1)
+        m = px.metrics()
+        assert (m["proxy_connections_active"], m["proxy_workers_busy"],
+                m["proxy_queue_length"], m["proxy_parks_total"]) == (1, 0, 0, 1), m
+
+
+def test_park_config_keys_are_range_checked():
+    base = "[proxy]\nmode = tcp\nupstream = 127.0.0.1:80\n"
+    for line in ("park_after = 60001", "park_after = -1", "keepalive_timeout = 604801",
+                 "keepalive_timeout = x", "max_connections = lots"):
+        path = os.path.join(TMP, "park-bad.ini")
+        with open(path, "w") as f:
+            f.write(base + line + "\n")
+        r = run_proxy("-t", "-c", path)
+        assert r.returncode == 2, (line, r)
+        assert r.stderr.startswith(path + ":4: "), (line, r.stderr)
+    good = write_ini({"proxy": {"mode": "tcp", "upstream": "127.0.0.1:80", "park_after": 0,
+                                "keepalive_timeout": 0, "max_connections": 12345}},
+                     "park-good.ini")
+    r = run_proxy("-t", "-c", good)
+    assert r.returncode == 0 and "configuration ok" in r.stdout, r
+    assert "12345" in r.stdout, "the plan does not mention max_connections: %s" % r.stdout
+    for value in ("60000", "0"):
+        path = write_ini({"proxy": {"mode": "http", "park_after": value,
+                                    "keepalive_timeout": 604800}}, "park-edge.ini")
+        assert run_proxy("-t", "-c", path).returncode == 0, value
