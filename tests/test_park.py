@@ -23,8 +23,8 @@ import time
 
 from lib import TMP, Proxy, Server, connect, echo_handler, write_ini
 from test_http import (ESTABLISHED, Client, Message, Reader, get, origin, read_body, reply,
-                       request, wait_for)
-from test_http_upstreams import log_lines, reset, wait_log
+                       request)
+from test_http_upstreams import reset, wait_log
 
 # TIME CLIENT -> UPSTREAM up=N down=N ms=F end=REASON
 TCP_LOG = re.compile(r"^\S+ (\S+) -> (\S+) up=(\d+) down=(\d+) ms=\S+ end=(\w+)$")
@@ -289,9 +289,20 @@ def test_park_a_parked_connect_tunnel_and_tcp_relay_resume_both_ways_bytes_intac
                 s.sendall(b"hello")
                 assert recv_exactly(u, 5) == b"hello"
                 park_wake_cycles(px, s, u)
-                u.sendall(b"bye")
+                # Half-closed: the client's side at EOF is not watched while parked (no wake-up
+                # loop on it), and the other direction still wakes the relay.
+                s.shutdown(socket.SHUT_WR)
+                assert u.recv(1) == b"", "the client's EOF did not reach the upstream"
+                parks = wait_parks(px, px.metric("proxy_parks_total") + 1)
+                wait_parked(px, 1)
+                wakeups = px.metric("proxy_wakeups_total")
+                time.sleep(0.5)
+                m = px.metrics()
+                assert (m["proxy_wakeups_total"], m["proxy_parks_total"]) == (wakeups, parks), \
+                    "a half-closed parked relay keeps waking: %s" % m
+                data = os.urandom(100000)
+                assert through(u, s, data) == sha(data)
                 u.shutdown(socket.SHUT_WR)
-                assert recv_exactly(s, 3) == b"bye"
                 assert eof_within(s, 5)
                 s.close()
                 px.wait_line(r"end=done")
@@ -382,6 +393,15 @@ def test_park_keepalive_timeout_closes_a_parked_http_connection():
             assert c.ask(get(o, "/%d" % i)).status == 200
             time.sleep(0.5)
         assert px.metric("proxy_waiting_room_timeouts_total") == 1
+    # Not parked (park_after = 60 s): keepalive_timeout still closes it, in its worker.
+    with origin() as o, http_px(o.addr, keepalive_timeout=1, park_after=60000) as px:
+        c = Client(px, timeout=5)
+        assert c.ask(get(o, "/1")).status == 200
+        assert eof_within(c.sock, 4, c.r.buf), "an unparked idle connection outlived " \
+                                               "keepalive_timeout = 1"
+        px.wait_metric('proxy_connections_closed_total{reason="idle"}', 1)
+        m = px.metrics()
+        assert (m["proxy_parks_total"], m["proxy_waiting_room_timeouts_total"]) == (0, 0), m
 
 
 @limit(30)
@@ -455,6 +475,18 @@ def test_park_sigterm_closes_parked_connections_at_once_and_lets_a_busy_one_fini
         assert px.p.wait(5) == 0
         assert time.monotonic() - finished < 5
         px.wait_line(r"\bstopped$")
+    # tcp mode: a parked relay is closed at once too, and the proxy does not wait the grace.
+    with Server(echo_handler) as echo, tcp_px(echo.addr) as px:
+        s = connect(px.addr, timeout=5)
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+        wait_parked(px, 1)
+        start = time.monotonic()
+        px.signal(signal.SIGTERM)
+        assert eof_within(s, 2), "parked tcp relay not closed at SIGTERM"
+        assert px.p.wait(5) == 0
+        assert time.monotonic() - start < 5
+        px.wait_line(r"end=stopped")
 
 
 # ---- 7. max_connections --------------------------------------------------------------------
