@@ -14,6 +14,7 @@ import hashlib
 import os
 import queue
 import re
+import resource
 import select
 import signal
 import socket
@@ -23,7 +24,7 @@ import time
 
 from lib import TMP, Proxy, Server, connect, echo_handler, write_ini
 from test_http import (ESTABLISHED, Client, Message, Reader, get, origin, read_body, reply,
-                       request)
+                       request, wait_for)
 from test_http_upstreams import reset, wait_log
 
 # TIME CLIENT -> UPSTREAM up=N down=N ms=F end=REASON
@@ -242,6 +243,15 @@ def test_park_a_parked_keepalive_connection_wakes_on_another_worker_and_reuses_i
         assert [t for i, t, _, _ in o.seen if i == 1] == ["/a1", "/a2", "/a3", "/a4"], o.seen
         statuses = [line[3] for line in wait_log(px, "GET", 7)]
         assert statuses == ["200"] * 7, statuses
+        # Clients that leave while parked: woken by the hang-up, closed with their upstream
+        # connections.
+        wakeups = px.metric("proxy_wakeups_total")
+        a.close()
+        b.close()
+        px.wait_metric("proxy_connections_active", 0)
+        wait_for("the parked upstream connections to close", lambda: o.ended == 2)
+        m = px.metrics()
+        assert m["proxy_connections_parked"] == 0 and m["proxy_wakeups_total"] >= wakeups + 1, m
 
 
 # ---- 3. parked tunnels and relays resume both ways -----------------------------------------
@@ -277,6 +287,7 @@ def test_park_a_parked_connect_tunnel_and_tcp_relay_resume_both_ways_bytes_intac
                 other = Client(px, timeout=5)
                 other.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")  # origin-form, no upstream
                 assert other.response().status == 400
+                other.close()  # else the worker drains it for 2 s
                 c.sock.shutdown(socket.SHUT_WR)
                 assert u.recv(1) == b"", "the client's EOF did not cross the tunnel"
                 u.close()
@@ -306,6 +317,31 @@ def test_park_a_parked_connect_tunnel_and_tcp_relay_resume_both_ways_bytes_intac
                 assert eof_within(s, 5)
                 s.close()
                 px.wait_line(r"end=done")
+        finally:
+            up.release.set()
+
+
+@limit(30)
+def test_park_a_parked_101_upgrade_resumes_both_ways_bytes_intact():
+    def handler(c, server):
+        c.settimeout(10)
+        r = Reader(c)
+        Message(r.until(b"\r\n\r\n"))
+        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                  b"Upgrade: websocket\r\n\r\n")
+        server.socks.put(c)
+        server.release.wait(30)
+
+    with Server(handler) as up:
+        up.socks, up.release = queue.Queue(), threading.Event()
+        try:
+            with http_px(up.addr, workers=1) as px:
+                c = Client(px, timeout=10)
+                resp = c.ask(get(up, "/ws", "Connection: Upgrade", "Upgrade: websocket"))
+                assert resp.status == 101, resp.head
+                u = up.socks.get(timeout=5)
+                park_wake_cycles(px, c.sock, u, c.r, cycles=2)
+                assert px.metric("proxy_http_upgrades_total") == 1
         finally:
             up.release.set()
 
@@ -389,7 +425,7 @@ def test_park_keepalive_timeout_closes_a_parked_http_connection():
         assert m["proxy_connections_parked"] == 0 and m["proxy_connections_active"] == 0, m
         # keepalive_timeout is about the time between requests, not the connection's age
         c = Client(px, timeout=5)
-        for i in range(4):
+        for i in range(3):
             assert c.ask(get(o, "/%d" % i)).status == 200
             time.sleep(0.5)
         assert px.metric("proxy_waiting_room_timeouts_total") == 1
@@ -429,6 +465,87 @@ def test_park_idle_timeout_closes_a_parked_tcp_relay_with_one_log_line():
         assert len(mine) == 1, "log lines for %s: %s" % (me, px.text())
         assert mine[0].group(3, 4, 5) == (str(sent), str(sent), "idle"), mine[0].group(0)
         assert px.metric("proxy_parks_total") >= 3
+
+
+@limit(30)
+def test_park_timeouts_count_from_the_last_byte_not_from_when_it_parked():
+    """keepalive_timeout is the time idle between requests, idle_timeout the time without a
+    byte either way, parked or not: the park_after before parking counts too. park_after = 2 s,
+    timeouts 3 s: closed about 3 s after the last byte, not about 5 s (park_after + 3)."""
+    with origin() as o, Server(echo_handler) as echo, \
+            http_px(o.addr, park_after=2000, keepalive_timeout=3, idle_timeout=60) as hx, \
+            tcp_px(echo.addr, park_after=2000, idle_timeout=3) as tx:
+        c = Client(hx, timeout=10)
+        assert c.ask(get(o, "/1")).status == 200
+        http_last = time.monotonic()
+        s = connect(tx.addr, timeout=10)
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+        tcp_last = time.monotonic()
+        left = {c.sock: ("http", http_last), s: ("tcp", tcp_last)}
+        closed = {}
+        deadline = time.monotonic() + 8
+        while left and time.monotonic() < deadline:
+            for sock in select.select(list(left), [], [], deadline - time.monotonic())[0]:
+                assert sock.recv(1) == b"", "bytes instead of a close"
+                name, last = left.pop(sock)
+                closed[name] = round(time.monotonic() - last, 2)
+        assert set(closed) == {"http", "tcp"}, "not closed within 8 s: %s" % closed
+        for px in (hx, tx):
+            m = px.metrics()
+            assert m["proxy_parks_total"] == 1, "it never parked: %s" % m
+            assert m['proxy_connections_closed_total{reason="idle"}'] == 1, m
+        assert all(2.5 < t < 4.5 for t in closed.values()), \
+            "seconds from the last byte to the close, with timeouts of 3 s: %s" % closed
+
+
+# ---- many idle clients, and bytes racing the park ------------------------------------------
+
+@limit(45)
+def test_park_two_workers_serve_200_keepalive_clients_in_turn():
+    with origin() as o, http_px(o.addr, workers=2, max_connections=300) as px:
+        clients = [Client(px, timeout=10) for _ in range(200)]
+        for rnd in range(2):
+            for i, c in enumerate(clients):
+                c.send(get(o, "/%d-%d" % (rnd, i)))
+            for i, c in enumerate(clients):
+                resp = c.response()
+                assert resp.status == 200 and resp.body == b"origin /%d-%d" % (rnd, i), (
+                    rnd, i, resp.head)
+        wait_parked(px, 200, timeout=10)
+        m = px.metrics()
+        assert m["proxy_connections_active"] == 200 and m["proxy_workers_busy"] == 0, m
+        assert o.conns == 200, "upstream connections: %d (one per client, reused)" % o.conns
+        for c in clients:
+            c.close()
+        px.wait_metric("proxy_connections_active", 0, timeout=10)
+
+
+@limit(45)
+def test_park_requests_and_bytes_racing_the_park_are_never_lost():
+    """park_after = 20 ms and pauses of 0 to 40 ms: requests (some pipelined in pairs) and
+    relay bytes often arrive just as the connection parks or wakes."""
+    rnd = __import__("random").Random(13)
+    with numbered_origin() as o, Server(echo_handler) as echo, \
+            http_px(o.addr, workers=2, park_after=20) as hx, \
+            tcp_px(echo.addr, workers=2, park_after=20) as tx:
+        c = Client(hx, timeout=5)
+        for i in range(60):
+            time.sleep(rnd.random() * 0.04)
+            if i % 3 == 0:
+                c.send(get(o, "/p%d" % i) + get(o, "/q%d" % i))
+                got = (c.response().body, c.response().body)
+                assert got == (b"1 /p%d" % i, b"1 /q%d" % i), (i, got)
+            else:
+                assert c.ask(get(o, "/%d" % i)).body == b"1 /%d" % i, i
+        assert hx.metric("proxy_parks_total") > 5, "hardly parked: the test tested nothing"
+        s = connect(tx.addr, timeout=5)
+        for i in range(60):
+            time.sleep(rnd.random() * 0.04)
+            data = os.urandom(rnd.randint(1, 20000))
+            assert through(s, s, data) == sha(data), i
+        assert tx.metric("proxy_parks_total") > 5, "hardly parked: the test tested nothing"
+        assert o.index == 1 and echo.conns == 1
 
 
 # ---- 6. SIGTERM ----------------------------------------------------------------------------
@@ -542,6 +659,31 @@ def test_park_max_connections_closes_the_extra_tcp_client_at_once_counting_parke
             assert s.recv(1) == b"b"
 
 
+@limit(30)
+def test_park_a_woken_connection_in_the_queue_does_not_take_a_new_clients_place():
+    """queue = 1 bounds the NEW connections waiting for a worker; a parked connection coming
+    back was admitted long ago and must not count against it (README, Limits)."""
+    with origin(slow_answer) as o, http_px(o.addr, workers=1, queue=1) as px:
+        back = Client(px, timeout=10)
+        assert back.ask(get(o, "/1")).status == 200
+        wait_parked(px, 1)
+        busy = Client(px, timeout=10)  # holds the only worker for 2.5 s
+        busy.send(get(o, "/slow"))
+        assert Message(busy.r.until(b"\r\n\r\n")).status == 200
+        back.send(get(o, "/2"))  # wakes, and waits in the queue
+        px.wait_metric("proxy_queue_length", 1)
+        new = Client(px, timeout=10)
+        if readable(new.sock, 0.5):  # a refusal is at once (sending first could reset it)
+            raise AssertionError("a new client was refused because a woken one waited: %r"
+                                 % new.response().head)
+        new.send(get(o, "/new"))
+        resp = new.response()
+        assert resp.status == 200 and resp.body == b"quick", resp.head
+        assert px.metric('proxy_connections_refused_total{reason="queue_full"}') == 0
+        assert busy.r.exactly(10) == b"0123456789"
+        assert back.response().body == b"quick"
+
+
 # ---- when a connection parks, and when not -------------------------------------------------
 
 @limit(30)
@@ -593,6 +735,17 @@ def test_park_never_before_the_first_head_nor_in_the_middle_of_a_body():
         assert up.response().status == 200
         assert waiting.response().status == 200
         assert [r.body for r in o.received if r.target == "/up"] == [b"1234567890"]
+        # Woken by the first bytes of a head, it does not park again before the head is whole.
+        waiting.close()
+        wait_parked(px, 1)
+        parks = px.metric("proxy_parks_total")
+        head = get(o, "/split")
+        up.send(head[:20])
+        time.sleep(0.6)
+        m = px.metrics()
+        assert (m["proxy_connections_parked"], m["proxy_parks_total"]) == (0, parks), m
+        up.send(head[20:])
+        assert up.response().body == b"origin /split"
 
 
 # ---- config and metrics --------------------------------------------------------------------
@@ -636,6 +789,20 @@ def test_park_config_keys_are_range_checked():
     r = run_proxy("-t", "-c", good)
     assert r.returncode == 0 and "configuration ok" in r.stdout, r
     assert "12345" in r.stdout, "the plan does not mention max_connections: %s" % r.stdout
+    # A full load the fd limit cannot hold: -t and the start-up say so.
+    big = write_ini({"proxy": {"mode": "tcp", "upstream": "127.0.0.1:80", "workers": 8,
+                               "max_connections": 5000}}, "park-fds.ini")
+    low = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+    warning = "warning: the fd limit cannot hold max_connections"
+    r = run_proxy("-t", "-c", big, preexec_fn=low)
+    assert r.returncode == 0 and warning in r.stdout + r.stderr, r
+    small = write_ini({"proxy": {"mode": "tcp", "upstream": "127.0.0.1:80", "workers": 8,
+                                 "max_connections": 100}}, "park-fds-ok.ini")
+    r = run_proxy("-t", "-c", small, preexec_fn=low)
+    assert r.returncode == 0 and warning not in r.stdout + r.stderr, r
+    with Server(echo_handler) as echo:
+        px = Proxy(echo.addr, mode="tcp", workers=8, max_connections=5000, preexec_fn=low)
+        px.wait_line(r"warning: .*fds", 2)  # the start-up's own words
     for value in ("60000", "0"):
         path = write_ini({"proxy": {"mode": "http", "park_after": value,
                                     "keepalive_timeout": 604800}}, "park-edge.ini")
