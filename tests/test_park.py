@@ -10,6 +10,7 @@ its kept-alive connection while the client is parked; keepalive_timeout and idle
 the waiting room; SIGTERM with parked and busy connections; max_connections, parked
 connections counted; the new config keys and metrics. Every test name starts with test_park_
 (run.py -k test_park_)."""
+import base64
 import hashlib
 import os
 import queue
@@ -41,16 +42,26 @@ def limit(seconds):
 
 # ---- helpers ------------------------------------------------------------------------------
 
+class StoppingProxy(Proxy):
+    """A Proxy whose with-block ends by starting its stop (SIGTERM) without waiting: finish()
+    waits for it and checks how it ended after the test, so the proxies of a test stop side
+    by side instead of a second or so each in turn."""
+
+    def __exit__(self, *exc):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+
+
 def http_px(upstream=None, sections=None, **keys):
     """An http-mode proxy without auth that parks after 100 ms unless told otherwise."""
     keys.setdefault("park_after", 100)
     keys.setdefault("header_timeout", 5)
-    return Proxy(upstream, mode="http", sections=sections, **keys)
+    return StoppingProxy(upstream, mode="http", sections=sections, **keys)
 
 
 def tcp_px(upstream, **keys):
     keys.setdefault("park_after", 100)
-    return Proxy(upstream, mode="tcp", **keys)
+    return StoppingProxy(upstream, mode="tcp", **keys)
 
 
 def tunnel_sections(port):
@@ -342,6 +353,19 @@ def test_park_a_parked_101_upgrade_resumes_both_ways_bytes_intact():
                 u = up.socks.get(timeout=5)
                 park_wake_cycles(px, c.sock, u, c.r, cycles=2)
                 assert px.metric("proxy_http_upgrades_total") == 1
+                # The upstream half-closes: the client sees EOF; the relay parks again without
+                # watching the side at EOF, and the client's bytes still go up.
+                u.shutdown(socket.SHUT_WR)
+                assert eof_within(c.sock, 5, c.r.buf), "the upstream's EOF did not arrive"
+                parks = wait_parks(px, px.metric("proxy_parks_total") + 1)
+                wait_parked(px, 1)
+                wakeups = px.metric("proxy_wakeups_total")
+                time.sleep(0.3)
+                m = px.metrics()
+                assert (m["proxy_wakeups_total"], m["proxy_parks_total"]) == (wakeups, parks), \
+                    "a half-closed parked upgrade keeps waking: %s" % m
+                data = os.urandom(100000)
+                assert through(c.sock, u, data) == sha(data)
         finally:
             up.release.set()
 
@@ -530,7 +554,7 @@ def test_park_requests_and_bytes_racing_the_park_are_never_lost():
             http_px(o.addr, workers=2, park_after=20) as hx, \
             tcp_px(echo.addr, workers=2, park_after=20) as tx:
         c = Client(hx, timeout=5)
-        for i in range(60):
+        for i in range(50):
             time.sleep(rnd.random() * 0.04)
             if i % 3 == 0:
                 c.send(get(o, "/p%d" % i) + get(o, "/q%d" % i))
@@ -540,7 +564,7 @@ def test_park_requests_and_bytes_racing_the_park_are_never_lost():
                 assert c.ask(get(o, "/%d" % i)).body == b"1 /%d" % i, i
         assert hx.metric("proxy_parks_total") > 5, "hardly parked: the test tested nothing"
         s = connect(tx.addr, timeout=5)
-        for i in range(60):
+        for i in range(50):
             time.sleep(rnd.random() * 0.04)
             data = os.urandom(rnd.randint(1, 20000))
             assert through(s, s, data) == sha(data), i
@@ -682,6 +706,22 @@ def test_park_a_woken_connection_in_the_queue_does_not_take_a_new_clients_place(
         assert px.metric('proxy_connections_refused_total{reason="queue_full"}') == 0
         assert busy.r.exactly(10) == b"0123456789"
         assert back.response().body == b"quick"
+
+
+def test_park_auth_failures_are_counted_across_parks():
+    """AUTH_FAILURES_MAX (3) 407s per connection: a guesser pausing between tries (so that the
+    connection parks and comes back on another worker) does not get more."""
+    with origin() as o, http_px(o.addr, sections={"users": {"alice": "s3cr3t"}}) as px:
+        c = Client(px, timeout=5)
+        wrong = "Proxy-Authorization: Basic " + base64.b64encode(b"alice:guess").decode()
+        for i in range(3):
+            if i:
+                wait_parked(px, 1)
+            resp = c.ask(get(o, "/%d" % i, wrong))
+            assert resp.status == 407, resp.head
+        assert resp.get("connection") == ["close"], "the third 407 must end it: %r" % resp.head
+        assert c.closed()
+        assert px.metric("proxy_parks_total") >= 2 and o.conns == 0
 
 
 # ---- when a connection parks, and when not -------------------------------------------------
