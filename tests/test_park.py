@@ -23,7 +23,7 @@ import subprocess
 import threading
 import time
 
-from lib import TMP, Proxy, Server, connect, echo_handler, write_ini
+from lib import TMP, Proxy, Server, closed_port, connect, echo_handler, write_ini
 from test_http import (ESTABLISHED, Client, Message, Reader, get, origin, read_body, reply,
                        request, wait_for)
 from test_http_upstreams import reset, wait_log
@@ -353,6 +353,10 @@ def test_park_a_parked_101_upgrade_resumes_both_ways_bytes_intact():
                 u = up.socks.get(timeout=5)
                 park_wake_cycles(px, c.sock, u, c.r, cycles=2)
                 assert px.metric("proxy_http_upgrades_total") == 1
+                other = Client(px, timeout=5)  # a parked upgrade does not hold the only worker
+                other.send(request("GET", "http://127.0.0.1:%d/" % closed_port(), "Host: h"))
+                assert other.response().status == 502
+                other.close()
                 # The upstream half-closes: the client sees EOF; the relay parks again without
                 # watching the side at EOF, and the client's bytes still go up.
                 u.shutdown(socket.SHUT_WR)
