@@ -4,12 +4,15 @@ acceptor's epoll set, then go back to whichever worker is free when they become 
 
 What is checked: a client is served while every worker's previous client sits idle (and is
 starved with park_after = 0); a parked keep-alive connection wakes for its next request, a
-pipelined pair included, on the same upstream connection; parked tunnels and tcp relays
-resume both ways with every byte intact over several park/wake cycles; an upstream that closes
-its kept-alive connection while the client is parked; keepalive_timeout and idle_timeout in
-the waiting room; SIGTERM with parked and busy connections; max_connections, parked
-connections counted; the new config keys and metrics. Every test name starts with test_park_
-(run.py -k test_park_)."""
+pipelined pair included, on the same upstream connection; parked tunnels, upgrades and tcp
+relays resume both ways with every byte intact over several park/wake cycles, half-closed ones
+included; an upstream that closes its kept-alive connection while the client is parked;
+keepalive_timeout and idle_timeout, counted from the last byte; 200 clients on 2 workers;
+requests and bytes racing the park; SIGTERM with parked and busy connections;
+max_connections, parked connections counted; a woken connection does not take a new one's
+place in the queue; auth failures survive parking; when a connection must not park; the new
+config keys, the fd plan and the metrics. Every test name starts with test_park_ (run.py -k
+test_park_)."""
 import base64
 import hashlib
 import os
