@@ -419,9 +419,17 @@ void config_plan(const struct config *c, FILE *o) {
             c->keepalive_timeout, c->idle_timeout);
     fprintf(o, "fds at full load: %lld (limit %llu)\n", config_fds(c),
             (unsigned long long)rl.rlim_max);
-    if ((unsigned long long)config_fds(c) > (unsigned long long)rl.rlim_max)
-        fprintf(o,
-                "warning: the fd limit cannot hold max_connections; lower it to %lld or "
-                "raise the limit (LimitNOFILE=, ulimit -n)\n",
-                ((long long)rl.rlim_max - (long long)c->workers * pool_fds(c) - 16) / 2);
+    config_fd_warning(c, (unsigned long long)rl.rlim_max, "", o);
+}
+
+/* Warns on out (each line after prefix) when limit fds cannot hold a full load, saying what
+ * max_connections would fit. */
+void config_fd_warning(const struct config *c, unsigned long long limit, const char *prefix,
+                       FILE *out) {
+    long long fit = ((long long)limit - (long long)c->workers * pool_fds(c) - 16) / 2;
+    if ((unsigned long long)config_fds(c) <= limit) return;
+    fprintf(out,
+            "%swarning: a full load needs %lld fds, the limit is %llu: lower max_connections to "
+            "%lld or raise the limit (LimitNOFILE=, ulimit -n)\n",
+            prefix, config_fds(c), limit, fit > 0 ? fit : 0);
 }

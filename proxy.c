@@ -48,13 +48,10 @@ static int options(int argc, char **argv, const char **file, int *check) {
 /* Raises the soft fd limit to the hard one and warns when even that is below a full load. */
 static void fd_limit(void) {
     struct rlimit rl;
-    long long need = config_fds(&cfg);
     if (getrlimit(RLIMIT_NOFILE, &rl) < 0) return;
     rl.rlim_cur = rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);
-    if ((unsigned long long)need > (unsigned long long)rl.rlim_cur)
-        fprintf(stderr, "proxy: warning: a full load needs %lld fds, the limit is %llu\n", need,
-                (unsigned long long)rl.rlim_cur);
+    config_fd_warning(&cfg, (unsigned long long)rl.rlim_cur, "proxy: ", stderr);
 }
 
 /* Opens a listener on a or exits, naming the address. */

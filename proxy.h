@@ -172,6 +172,10 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen);
 /* File descriptors a full load needs: max_connections' sockets, the workers' pipes, a few to
  * spare. */
 long long config_fds(const struct config *c);
+/* Warns on out (each line after prefix) when limit fds cannot hold a full load, saying what
+ * max_connections would fit. */
+void config_fd_warning(const struct config *c, unsigned long long limit, const char *prefix,
+                       FILE *out);
 /* Prints what -t shows: threads, stacks, buffers, pipes, descriptors, connection records. */
 void config_plan(const struct config *c, FILE *out);
 
