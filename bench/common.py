@@ -41,6 +41,15 @@ class Settings:
         self.cliff_points = [64, 256, 1024] if quick else [64, 128, 256, 512, 1024, 2048]
         self.cliff_seconds = 1 if quick else 2          # scenario 8
         self.workers = 1100                             # ours, enough for wrk -c1000
+        # Scenarios 9 and 10: connections held at once. Ours and haproxy hold two fds for
+        # each (client and upstream), so 9000 + wrk's and the pipes stay under 20000.
+        self.idle_conns = 500 if quick else 9000
+        self.idle_seconds = 1 if quick else 3           # scenario 9: each wrk run
+        self.scale_hold = 3 if quick else 12            # scenario 10
+        self.busy_seconds = 1 if quick else 2           # scenario 11: each wrk run
+        self.syscall_seconds = 1 if quick else 2        # scenario 11: wrk -c1 under perf/strace
+        self.many_seconds = 2 if quick else 10          # scenario 12
+        self.rounds_many = 1                            # 10 s a run: one round
 
 
 # ─── small helpers ───────────────────────────────────────────────────────────────────────

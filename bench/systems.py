@@ -158,7 +158,8 @@ class Ours(System):
     """./proxy with a generated ini. Listens on port 0 and reads the port from its banner."""
 
     def __init__(self, work, upstream, copy="splice", buffer_size="64k", workers=1100,
-                 mode="tcp", stats=False, absolute=False, name=None, binary=None):
+                 mode="tcp", stats=False, absolute=False, name=None, binary=None,
+                 keys=None, access=None, access_log=False):
         super().__init__(work, upstream)
         self.binary = binary or ROOT / "proxy"  # bench/ab.py runs two builds
         self.copy, self.buffer_size, self.workers = copy, buffer_size, workers
@@ -167,12 +168,24 @@ class Ours(System):
         self.absolute = absolute
         self.metrics_port = None
         self.name = name or f"ours {copy}"
+        # More [proxy] keys (park_after, max_connections, ...) and [access] keys, as
+        # {key: value}; the defaults when not given.
+        self.keys, self.access = dict(keys or {}), dict(access or {})
+        # access_log: log every request/connection to a file in work/ (requests_by_client()
+        # reads it), instead of log = off.
+        self.access_log = None
+        if access_log:
+            slug = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+            self.access_log = work / f"{slug}-{mode}-{workers}-access.log"
 
     def command(self):
         slug = re.sub(r"[^a-z0-9]+", "-", self.name.lower())
         ini = self.work / f"{slug}-{self.mode}-{self.copy}-{self.buffer_size}-{self.workers}.ini"
         users = f"\n[users]\n{USER} = {PASSWORD}\n" if self.mode == "http" else ""
         stats = "127.0.0.1:0" if self.stats else ""
+        keys = "".join(f"{k} = {v}\n" for k, v in self.keys.items())
+        access = "".join(f"{k} = {v}\n" for k, v in self.access.items())
+        access = f"\n[access]\n{access}" if access else ""
         ini.write_text(f"""[proxy]
 listen = 127.0.0.1:0
 mode = {self.mode}
@@ -180,8 +193,8 @@ upstream = 127.0.0.1:{self.upstream}
 workers = {self.workers}
 copy = {self.copy}
 buffer_size = {self.buffer_size}
-log = off
-{users}
+log = {self.access_log or "off"}
+{keys}{users}{access}
 [stats]
 listen = {stats}
 """)
@@ -208,6 +221,23 @@ listen = {stats}
                 raise RuntimeError(f"./proxy printed no banner in {timeout}s")
             time.sleep(0.05)
 
+    def log_size(self):
+        """Where the access log ends now: requests_by_client() counts from there."""
+        return self.access_log.stat().st_size if self.access_log.exists() else 0
+
+    def requests_by_client(self, offset):
+        """{client host:port: requests answered} from the access log's lines after
+        `offset` (http mode: one line per request once its response is done; a line whose
+        status is `-` never reached the client and is not counted)."""
+        counts = {}
+        with open(self.access_log, "rb") as f:
+            f.seek(offset)
+            for line in f.read().decode(errors="replace").splitlines():
+                fields = line.split()
+                if len(fields) >= 6 and fields[5].isdigit() and fields[3] != "CONNECT":
+                    counts[fields[1]] = counts.get(fields[1], 0) + 1
+        return counts
+
     def metrics(self):
         """The /metrics text as {'name{labels}': value}."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -225,9 +255,10 @@ class HAProxy(System):
     """haproxy in mode tcp, or mode http with a Proxy-Authorization check. Default nbthread
     (one thread per CPU); maxconn raised so that it never limits a scenario."""
 
-    def __init__(self, work, upstream, mode="tcp"):
+    def __init__(self, work, upstream, mode="tcp", maxconn=9000):
         super().__init__(work, upstream)
         self.mode = mode
+        self.maxconn = maxconn      # haproxy sizes its fd limit from it: 2 fds a connection
         self.auth = mode == "http"
         self.name = f"haproxy {mode}"
 
@@ -240,11 +271,11 @@ class HAProxy(System):
     http-request del-header proxy-authorization
 """
         cfg.write_text(f"""global
-    maxconn 9000
+    maxconn {self.maxconn}
 
 defaults
     mode {self.mode}
-    maxconn 9000
+    maxconn {self.maxconn}
     timeout connect 5s
     timeout client 300s
     timeout server 300s
@@ -261,8 +292,13 @@ backend back
 
 
 class NginxStream(System):
-    """nginx's stream module (TCP proxy), worker_processes auto."""
+    """nginx's stream module (TCP proxy), worker_processes auto. A relayed connection takes
+    two of a worker's worker_connections, and one worker may get most of them."""
     name = "nginx stream"
+
+    def __init__(self, work, upstream, worker_connections=10000):
+        super().__init__(work, upstream)
+        self.worker_connections = worker_connections
 
     def command(self):
         conf = self.work / f"nginx-stream-{self.port}.conf"
@@ -272,7 +308,7 @@ worker_rlimit_nofile 20000;
 daemon off;
 pid {self.work}/nginx-stream-{self.port}.pid;
 error_log {self.work}/nginx-stream-{self.port}-error.log;
-events {{ worker_connections 10000; }}
+events {{ worker_connections {self.worker_connections}; }}
 stream {{
     server {{
         listen 127.0.0.1:{self.port} backlog=4096;
@@ -438,8 +474,13 @@ def systems_table(settings):
          f"workers = {s.workers}; {s.memory_conns} in 7 (splice would need 6 fds a worker)"],
         ["ours http", "./proxy, mode http, copy = splice, [users] alice, log off",
          f"workers = {s.workers}"],
+        ["ours, workers = 64", "./proxy with the waiting room: idle connections park in "
+         "the acceptor's epoll set (park_after, default 50 ms; = 0 in the rows that show "
+         f"the old behaviour); max_connections = {s.idle_conns + 600} in 9 and 10",
+         "64 workers (128 threads) for thousands of connections in 9, 10, 12"],
         ["haproxy tcp / http", "mode tcp; mode http with a Proxy-Authorization check; "
-         "maxconn 9000, no logging", "default nbthread (one thread per CPU)"],
+         f"maxconn 9000 ({s.idle_conns + 600} in 9 and 10), no logging",
+         "default nbthread (one thread per CPU)"],
         ["nginx stream", "stream { proxy_pass } via libnginx-mod-stream",
          "worker_processes auto (one per CPU)"],
         ["Go io.Copy", "bench/peers/goproxy.go: two goroutines with io.Copy per connection",

@@ -16,6 +16,8 @@ SCENARIOS below is the one list of them, in number order: the order they run in 
 order of the report's sections.
 """
 
-from scenarios import bulk, cliff, connrate, http_auth, latency, memory, sweep, throughput
+from scenarios import (bulk, busy, cliff, connrate, echo_scale, http_auth, idle, latency,
+                       many_clients, memory, sweep, throughput)
 
-SCENARIOS = [latency, sweep, throughput, connrate, bulk, http_auth, memory, cliff]
+SCENARIOS = [latency, sweep, throughput, connrate, bulk, http_auth, memory, cliff, idle,
+             echo_scale, busy, many_clients]

@@ -72,12 +72,17 @@ def run(b):
                 f"{r['echoes']} echoes, {r['connect_seconds']}s to connect")
 
 
-def memory_run(b, make_system):
+def memory_run(b, make_system, conns=None, hold=None):
     """One memory run: a fresh echo server and system, the echo client through it, and the
     proxy's RSS, threads and the system's memory in use sampled every 0.25 s. Memory in use
     is taken two ways: its peak, and its median over the hold period (every connection
-    open), which a short spike from another program on a shared machine does not move."""
+    open), which a short spike from another program on a shared machine does not move.
+    conns and hold default to scenario 7's settings (scenario 10 passes its own). A system
+    with metrics (ours with stats on) also has the peaks of its parked connections, queue
+    and busy workers sampled, and its parks and wake-ups counted."""
     s = b.settings
+    conns = conns or s.memory_conns
+    hold = hold or s.memory_hold
     echo = EchoServer(b.work, None)
     system = None
     try:
@@ -96,15 +101,26 @@ def memory_run(b, make_system):
             time.sleep(0.1)
         used_before = statistics.median(before)
         argv = [sys.executable, str(BENCH / "echo.py"), "client", str(system.port),
-                "--conns", str(s.memory_conns), "--hold", str(s.memory_hold)]
+                "--conns", str(conns), "--hold", str(hold)]
         client_log = b.work / f"echo-client-{system.port}.log"
+        metrics = getattr(system, "metrics_port", None)
+        gauges = {"proxy_connections_parked": 0, "proxy_queue_length": 0,
+                  "proxy_workers_busy": 0}
+        counters = system.metrics() if metrics else {}
         with open(client_log, "w") as err:
             client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True,
                                       stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + s.memory_conns / 100 + s.memory_hold + 60
+        deadline = time.monotonic() + conns / 100 + hold + 60
         peak_used, peak_kernel, peak_rss, peak_threads = used_before, kernel_before_start, 0, 0
         holding = []    # memory in use while every connection is open
         while client.poll() is None and time.monotonic() < deadline:
+            if metrics:
+                try:
+                    values = system.metrics()
+                except OSError:
+                    values = {}
+                for key in gauges:
+                    gauges[key] = max(gauges[key], values.get(key, 0))
             statuses = [proc_status(p) for p in system.pids()]
             peak_rss = max(peak_rss, sum(st["VmRSS"] for st in statuses))
             peak_threads = max(peak_threads, sum(st["Threads"] for st in statuses))
@@ -124,8 +140,15 @@ def memory_run(b, make_system):
             return system, {"error": "echo client printed no result: "
                             + client_log.read_text()[-300:]}
         run = dict(tally)
+        if metrics:
+            after = system.metrics()
+            run.update({"parked_peak": gauges["proxy_connections_parked"],
+                        "queue_peak": gauges["proxy_queue_length"],
+                        "busy_peak": gauges["proxy_workers_busy"]})
+            for key in ("proxy_parks_total", "proxy_wakeups_total"):
+                run[key] = after.get(key, 0) - counters.get(key, 0)
         run.update({
-            "conns": s.memory_conns,
+            "conns": conns,
             "rss_idle_kib": sum(st["VmRSS"] for st in idle) if system.proc else None,
             "rss_peak_kib": hwm if system.proc else None,
             "rss_peak_sampled_kib": peak_rss if system.proc else None,
