@@ -221,7 +221,7 @@ def report(rep):
         table.append(row)
     note = NOTE.format(seconds=s.busy_seconds, rounds=s.rounds, workers=s.workers,
                        sys_seconds=s.syscall_seconds)
-    chart = rep.chart("busy", f"{NUMBER}. keep-alive req/s, park_after default vs 0",
+    chart = rep.chart("busy", f"{NUMBER}. keep-alive req/s, park after default vs 0",
                       "requests per second", rows,
                       [(f"-{c}", [summary(r.get(NUMBER, n, c), "rps") for n in rows])
                        for c in ("c100", "c1000")])

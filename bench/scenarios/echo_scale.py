@@ -27,7 +27,9 @@ NOTE = ("evproxy's echo test, as scenario 7 runs it, at {conns} connections: eac
         "round.\n"
         "\n"
         "Columns as in scenario 7: **peak RSS** the sum of VmHWM over the proxy's "
-        "processes; **in use** the system's memory in use (MemTotal − MemAvailable) over "
+        "processes, and **per conn over idle** its growth from just before the client "
+        "started, (peak − idle) / {conns}: what a connection costs the proxy's memory; "
+        "**in use** the system's memory in use (MemTotal − MemAvailable) over "
         "the hold period, median, relative to just before the client started, **per "
         "conn** and **per conn over direct** (the direct row carries the Python client, "
         "the echo server and the kernel's socket buffers); **kernel stacks + page "
@@ -73,6 +75,16 @@ def run(b):
             f"{r['echoes']} echoes, {r['connect_seconds']}s to connect{pool}")
 
 
+def growth(runs, n):
+    """(median, min, max) of the proxy's RSS growth per connection, (peak - idle) / n, in
+    KiB; None when a run failed."""
+    if not runs or any(x.get("error") for x in runs):
+        return None
+    values = [(x["rss_peak_kib"] - x["rss_idle_kib"]) / n for x in runs
+              if x.get("rss_peak_kib") is not None and x.get("rss_idle_kib") is not None]
+    return (sorted(values)[len(values) // 2], min(values), max(values)) if values else None
+
+
 def report(rep):
     r, rows = rep.results, rep.rows(NUMBER)
     s = rep.settings
@@ -82,13 +94,13 @@ def report(rep):
     for name in rows:
         runs = r.get(NUMBER, name, "scale")
         load = summary(runs, "used_load_kib")
-        rss = summary(runs, "rss_peak_kib")
+        rss = growth(runs, n)
         proxy = name != "direct"
         ours = name.startswith("ours")
         table.append([
             name, cell(runs, "connected", fmt_int), cell(runs, "echoes", fmt_int),
             cell(runs, "rss_peak_kib", fmt_mb) if proxy else "—",
-            fmt_kib(rss[0] / n) if proxy and rss else ("—" if not proxy else "ERR"),
+            fmt_kib(rss[0]) if proxy and rss else ("—" if not proxy else "ERR"),
             cell(runs, "threads", fmt_int) if proxy else "—",
             cell(runs, "used_load_kib", fmt_mb),
             fmt_kib(load[0] / n) if load else "ERR",
@@ -99,16 +111,14 @@ def report(rep):
             cell(runs, "busy_peak", fmt_int) if ours else "—",
             cell(runs, "proxy_parks_total", fmt_int) if ours else "—"])
     proxies = [x for x in rows if x != "direct"]
-    per_conn = []
-    for x in proxies:
-        v = summary(r.get(NUMBER, x, "scale"), "rss_peak_kib")
-        per_conn.append(tuple(k / n for k in v) if v else None)
+    per_conn = [growth(r.get(NUMBER, x, "scale"), n) for x in proxies]
     note = NOTE.format(conns=n, hold=s.scale_hold, workers=WORKERS, maxconn=n + 600)
-    chart = rep.chart("echo-scale", f"{NUMBER}. peak RSS per connection at {n} echo "
-                      "connections", "KiB per connection", proxies,
-                      [("peak RSS / connection", per_conn)])
+    chart = rep.chart("echo-scale", f"{NUMBER}. the proxy's RSS per connection at {n} echo "
+                      "connections: (peak - idle) / connections", "KiB per connection",
+                      proxies, [("RSS growth / connection", per_conn)])
     return rep.section(NUMBER, HEADING, note, markdown_table(
-        ["system", "connected", "echoes checked", "peak RSS", "RSS per conn", "threads",
+        ["system", "connected", "echoes checked", "peak RSS", "RSS per conn over idle",
+         "threads",
          "in use, median", "per conn", "per conn over direct",
          "kernel stacks + page tables", "parked peak", "queue peak", "busy workers peak",
          "parks"], table), chart)
