@@ -4,6 +4,7 @@ far ends of the bulk and memory scenarios, which of them make up the TCP rows, a
 report's table of them. Also starting, checking and stopping them around a scenario."""
 
 import contextlib
+import datetime
 import hashlib
 import http.client
 import os
@@ -225,16 +226,24 @@ listen = {stats}
         """Where the access log ends now: requests_by_client() counts from there."""
         return self.access_log.stat().st_size if self.access_log.exists() else 0
 
-    def requests_by_client(self, offset):
+    def requests_by_client(self, offset, until):
         """{client host:port: requests answered} from the access log's lines after
-        `offset` (http mode: one line per request once its response is done; a line whose
-        status is `-` never reached the client and is not counted)."""
+        `offset` stamped no later than `until` (time.time()) (http mode: one line per
+        request once its response is done; a line whose status is `-` never reached the
+        client and is not counted). `until` matters: when wrk stops, the connections it
+        left waiting in the queue are served after all, to a client that has gone."""
         counts = {}
         with open(self.access_log, "rb") as f:
             f.seek(offset)
             for line in f.read().decode(errors="replace").splitlines():
                 fields = line.split()
-                if len(fields) >= 6 and fields[5].isdigit() and fields[3] != "CONNECT":
+                if len(fields) < 6 or not fields[5].isdigit() or fields[3] == "CONNECT":
+                    continue
+                try:
+                    stamp = datetime.datetime.strptime(fields[0], "%Y-%m-%dT%H:%M:%S.%fZ")
+                except ValueError:
+                    continue
+                if stamp.replace(tzinfo=datetime.timezone.utc).timestamp() <= until:
                     counts[fields[1]] = counts.get(fields[1], 0) + 1
         return counts
 

@@ -141,13 +141,14 @@ def drive(system, seconds, expect_errors):
     """wrk -c50 through the system. For ours, also how many of wrk's 50 connections got an
     answer, from the access log (wrk does not count a request that never got one)."""
     offset = system.log_size() if getattr(system, "access_log", None) else None
+    until = time.time() + seconds      # when wrk stops; what the log shows later is not its
     r = wrk(system.port, "/index.html", WRK_CONNS, seconds,
             headers=[f"Proxy-Authorization: {AUTH_HEADER}"], expect_errors=expect_errors)
     # Requests answered 2xx per second: ours answers 503 at once when its queue is full,
     # and those must not count as throughput.
     r["ok_rps"] = (r["rps"] or 0) * (r["requests"] - r["non2xx"]) / max(1, r["requests"])
     if offset is not None:
-        r["answered_conns"] = len(system.requests_by_client(offset))
+        r["answered_conns"] = len(system.requests_by_client(offset, until))
         if r["answered_conns"] < WRK_CONNS:
             problem = (f"{WRK_CONNS - r['answered_conns']} of wrk's {WRK_CONNS} connections "
                        "had no request served")

@@ -5,6 +5,7 @@ run and its report section."""
 
 import statistics
 import threading
+import time
 
 from common import AUTH_HEADER, cell, fmt_int, fmt_rps, fmt_us, markdown_table, summary
 from load import progress, wrk
@@ -31,7 +32,9 @@ NOTE = ("`wrk -t1 -c1000 -d{seconds}s` keep-alive on `/index.html` with "
         "for the whole run is invisible in its output. Ours therefore writes its access "
         "log to a file here (`log = PATH`, in all three rows: one line per answered "
         "request, with the client's address): **wrk connections served** is how many "
-        "distinct client connections had at least one request served during the run, and "
+        "distinct client connections had at least one request served during the run "
+        "(log lines stamped before wrk's end: once wrk stops, the connections it left in "
+        "the queue are served, to no one), and "
         "**requests per connection** spreads them (unanswered ones count as 0). A wrk "
         "connection that got no answer makes the row ERR, except in the park_after = 0 "
         "row. Writing the log costs each request a `write(2)`, so these req/s are a "
@@ -79,6 +82,7 @@ def one_run(b, system, starves):
     stop = threading.Event()
     sampler = threading.Thread(target=sample_gauges, args=(system, peaks, stop))
     sampler.start()
+    until = time.time() + b.settings.many_seconds     # when wrk stops (see below)
     try:
         r = wrk(system.port, "/index.html", CONNS, b.settings.many_seconds,
                 headers=[f"Proxy-Authorization: {AUTH_HEADER}"], expect_errors=starves)
@@ -94,8 +98,9 @@ def one_run(b, system, starves):
     r["refused"] = int(sum(v - before.get(k, 0) for k, v in after.items()
                            if k.startswith("proxy_connections_refused_total")))
     # wrk counts no request that never got an answer: the access log says which of its
-    # connections got answers, and how many each.
-    counts = sorted(system.requests_by_client(offset).values())
+    # connections got answers, and how many each, up to the moment wrk stopped (then the
+    # connections it left in the queue are served to no one).
+    counts = sorted(system.requests_by_client(offset, until).values())
     r["answered_conns"] = len(counts)
     r["unanswered_conns"] = max(0, CONNS - len(counts))
     r["per_conn_min"] = 0 if len(counts) < CONNS else counts[0]
