@@ -36,7 +36,7 @@ static const struct key keys[] = {
     {"proxy", "workers", INT, F(workers), "256", 1, 50000},
     {"proxy", "queue", INT, F(queue), "1024", 0, 1000000},
     {"proxy", "max_connections", INT, F(max_connections), "8192", 1, 10000000},
-    {"proxy", "park_after", INT, F(park_after), "50", 0, 60000}, /* ms; 0: never */
+    {"proxy", "park_after", INT, F(park_after), "200", 0, 60000}, /* ms; 0: never */
     {"proxy", "buffer_size", SIZE, F(buffer_size), "64k", 1024, 64 << 20},
     {"proxy", "copy", ENUM, F(copy), "splice", .enums = "splice buffer"},
     {"proxy", "connect_timeout", INT, F(connect_timeout), "5", 1, 600},
@@ -367,7 +367,7 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
      * wake only to check the timeouts. */
     c->park_tick = c->park_after ? c->park_after / 4 : TICK_MS;
     if (c->park_tick < 1) c->park_tick = 1;
-    if (c->park_tick > TICK_MS) c->park_tick = TICK_MS;
+    if (c->park_tick > PARK_TICK_MAX) c->park_tick = PARK_TICK_MAX;
     return l.err_line ? -1 : 0;
 }
 

@@ -93,6 +93,7 @@ static int retry(struct conn *c, int fd, int err) {
 static void count_sent(struct conn *c, int to, size_t n) {
     enum dir d = to == c->upstream ? UP : DOWN;
     c->bytes[d] += n;
+    atomic_store_explicit(&c->last_dir, (int)d, memory_order_relaxed);
     atomic_fetch_add_explicit(&stats.bytes[d], n, memory_order_relaxed);
     touch(c);
 }
@@ -155,14 +156,18 @@ void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate) {
     k->tat = (k->tat > now ? k->tat : now) + n * 1000000000ull / (uint64_t)rate;
 }
 
-/* Whether c may leave its worker to park: park_after is on and no byte moved for park_after,
- * or for one park_tick while other connections wait for a worker. */
+/* Whether c may leave its worker to park: park_after is on and no byte moved for park_after;
+ * or, while other connections wait for a worker, for one park_tick if its last byte went to
+ * the client: then the client has had its answer and c waits on it. One whose last byte went
+ * upstream is waiting for an answer that is on its way: parking it would only make it come
+ * back through the queue, and under load the queue would keep itself full that way. */
 int copy_quiet(struct conn *c) {
     uint64_t last = atomic_load_explicit(&c->last_ns, memory_order_relaxed), now = mono_ns();
     uint64_t quiet = now > last ? now - last : 0;
     if (!cfg.park_after) return 0;
     if (quiet >= (uint64_t)cfg.park_after * 1000000u) return 1;
-    return atomic_load(&stats.queued) > 0 && quiet >= (uint64_t)cfg.park_tick * 1000000u;
+    return atomic_load(&stats.queued) > 0 && quiet >= (uint64_t)cfg.park_tick * 1000000u &&
+           atomic_load_explicit(&c->last_dir, memory_order_relaxed) == DOWN;
 }
 
 /* At a read's tick with nothing read: whether the loop copying direction d leaves to park (see

@@ -40,10 +40,13 @@
 #define AUTH_FAILURES_MAX 3      /* 407s one client connection may get; the last one closes it */
 #define STACK_SIZE        262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
 #define TICK_MS           1000   /* a blocked read or write wakes this often to check deadlines */
-#define DIAL_ADDRESSES    3      /* a name's addresses tried in turn, sharing connect_timeout */
-#define LOOKUPS_MAX       256    /* name lookups at once, each a thread; beyond: EAGAIN (502) */
-#define DOWN_SECONDS      10     /* an upstream that failed a connect is skipped this long */
-#define GRACE_SECONDS     10     /* SIGTERM: how long active connections may finish */
+#define PARK_TICK_MAX                                                                              \
+    10                     /* ms: with parking on, reads wake at least this often: a relay         \
+                              that others wait for yields within it */
+#define DIAL_ADDRESSES 3   /* a name's addresses tried in turn, sharing connect_timeout */
+#define LOOKUPS_MAX    256 /* name lookups at once, each a thread; beyond: EAGAIN (502) */
+#define DOWN_SECONDS   10  /* an upstream that failed a connect is skipped this long */
+#define GRACE_SECONDS  10  /* SIGTERM: how long active connections may finish */
 
 /* Closes fd, keeping errno for the caller: `return close_failed(fd);` ends a failed setup. */
 static inline int close_failed(int fd) {
@@ -217,6 +220,7 @@ struct conn {
     const struct upstream *chosen; /* the front thread: the configured upstream; NULL: none */
     uint64_t start_ns;             /* the front thread, when it first takes the connection */
     _Atomic uint64_t last_ns;      /* either thread: the last byte moved, the idle clock */
+    _Atomic int last_dir;          /* either thread: which way it went (enum dir) */
     _Atomic int end;               /* any thread, first reason wins: enum end */
     uint64_t bytes[2];             /* by enum dir: the one thread sending that way now */
     int upstream_apart;            /* the front thread: an upstream failure ends only the
@@ -326,8 +330,9 @@ int copy_send(struct conn *c, int to, const char *p, size_t n);
  * (copy_quiet) or DOWN finds the front asking to park (PARKING_ASKED → AGREED). No byte is
  * read and left behind. */
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d);
-/* Whether c may leave its worker to park: park_after is on and no byte moved for park_after,
- * or for one park_tick while other connections wait for a worker. */
+/* Whether c may leave its worker to park: park_after is on and no byte moved for park_after;
+ * or, while other connections wait for a worker, for one park_tick if its last byte went to
+ * the client (it waits on the client, not on an answer). */
 int copy_quiet(struct conn *c);
 /* Receives up to len bytes into buf: RECV_DATA (*got bytes), RECV_EOF, RECV_TICK (TICK_MS
  * passed with nothing to read: the caller checks its own deadlines), or RECV_ENDED. */

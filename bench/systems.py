@@ -484,7 +484,7 @@ def systems_table(settings):
         ["ours http", "./proxy, mode http, copy = splice, [users] alice, log off",
          f"workers = {s.workers}"],
         ["ours, workers = 64", "./proxy with the waiting room: idle connections park in "
-         "the acceptor's epoll set (park_after, default 50 ms; = 0 in the rows that show "
+         "the acceptor's epoll set (park_after, default 200 ms; = 0 in the rows that show "
          f"the old behaviour); max_connections = {s.idle_conns + 600} in 9 and 10",
          "64 workers (128 threads) for thousands of connections in 9, 10, 12"],
         ["haproxy tcp / http", "mode tcp; mode http with a Proxy-Authorization check; "

@@ -19,7 +19,7 @@ NOTE = ("evproxy's echo test, as scenario 7 runs it, at {conns} connections: eac
         "`max_connections = {maxconn}`, stats on, with `copy = splice` (two 64 KiB "
         "pipes a worker, 256 fds in all: they belong to the workers, not to the "
         "connections) and with `copy = "
-        "buffer`: a connection quiet for `park_after` (50 ms) parks in the waiting room "
+        "buffer`: a connection quiet for `park_after` (200 ms; one tick, 10 ms, when others wait and its last byte went to the client) parks in the waiting room "
         "and comes back to a free worker when its next message arrives. The peers hold "
         "every connection themselves: haproxy `mode tcp` (maxconn {maxconn}), nginx "
         "stream (worker_connections raised to hold them all in one worker), the Go proxy "
