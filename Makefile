@@ -14,7 +14,7 @@ DESTDIR ?=
 BIN     ?= proxy
 # Bottom-up, as proxy.h lists them: each file calls only those before it (`make layers`).
 SRC      = net.c config.c stats.c admin.c copy.c upstream.c pool.c http_parse.c auth.c http_io.c \
-           tcp.c http.c acceptor.c
+           http_head.c tcp.c http.c acceptor.c
 OBJ      = $(SRC:%.c=$(B)/%.o)
 
 # $(call need,PACKAGES): install with apt-get as root, or say what to install and stop.

@@ -57,6 +57,12 @@ void conn_end(struct conn *c, enum end reason) {
     if (c->upstream >= 0) shutdown(c->upstream, SHUT_RDWR);
 }
 
+/* Whether no byte moved on c, either way, for ms milliseconds (0: never). */
+int copy_idle_for(struct conn *c, uint64_t ms) {
+    uint64_t last = atomic_load_explicit(&c->last_ns, memory_order_relaxed), now = mono_ns();
+    return ms && now > last && now - last >= ms * 1000000u;
+}
+
 /* Records that bytes moved: the idle clock both directions share. */
 static void touch(struct conn *c) {
     atomic_store_explicit(&c->last_ns, mono_ns(), memory_order_relaxed);
@@ -65,8 +71,7 @@ static void touch(struct conn *c) {
 /* A read or write waited TICK_MS without progress: whether the connection goes on. */
 static int still_alive(struct conn *c) {
     if (atomic_load(&c->end)) return 0;
-    uint64_t last = atomic_load_explicit(&c->last_ns, memory_order_relaxed), now = mono_ns();
-    if (cfg.idle_timeout && now > last && now - last >= (uint64_t)cfg.idle_timeout * 1000000000u) {
+    if (copy_idle_for(c, (uint64_t)cfg.idle_timeout * 1000)) {
         conn_end(c, END_IDLE);
         return 0;
     }
@@ -162,11 +167,9 @@ void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate) {
  * upstream is waiting for an answer that is on its way: parking it would only make it come
  * back through the queue, and under load the queue would keep itself full that way. */
 int copy_quiet(struct conn *c) {
-    uint64_t last = atomic_load_explicit(&c->last_ns, memory_order_relaxed), now = mono_ns();
-    uint64_t quiet = now > last ? now - last : 0;
     if (!cfg.park_after) return 0;
-    if (quiet >= (uint64_t)cfg.park_after * 1000000u) return 1;
-    return atomic_load(&stats.queued) > 0 && quiet >= (uint64_t)cfg.park_tick * 1000000u &&
+    if (copy_idle_for(c, (uint64_t)cfg.park_after)) return 1;
+    return atomic_load(&stats.queued) > 0 && copy_idle_for(c, (uint64_t)cfg.park_tick) &&
            atomic_load_explicit(&c->last_dir, memory_order_relaxed) == DOWN;
 }
 

@@ -13,8 +13,6 @@
 #include <strings.h>
 #include <unistd.h>
 
-#define OUT_MAX (HEAD_MAX + 1024) /* a rewritten head: Host, Via, Connection add a little */
-
 /* One request and its response: what the front thread knows of it while it runs. What its
  * access log line says is in c->req. */
 struct exchange {
@@ -70,8 +68,6 @@ static struct {
     _Atomic uint64_t tunnels, upgrades;       /* CONNECT tunnels, 101 upgrades */
     _Atomic uint64_t retries;                 /* requests sent again on a fresh connection */
 } counts;
-
-static char via[48]; /* "1.1 proxy-PID": added to what is forwarded, and how loops are seen */
 
 /* ---- counting, logging, answering ----------------------------------------------------- */
 
@@ -162,116 +158,6 @@ static enum next refuse(struct conn *c, int status, int keep) {
     int rc = reply(c, status, keep);
     log_request(c);
     return keep && rc == 0 ? NEXT_READ : NEXT_CLOSE;
-}
-
-/* ---- heads: what is forwarded and what is relayed ------------------------------------- */
-
-/* A head being written into a buffer of OUT_MAX bytes; full once something did not fit. */
-struct out {
-    char *p;
-    size_t n;
-    int full;
-};
-
-static void put(struct out *o, const char *s, size_t len) {
-    if (o->full || o->n + len > OUT_MAX) {
-        o->full = 1;
-        return;
-    }
-    memcpy(o->p + o->n, s, len);
-    o->n += len;
-}
-
-static void put_str(struct out *o, const char *s) {
-    put(o, s, strlen(s));
-}
-
-/* Whether f is hop-by-hop (RFC 9110 7.6.1): it describes this connection, not the message, so
- * it stops here, either way. Upgrade goes on only with an upgrade (keep_upgrade); credentials
- * are for this proxy alone. Framing fields are never dropped because Connection names them:
- * that would make us and the next hop disagree on where the body ends. */
-static int hop_by_hop(const struct msg *m, const struct field *f, int keep_upgrade) {
-    static const char *const hop[] = {
-        "connection", "proxy-connection",    "keep-alive",        "te",
-        "trailer",    "proxy-authorization", "proxy-authenticate"};
-    if (http_is(f->name, f->nlen, "upgrade")) return !keep_upgrade;
-    if (http_is(f->name, f->nlen, "content-length") ||
-        http_is(f->name, f->nlen, "transfer-encoding"))
-        return 0;
-    for (size_t i = 0; i < sizeof hop / sizeof hop[0]; i++)
-        if (http_is(f->name, f->nlen, hop[i])) return 1;
-    for (int i = 0; i < m->nfields; i++)
-        if (http_is(m->field[i].name, m->field[i].nlen, "connection") &&
-            http_list_has(m->field[i].value, m->field[i].vlen, f->name, f->nlen))
-            return 1;
-    return 0;
-}
-
-/* Writes m's end-to-end fields (all but the hop-by-hop ones, and Host when skip_host). */
-static void put_fields(struct out *o, const struct msg *m, int keep_upgrade, int skip_host) {
-    for (int i = 0; i < m->nfields; i++) {
-        const struct field *f = &m->field[i];
-        if (hop_by_hop(m, f, keep_upgrade)) continue;
-        if (skip_host && http_is(f->name, f->nlen, "host")) continue;
-        put(o, f->name, f->nlen);
-        put_str(o, ": ");
-        put(o, f->value, f->vlen);
-        put_str(o, "\r\n");
-    }
-}
-
-/* Where a request goes, read from its target. */
-struct target {
-    const char *authority; /* absolute-form's host[:port]; NULL for origin-form */
-    const char *path;      /* what goes upstream as the origin-form target */
-    size_t alen, plen;
-    char host[256];
-    int port;
-};
-
-/* Writes the request head to forward into buf: origin-form target, hop-by-hop fields dropped,
- * Host from the target's authority if it has one, our own Connection, Via added. Returns its
- * length, or -1 when it does not fit. */
-static long rewrite_request(char *buf, const struct msg *m, const struct target *t, int upgrade) {
-    struct out o = {.p = buf};
-    put(&o, m->method, m->mlen);
-    put_str(&o, t->plen && *t->path != '?' ? " " : " /"); /* "/" for an empty path or a query */
-    put(&o, t->path, t->plen);
-    put_str(&o, m->version ? " HTTP/1.1\r\n" : " HTTP/1.0\r\n");
-    if (t->authority) {
-        put_str(&o, "Host: ");
-        put(&o, t->authority, t->alen);
-        put_str(&o, "\r\n");
-    }
-    put_fields(&o, m, upgrade, t->authority != NULL);
-    /* HTTP/1.0 closes after each response unless asked not to; 1.1 stays open unless told. */
-    if (upgrade) put_str(&o, "Connection: upgrade\r\n");
-    if (!upgrade && !m->version && !m->close) put_str(&o, "Connection: keep-alive\r\n");
-    put_str(&o, "Via: ");
-    put_str(&o, via);
-    put_str(&o, "\r\n\r\n");
-    return o.full ? -1 : (long)o.n;
-}
-
-/* Writes the response head to relay (r, parsed from head) into buf: our HTTP/1.1 status line
- * with the upstream's status and reason, its end-to-end fields, our own Connection (close when the
- * client connection ends after this response, keep-alive for an HTTP/1.0 client that asked for it,
- * upgrade on a 101), Via added. Returns its length, or -1 when it does not fit. */
-static long rewrite_response(char *buf, const char *head, const struct msg *r,
-                             const struct msg *req, int close) {
-    struct out o = {.p = buf};
-    const char *eol = memchr(head, '\r', r->size);
-    put_str(&o, "HTTP/1.1");
-    put(&o, head + 8, (size_t)(eol - head) - 8); /* " 200 OK": parsed, so it is there */
-    put_str(&o, "\r\n");
-    put_fields(&o, r, r->status == 101, 0);
-    if (r->status == 101) put_str(&o, "Connection: upgrade\r\n");
-    if (r->status != 101 && close) put_str(&o, "Connection: close\r\n");
-    if (r->status != 101 && !close && !req->version) put_str(&o, "Connection: keep-alive\r\n");
-    put_str(&o, "Via: ");
-    put_str(&o, via);
-    put_str(&o, "\r\n\r\n");
-    return o.full ? -1 : (long)o.n;
 }
 
 /* ---- the upstream connection ---------------------------------------------------------- */
@@ -447,7 +333,7 @@ static enum answer relay_response(struct worker *w, struct conn *c, const struct
          * for sure (the upstream may have stopped reading): the client connection ends. */
         x->close_client =
             final && (req->close || ends_at_close(&r, x) || (x->streaming && body_pending(w)));
-        long n = rewrite_response(h->out[DOWN], s->buf, &r, req, x->close_client);
+        long n = http_rewrite_response(h->out[DOWN], s->buf, &r, req, x->close_client);
         if (n < 0) return c->req.status ? ANSWER_CUT : ANSWER_BAD;
         s->off = r.size;
         size_t sent = 0;
@@ -512,7 +398,7 @@ static enum next forward(struct worker *w, struct conn *c, const struct msg *m, 
     struct http_worker *h = w->scratch;
     struct stream *in = &h->in[UP];
     uint64_t length = m->length > 0 ? (uint64_t)m->length : 0;
-    long n = rewrite_request(h->out[UP], m, t, m->upgrade);
+    long n = http_rewrite_request(h->out[UP], m, t, m->upgrade);
     if (n < 0) return refuse(c, 431, 0);
     /* A body that came whole with its head goes with it, and is held for a second try. */
     x->out_len = (size_t)n;
@@ -520,7 +406,7 @@ static enum next forward(struct worker *w, struct conn *c, const struct msg *m, 
     if (x->held) x->out_len += with_body(h->out[UP], (size_t)n, in, length);
     x->upgrade = m->upgrade && x->held;
     if (m->upgrade && !x->held) { /* no upgrade behind a streaming body: ask without it */
-        n = rewrite_request(h->out[UP], m, t, 0);
+        n = http_rewrite_request(h->out[UP], m, t, 0);
         x->out_len = (size_t)n;
     }
     x->close_client = 1;
@@ -609,7 +495,7 @@ static int parse_target(struct conn *c, const struct msg *m, struct target *t) {
 static int admit_request(struct conn *c, const struct msg *m) {
     for (int i = 0; i < m->nfields; i++)
         if (http_is(m->field[i].name, m->field[i].nlen, "via") &&
-            http_list_has(m->field[i].value, m->field[i].vlen, via, strlen(via)))
+            http_list_has(m->field[i].value, m->field[i].vlen, http_via(), strlen(http_via())))
             return 508; /* it came through us before */
     enum auth a = auth_check(m, c->req.user, sizeof c->req.user);
     if (a == AUTH_OK) return 0;
@@ -704,7 +590,7 @@ static enum served http_serve(struct worker *w, struct conn *c) {
 /* Allocates w's http scratch. Returns 0 or -1. */
 static int http_init(struct worker *w) {
     struct http_worker *h = calloc(1, sizeof *h);
-    if (!via[0]) snprintf(via, sizeof via, "1.1 proxy-%d", (int)getpid());
+    http_head_init();
     w->scratch = h;
     if (!h) return -1;
     for (int d = UP; d <= DOWN; d++) {

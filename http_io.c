@@ -37,12 +37,6 @@ int http_error(char *buf, size_t cap, int status, int keep) {
         status, reason(status), extra, blen, keep ? "" : "Connection: close\r\n", body);
 }
 
-/* Whether nothing moved on c for seconds (0: never). */
-static int idle_for(struct conn *c, int seconds) {
-    uint64_t last = atomic_load(&c->last_ns), now = mono_ns();
-    return seconds && now > last && now - last >= (uint64_t)seconds * 1000000000u;
-}
-
 /* Moves the unread bytes of s to the start of its buffer. */
 static void compact(struct stream *s) {
     memmove(s->buf, s->buf + s->off, s->len - s->off);
@@ -80,7 +74,7 @@ enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m
         }
         enum recv r = copy_recv(c, fd, s->buf + s->len, HEAD_MAX - s->len, &got);
         if (r == RECV_TICK && request && !deadline && !s->len) { /* between requests */
-            if (idle_for(c, cfg.keepalive_timeout)) {
+            if (copy_idle_for(c, (uint64_t)cfg.keepalive_timeout * 1000)) {
                 conn_end(c, END_IDLE);
                 return HEAD_NONE;
             }

@@ -4,6 +4,7 @@
  *     proxy.c              main: options, start, signals, stop
  *     acceptor.c           the acceptor thread: new clients, and the waiting room of idle ones
  *     tcp.c   http.c       the two modes: what a worker does with a connection
+ *     http_head.c          the heads forwarded and relayed: hop-by-hop fields, Via
  *     http_io.c            HTTP messages between sockets: heads, bodies, error replies
  *     auth.c  http_parse.c http's pure helpers: credentials and ports; strict heads
  *     pool.c               the queue, the worker pairs, the back-thread hand-off, parking, the stop
@@ -330,6 +331,8 @@ int copy_send(struct conn *c, int to, const char *p, size_t n);
  * (copy_quiet) or DOWN finds the front asking to park (PARKING_ASKED → AGREED). No byte is
  * read and left behind. */
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d);
+/* Whether no byte moved on c, either way, for ms milliseconds (0: never). */
+int copy_idle_for(struct conn *c, uint64_t ms);
 /* Whether c may leave its worker to park: park_after is on and no byte moved for park_after;
  * or, while other connections wait for a worker, for one park_tick if its last byte went to
  * the client (it waits on the client, not on an answer). */
@@ -534,6 +537,34 @@ int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int f
 /* Writes the proxy's own response for status into buf (the reason as a text body; for 407 the
  * Basic challenge, for 503 Retry-After; Connection: close unless keep) and returns its length. */
 int http_error(char *buf, size_t cap, int status, int keep);
+
+/* ==== http_head.c: the heads forwarded and relayed ===================================== */
+
+#define OUT_MAX (HEAD_MAX + 1024) /* a rewritten head: Host, Via, Connection add a little */
+
+/* Where a request goes, read from its target. */
+struct target {
+    const char *authority; /* absolute-form's host[:port]; NULL for origin-form */
+    const char *path;      /* what goes upstream as the origin-form target */
+    size_t alen, plen;
+    char host[256];
+    int port;
+};
+
+/* Makes this process's Via value, before any worker runs (again: the same value). */
+void http_head_init(void);
+/* The Via value this proxy adds: "1.1 proxy-PID". */
+const char *http_via(void);
+/* Writes the request head to forward into buf (OUT_MAX bytes): origin-form target, hop-by-hop
+ * fields dropped (Upgrade kept only with upgrade), Host from the target's authority if it has
+ * one, our own Connection, Via added. Returns its length, or -1 when it does not fit. */
+long http_rewrite_request(char *buf, const struct msg *m, const struct target *t, int upgrade);
+/* Writes the response head to relay (r, parsed from head; answering req) into buf (OUT_MAX
+ * bytes): our HTTP/1.1 status line with the upstream's status and reason, its end-to-end
+ * fields, our own Connection (close when close, keep-alive for an HTTP/1.0 client, upgrade on a
+ * 101), Via added. Returns its length, or -1 when it does not fit. */
+long http_rewrite_response(char *buf, const char *head, const struct msg *r, const struct msg *req,
+                           int close);
 
 /* ==== tcp.c: tcp mode ================================================================== */
 
