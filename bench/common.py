@@ -48,6 +48,7 @@ class Settings:
         self.scale_hold = 3 if quick else 12            # scenario 10
         self.busy_seconds = 1 if quick else 2           # scenario 11: each wrk run
         self.syscall_seconds = 1 if quick else 2        # scenario 11: wrk -c1 under perf/strace
+        self.busy_settle = 1 if quick else 2            # scenario 11: pause before a system
         self.many_seconds = 2 if quick else 10          # scenario 12
         self.rounds_many = 1                            # 10 s a run: one round
 

@@ -23,7 +23,8 @@ NOTE = ("Whether the waiting room costs busy connections anything. Ours (`copy =
         "`Proxy-Authorization` on every request, as scenario 6), each with `park_after` at "
         "its default (200 ms) and with `park_after = 0` (never park: the old behaviour), "
         "all four running at once and measured one after another in each "
-        "of {rounds} round(s), {seconds} s per wrk run: one connection (`/test2`, 13 B: "
+        "of {rounds} round(s), {seconds} s per wrk run, with a {settle} s pause before each "
+        "system's three runs (the -c1000 run before leaves queued work behind): one connection (`/test2`, 13 B: "
         "average latency), `-c100` and `-c1000` keep-alive (`/index.html`: req/s and p99). "
         "**÷ park 0** is the default row's median over the park_after = 0 row's (req/s: "
         "higher is better; latency: lower is better).\n"
@@ -31,7 +32,8 @@ NOTE = ("Whether the waiting room costs busy connections anything. Ours (`copy =
         "**System calls per request**: the proxy's system calls, all threads, during a "
         "fixed `wrk -t1 -c1 -d{sys_seconds}s` on `/test2`, divided by wrk's requests. "
         "First with `perf stat -e raw_syscalls:sys_enter -p PID -- sleep {sys_seconds}` "
-        "started together with wrk (a kernel counter, nearly free); **idle** is the same "
+        "started together with wrk (a kernel counter, nearly free), once a round: median "
+        "(min–max); **idle** is the same "
         "counter over 1 s with no load just before (timers ticking in the background, "
         "included in the per-request figure). Then, in a second wrk run, with `strace -c "
         "-f -p PID` attached to every thread, for which calls they are (strace slows "
@@ -69,12 +71,18 @@ def run(b):
         for rnd in range(1, s.rounds + 1):
             order = ours if rnd % 2 else list(reversed(ours))   # neither always first
             for system in order:
+                # The -c1000 run before leaves a second or so of queued work in the system
+                # that ran it (its p99 is about that); without a pause, whichever -c1 run
+                # comes next measures that instead of one connection's latency.
+                time.sleep(s.busy_settle)
                 for col, path, conns in LOADS:
                     r = measure(system, lambda: wrk(
                         system.port, path, conns, s.busy_seconds, headers=headers(system)))
                     b.results.add(NUMBER, system.name, col, r)
                     progress(NUMBER, rnd, s.rounds, f"{system.name} -c{conns}", r)
-        for tool in ("perf", "strace"):
+        # perf is nearly free, so it runs once a round (interleaved, like the loads) and
+        # the table shows the median; strace only says which calls, so once is enough.
+        for tool in ["perf"] * s.rounds + ["strace"]:
             for system in ours:
                 r = measure(system, lambda: count_syscalls(b, system, tool))
                 b.results.add(NUMBER, system.name, tool, r)
@@ -219,8 +227,8 @@ def report(rep):
         top = [x for x in r.get(NUMBER, name, "strace") if not x.get("error")]
         row.append(", ".join(f"{k} {v:.2f}" for k, v in top[0]["top"][:6]) if top else "—")
         table.append(row)
-    note = NOTE.format(seconds=s.busy_seconds, rounds=s.rounds, workers=s.workers,
-                       sys_seconds=s.syscall_seconds)
+    note = NOTE.format(seconds=s.busy_seconds, rounds=s.rounds, settle=s.busy_settle,
+                       workers=s.workers, sys_seconds=s.syscall_seconds)
     chart = rep.chart("busy", f"{NUMBER}. keep-alive req/s, park after default vs 0",
                       "requests per second", rows,
                       [(f"-{c}", [summary(r.get(NUMBER, n, c), "rps") for n in rows])
