@@ -17,15 +17,17 @@ from systems import Ours, measure, running
 NUMBER = 11
 TITLE = "busy keep-alive, waiting room on and off"
 HEADING = "Busy keep-alive: park_after default vs 0"
-# A template: {seconds}, {rounds}, {workers} and {sys_seconds} come from the settings.
+# A template: {seconds}, {rounds}, {settle}, {workers} and {sys_seconds} come from the
+# settings.
 NOTE = ("Whether the waiting room costs busy connections anything. Ours (`copy = splice`, "
         "`workers = {workers}`, `log = off`) in `mode = tcp` and in `mode = http` (with "
         "`Proxy-Authorization` on every request, as scenario 6), each with `park_after` at "
         "its default (200 ms) and with `park_after = 0` (never park: the old behaviour), "
         "all four running at once and measured one after another in each "
         "of {rounds} round(s), {seconds} s per wrk run, with a {settle} s pause before each "
-        "system's three runs (the -c1000 run before leaves queued work behind): one connection (`/test2`, 13 B: "
-        "average latency), `-c100` and `-c1000` keep-alive (`/index.html`: req/s and p99). "
+        "system's three runs (the -c1000 run before leaves queued work behind): one "
+        "connection (`/test2`, 13 B: average latency), `-c100` and `-c1000` keep-alive "
+        "(`/index.html`: req/s and p99). "
         "**÷ park 0** is the default row's median over the park_after = 0 row's (req/s: "
         "higher is better; latency: lower is better).\n"
         "\n"
@@ -80,8 +82,9 @@ def run(b):
                         system.port, path, conns, s.busy_seconds, headers=headers(system)))
                     b.results.add(NUMBER, system.name, col, r)
                     progress(NUMBER, rnd, s.rounds, f"{system.name} -c{conns}", r)
-        # perf is nearly free, so it runs once a round (interleaved, like the loads) and
-        # the table shows the median; strace only says which calls, so once is enough.
+        # One perf window moved between 3.9 and 4.8 calls a request for the same build, so
+        # perf (nearly free) runs once a round for each system and the table shows the
+        # median; strace only says which calls, so once is enough.
         for tool in ["perf"] * s.rounds + ["strace"]:
             for system in ours:
                 r = measure(system, lambda: count_syscalls(b, system, tool))
