@@ -1,5 +1,5 @@
 """bench/scenarios/cliff.py — scenario 8, the concurrency cliff: ours with a pool of 256
-workers as wrk's connections grow past it (they take turns through the waiting room),
+workers as wrk's connections grow past it (some take turns through the waiting room),
 watched through /metrics; its run and its report section."""
 
 import statistics
@@ -14,20 +14,19 @@ NUMBER = 8
 TITLE = "concurrency cliff"
 HEADING = "Concurrency cliff (ours, workers = 256, queue = 1024)"
 NOTE = ("Our proxy (`mode = tcp`) with a pool of 256 workers as wrk's keep-alive "
-        "connections grow. Past 256 the extra connections wait in the queue, and the "
-        "connections that hold the workers take turns with them: while others wait, a "
-        "relay whose last byte went to the client and that has been quiet for one read "
-        "tick (at most 10 ms) leaves its worker and parks until its next request "
-        "arrives. So every connection is served, at the price of a wait in the queue: "
-        "p50 stays near the pool's, p99 grows to the queue's turn (about a second here). "
-        "**queue peak** is the queue's highest length from /metrics (sampled every "
-        "0.2 s), **busy workers peak** the same for busy workers. Only new connections "
-        "count against `queue` (1024): past 256 + 1024 arriving at once the proxy "
-        "refuses the rest at once (`proxy_connections_refused_total{reason=\"queue_full\"}`, "
-        "read from /metrics before and after each run), which wrk sees as socket errors "
-        "and reconnects. These errors are expected and reported, not counted as "
-        "failures. Before the waiting room a keep-alive connection held its worker for "
-        "the whole run, and past 256 the rest were never answered at all.")
+        "connections grow. Past 256 the extra connections wait in the queue. A tcp relay "
+        "has no request boundary: while others wait, it yields its worker only when it has "
+        "been quiet for one read tick (at most 10 ms) after its last byte went to the "
+        "client, and parks until its next request. wrk's connections pause that long now "
+        "and then (one wrk thread drives them all), so some take turns and p99 grows to "
+        "about a second, while others wait for most or all of the run. wrk does not count "
+        "a request that never got an answer, so **queue peak** (the queue's highest length "
+        "from /metrics, sampled every 0.2 s) is where those show; **busy workers peak** is "
+        "the same for busy workers. Only new connections count against `queue` (1024): "
+        "past 256 + 1024 arriving at once the proxy refuses the rest at once "
+        "(`proxy_connections_refused_total{reason=\"queue_full\"}`, read from /metrics "
+        "before and after each run), which wrk sees as socket errors and reconnects. These "
+        "errors are expected and reported, not counted as failures.")
 
 NAME = "ours splice, workers=256"
 REFUSED = 'proxy_connections_refused_total{reason="queue_full"}'
