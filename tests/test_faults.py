@@ -155,7 +155,9 @@ def test_fault_out_of_fds_the_acceptor_neither_spins_nor_dies_and_recovers():
 def test_fault_overload_at_twice_the_workers_refuses_the_excess_and_recovers():
     with Server(echo_handler) as echo:
         for mode in ("tcp", "http"):
-            with Proxy(echo.addr, mode=mode, workers=8, queue=0,
+            # park_after = 0: the quiet relays and tunnels keep their workers, so the pool is
+            # full however slowly the test runs (with parking on they would give them up).
+            with Proxy(echo.addr, mode=mode, workers=8, queue=0, park_after=0,
                        sections={"access": {"connect_ports": "*"}}) as px:
                 before = fds(px)
                 served = []
@@ -167,6 +169,7 @@ def test_fault_overload_at_twice_the_workers_refuses_the_excess_and_recovers():
                     s.sendall(b"%d" % i)
                     assert s.recv(8) == b"%d" % i
                     served.append(s)
+                time.sleep(0.4)  # as on a slow machine: past park_after's default (200 ms)
                 refused = []
                 for _ in range(8):
                     start = time.monotonic()

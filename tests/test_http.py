@@ -533,9 +533,12 @@ def test_http_silent_client_is_cut_at_header_timeout():
 
 
 def test_http_queue_full_answers_503_with_retry_after():
-    with origin() as o, http_proxy(workers=1, queue=0, users=False) as px:
+    # park_after = 0: the kept-alive client keeps the only worker, however slowly the test runs
+    # (with parking on it would give it up: test_park.py).
+    with origin() as o, http_proxy(workers=1, queue=0, users=False, park_after=0) as px:
         held = Client(px)
         assert held.ask(get(o, "/held")).status == 200
+        time.sleep(0.4)  # as on a slow machine: past park_after's default (200 ms)
         c = Client(px)
         resp = c.response()
         assert resp.status == 503 and resp.get("retry-after") == ["1"], resp.head

@@ -71,11 +71,14 @@ def test_200_concurrent_connections_every_byte_verified():
 
 
 def test_queue_full_refuses_counts_and_recovers():
-    with Server(echo_handler) as echo, Proxy(echo.addr, workers=2, queue=1) as px:
+    # park_after = 0: the quiet relays keep their workers, so the pool is full however slowly
+    # the test runs (with parking on, they would give their workers to the queued one).
+    with Server(echo_handler) as echo, Proxy(echo.addr, workers=2, queue=1, park_after=0) as px:
         served = [connect(px.addr) for _ in range(2)]
         for s in served:
             s.sendall(b"a")
             assert s.recv(1) == b"a"
+        time.sleep(0.4)  # as on a slow machine: past park_after's default (200 ms)
         queued = connect(px.addr)
         queued.sendall(b"q")
         px.wait_metric("proxy_queue_length", 1)
