@@ -72,9 +72,11 @@ def tunnel_sections(port):
     return {"access": {"connect_ports": "443, %d" % port, "local_destinations": "allow"}}
 
 
-def numbered_origin():
+def numbered_origin(after=None):
     """A keep-alive origin that answers each request '<connection number> <target>', so a
-    response tells which upstream connection carried it. .seen holds (connection, target)."""
+    response tells which upstream connection carried it. .seen holds (connection, target,
+    method, body). after(connection number, socket), called after each answer, ends that
+    connection when it returns true."""
     def handler(c, server):
         with server.lock:
             server.index += 1
@@ -87,7 +89,9 @@ def numbered_origin():
                 with server.lock:
                     server.seen.append((i, req.target, req.line.split(" ")[0], req.body))
                 c.sendall(reply(200, b"%d %s" % (i, req.target.encode())))
-        except (EOFError, ValueError):
+                if after and after(i, c):
+                    return
+        except (EOFError, ValueError, OSError):
             pass
         finally:
             with server.lock:
@@ -386,33 +390,19 @@ def test_park_upstream_closing_its_connection_while_the_client_is_parked_is_repl
     exactly once, and the client connection must outlive them."""
     closed = {1: threading.Event(), 2: threading.Event()}
     go = {1: threading.Event(), 2: threading.Event()}
-    seen = []
 
-    def handler(c, server):
-        with server.lock:
-            server.index += 1
-            i = server.index
-        r = Reader(c)
-        try:
-            while True:
-                req = Message(r.until(b"\r\n\r\n"))
-                req.body = read_body(r, req)
-                with server.lock:
-                    seen.append((i, req.line, req.body))
-                c.sendall(reply(200, b"%d %s" % (i, req.target.encode())))
-                if i in go:
-                    go[i].wait(10)
-                    if i == 1:
-                        c.shutdown(socket.SHUT_RDWR)
-                    else:
-                        reset(c)
-                    closed[i].set()
-                    return
-        except (EOFError, ValueError, OSError):
-            pass
+    def close_after_go(i, c):
+        if i not in go:
+            return False
+        go[i].wait(10)
+        if i == 1:
+            c.shutdown(socket.SHUT_RDWR)
+        else:
+            reset(c)
+        closed[i].set()
+        return True
 
-    with Server(handler) as up, http_px(up.addr, workers=1) as px:
-        up.index = 0
+    with numbered_origin(close_after_go) as up, http_px(up.addr, workers=1) as px:
         c = Client(px, timeout=5)
         body = b"post body, once"
         asks = [get(up, "/1"),
@@ -432,8 +422,8 @@ def test_park_upstream_closing_its_connection_while_the_client_is_parked_is_repl
                                                   "upstream's"
                 wait_parked(px, 1)
         assert up.conns == 3, "upstream connections: %d" % up.conns
-        assert seen == [(1, "GET /1 HTTP/1.1", b""), (2, "POST /2 HTTP/1.1", body),
-                        (3, "GET /3 HTTP/1.1", b"")], seen
+        assert up.seen == [(1, "/1", "GET", b""), (2, "/2", "POST", body),
+                           (3, "/3", "GET", b"")], up.seen
         assert px.metric("proxy_http_retries_total") == 0
         assert [l[3] for l in wait_log(px, None, 3)] == ["200"] * 3
 
