@@ -773,7 +773,11 @@ def test_park_never_before_the_first_head_nor_in_the_middle_of_a_body():
         assert waiting.response().status == 200
         assert [r.body for r in o.received if r.target == "/up"] == [b"1234567890"]
         # Woken by the first bytes of a head, it does not park again before the head is whole.
+        # Once waiting is gone, up is the only connection, so the count cannot move on its
+        # own: waiting may still park once before its worker sees the close (then the hang-up
+        # wakes it), which a count read while it is still open would miss.
         waiting.close()
+        px.wait_metric("proxy_connections_active", 1)
         wait_parked(px, 1)
         parks = px.metric("proxy_parks_total")
         head = get(o, "/split")
