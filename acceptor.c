@@ -8,43 +8,35 @@
 #include "proxy.h"
 
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #define EVENTS       256 /* events taken from epoll per wait */
 #define ACCEPT_BATCH 64  /* clients accepted per wait, so that wake-ups are not kept waiting */
-
-/* How long a parked connection may wait, by what it waits for. */
-enum kind {
-    KEEPALIVE, /* an http connection between requests: keepalive_timeout */
-    RELAY,     /* raw bytes both ways (tcp mode, tunnels, upgrades): idle_timeout */
-    KINDS
-};
-
-/* A queue of parked connections in deadline order, linked through prev and next. All of a kind
- * share one timeout counted from their last byte, and they park a little after it (park_after,
- * or at once when others queue), so each joins at the tail or a step or two before it: the
- * head always has the nearest deadline, and no timer tree is needed. */
-struct fifo {
-    struct conn *head, *tail;
-    uint64_t timeout_ns; /* 0: never */
-};
 
 /* All of it belongs to the acceptor thread; acceptor_start and acceptor_stop run before and
  * after it. */
 static struct {
     const struct mode *mode;
     pthread_t thread;
-    int listen_fd, ep;
+    int listen_fd, ep, stop_fd;
+    int listening;         /* the listener is watched: 0 while it rests */
     uint64_t paused_until; /* accept failed for want of fds: the listener rests until then */
-    struct fifo fifo[KINDS];
+    int intake_closed;     /* the queue had no room for a new one: it rests until it has */
+    /* Every parked connection, in a binary min-heap by deadline (those with none last), each
+     * knowing its place (c->slot): the nearest deadline is at the top, and a connection that
+     * leaves early is taken out in O(log n). */
+    struct conn **heap;
+    int nheap;
 } a;
 
-static _Atomic int stopping; /* set by acceptor_stop; the acceptor sees it within a tick */
+static _Atomic int stopping; /* set by acceptor_stop, which also rings stop_fd */
 
-/* Tags in epoll's data for the two sockets that are not connections'. */
-static struct watch listener_tag, mailbox_tag;
+/* Tags in epoll's data for the sockets that are not connections'. */
+static struct watch listener_tag, mailbox_tag, stop_tag;
 
 /* ---- admitting new clients ------------------------------------------------------------ */
 
@@ -73,9 +65,9 @@ static void refuse(int fd, const struct addr *peer, enum refusal why, const char
     close(fd);
 }
 
-/* Lets one accepted client in: it must be in [access] allow, fewer than max_connections may be
- * open, and the queue must have room. Only this thread adds to stats.active, so the check and
- * the count cannot race past the limit. */
+/* Lets one accepted client in: it must be in [access] allow, and fewer than max_connections may
+ * be open. Only this thread adds to stats.active, so the check and the count cannot race past
+ * the limit. */
 static void admit_client(int fd, struct addr *peer) {
     addr_unmap(peer); /* a dual-stack listener's IPv4 clients are IPv4 from here on */
     atomic_fetch_add(&stats.accepted, 1);
@@ -89,8 +81,8 @@ static void admit_client(int fd, struct addr *peer) {
     }
     atomic_fetch_add(&stats.active, 1);
     if (pool_submit(fd, peer) == 0) return;
-    atomic_fetch_sub(&stats.active, 1);
-    refuse(fd, peer, REFUSED_QUEUE_FULL, "queue full");
+    atomic_fetch_sub(&stats.active, 1); /* the pool is stopping */
+    close(fd);
 }
 
 /* Accepts one client and admits it. Returns 0, or -1 with accept's errno (EAGAIN: the backlog
@@ -103,27 +95,44 @@ static int accept_one(void) {
     return 0;
 }
 
-/* The listener is readable: accepts up to ACCEPT_BATCH clients. Out of fds or memory, the
- * clients stay in the kernel's backlog and the listener rests for 100 ms instead of waking
- * this thread again at once; they are served once descriptors free up. */
+/* Stops watching the listener: new clients wait in the kernel's backlog meanwhile. */
+static void accept_rest(void) {
+    struct epoll_event off = {.events = 0, .data.ptr = &listener_tag};
+    epoll_ctl(a.ep, EPOLL_CTL_MOD, a.listen_fd, &off);
+    a.listening = 0;
+}
+
+/* The listener is readable: accepts up to ACCEPT_BATCH clients, while the queue has room for
+ * them. When it has none, the listener rests until the pool rings (a worker took a new one):
+ * a burst of clients waits in the kernel's backlog, connected, instead of being refused. Out
+ * of fds or memory, it rests for 100 ms, and those clients are served once descriptors free
+ * up. */
 static void accept_some(void) {
     for (int i = 0; i < ACCEPT_BATCH; i++) {
+        if (!pool_intake_open()) {
+            a.intake_closed = 1;
+            accept_rest();
+            return;
+        }
         if (accept_one() == 0) continue;
         if (errno == EINTR || errno == ECONNABORTED) continue;
         if (errno == EAGAIN) return;
         atomic_fetch_add(&stats.accept_errors, 1);
         log_refused(strerror(errno), NULL);
-        struct epoll_event off = {.events = 0, .data.ptr = &listener_tag};
-        epoll_ctl(a.ep, EPOLL_CTL_MOD, a.listen_fd, &off);
         a.paused_until = mono_ns() + 100000000u;
+        accept_rest();
         return;
     }
 }
 
-/* The listener's rest is over: it is watched again. */
-static void accept_again(void) {
+/* The listener's rest is over (its time, and room in the queue): it is watched again. */
+static void accept_again(uint64_t now) {
     struct epoll_event on = {.events = EPOLLIN, .data.ptr = &listener_tag};
+    if (a.listening || (a.paused_until && now < a.paused_until)) return;
+    if (a.intake_closed && !pool_intake_open()) return;
     a.paused_until = 0;
+    a.intake_closed = 0;
+    a.listening = 1;
     epoll_ctl(a.ep, EPOLL_CTL_MOD, a.listen_fd, &on);
 }
 
@@ -142,31 +151,45 @@ static void drain_backlog(void) {
 
 /* ---- the waiting room ------------------------------------------------------------------- */
 
-/* Puts c in deadline order, walking from the tail. */
-static void fifo_insert(struct fifo *f, struct conn *c) {
-    struct conn *after = f->tail;
-    while (after && after->deadline > c->deadline) after = after->prev;
-    c->prev = after;
-    c->next = after ? after->next : f->head;
-    if (c->next)
-        c->next->prev = c;
-    else
-        f->tail = c;
-    if (after)
-        after->next = c;
-    else
-        f->head = c;
+/* Puts c at place i of the heap. */
+static void heap_set(int i, struct conn *c) {
+    a.heap[i] = c;
+    c->slot = i;
 }
 
-static void fifo_unlink(struct fifo *f, struct conn *c) {
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        f->head = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
-    else
-        f->tail = c->prev;
+/* Moves the connection at place i up while its deadline is nearer than its parent's. */
+static void heap_up(int i) {
+    struct conn *c = a.heap[i];
+    while (i > 0 && a.heap[(i - 1) / 2]->deadline > c->deadline) {
+        heap_set(i, a.heap[(i - 1) / 2]);
+        i = (i - 1) / 2;
+    }
+    heap_set(i, c);
+}
+
+/* Moves the connection at place i down while a child's deadline is nearer. */
+static void heap_down(int i) {
+    struct conn *c = a.heap[i];
+    for (;;) {
+        int k = 2 * i + 1;
+        if (k >= a.nheap) break;
+        if (k + 1 < a.nheap && a.heap[k + 1]->deadline < a.heap[k]->deadline) k++;
+        if (c->deadline <= a.heap[k]->deadline) break;
+        heap_set(i, a.heap[k]);
+        i = k;
+    }
+    heap_set(i, c);
+}
+
+/* Takes c out of the heap: the last connection fills its place and moves up or down. */
+static void heap_remove(struct conn *c) {
+    struct conn *last = a.heap[--a.nheap];
+    int i = c->slot;
+    c->slot = -1;
+    if (last == c) return;
+    heap_set(i, last);
+    heap_up(i);
+    heap_down(last->slot);
 }
 
 /* Stops watching c's sockets. Its watches are cleared, so that an event for it still in this
@@ -190,10 +213,10 @@ static int watch(struct conn *c, enum dir d, int fd) {
 
 /* Takes in a connection a worker parked. A relay is watched on each side that has not reached
  * EOF (a half-closed socket is always readable: watching it would bounce c between here and
- * the pool forever); a connection between requests on its client, and on its kept-alive
- * upstream connection, which may close meanwhile. Its time counts from its last byte. */
+ * the pool forever); a connection between requests or in a request head on its client, and on
+ * its kept-alive upstream connection, which may close meanwhile. Its deadline is the one it
+ * had on its worker (copy_deadline): the same rule parked or not. */
 static void enter(struct conn *c) {
-    enum kind k = c->relay ? RELAY : KEEPALIVE;
     int ok = 1;
     c->watch[UP].c = c->watch[DOWN].c = NULL;
     if (!c->relay || !c->eof[UP]) ok = watch(c, UP, c->client) == 0;
@@ -204,14 +227,16 @@ static void enter(struct conn *c) {
         pool_resume(c);
         return;
     }
-    c->deadline = atomic_load(&c->last_ns) + a.fifo[k].timeout_ns;
-    fifo_insert(&a.fifo[k], c);
+    c->deadline = copy_deadline(c);
+    if (!c->deadline) c->deadline = UINT64_MAX; /* never: it sorts last */
+    heap_set(a.nheap++, c);
+    heap_up(c->slot);
 }
 
-/* Takes c out of the room: its watches and its place in the FIFO. */
+/* Takes c out of the room: its watches and its place in the heap. */
 static void leave_room(struct conn *c) {
     unwatch(c);
-    fifo_unlink(&a.fifo[c->relay ? RELAY : KEEPALIVE], c);
+    heap_remove(c);
 }
 
 /* A watched socket of a parked connection is readable or hung up. */
@@ -231,34 +256,31 @@ static void woken(struct watch *w) {
     pool_resume(c);
 }
 
-/* Closes the connections whose time in the room is up. */
+/* Ends the waits whose time is up: closed here, but for one in a request head, which is owed
+ * a 408 and goes back to a worker to get it. */
 static void expire(uint64_t now) {
-    for (int k = 0; k < KINDS; k++) {
-        struct fifo *f = &a.fifo[k];
-        while (f->timeout_ns && f->head && f->head->deadline <= now) {
-            struct conn *c = f->head;
-            leave_room(c);
-            atomic_fetch_add(&stats.room_timeouts, 1);
+    while (a.nheap && a.heap[0]->deadline <= now) {
+        struct conn *c = a.heap[0];
+        leave_room(c);
+        atomic_fetch_add(&stats.room_timeouts, 1);
+        if (c->head_deadline)
+            pool_resume(c);
+        else
             pool_close_parked(c, END_IDLE);
-        }
     }
 }
 
-/* ms until the nearest deadline, at most TICK_MS (the stop is checked every tick). */
+/* ms until the nearest deadline (a parked connection's, the listener's rest); -1: none. */
 static int next_wait(uint64_t now) {
-    uint64_t wait = (uint64_t)TICK_MS * 1000000u;
-    for (int k = 0; k < KINDS; k++) {
-        struct conn *head = a.fifo[k].head;
-        if (a.fifo[k].timeout_ns && head && head->deadline < now + wait)
-            wait = head->deadline > now ? head->deadline - now : 0;
-    }
-    if (a.paused_until && a.paused_until < now + wait)
-        wait = a.paused_until > now ? a.paused_until - now : 0;
-    return (int)((wait + 999999) / 1000000);
+    uint64_t next = a.nheap && a.heap[0]->deadline < UINT64_MAX ? a.heap[0]->deadline : 0;
+    if (a.paused_until && (!next || a.paused_until < next)) next = a.paused_until;
+    if (!next) return -1;
+    uint64_t ms = next > now ? (next - now + 999999) / 1000000 : 0;
+    return ms > 86400000u ? 86400000 : (int)ms;
 }
 
-/* The acceptor thread: waits on the listener, the mailbox and every parked socket, until the
- * stop; then drains the backlog and closes the room. */
+/* The acceptor thread: waits on the listener, its bell, every parked socket and the nearest
+ * deadline, until the stop rings; then drains the backlog. */
 static void *acceptor_main(void *arg) {
     struct epoll_event ev[EVENTS];
     (void)arg;
@@ -270,7 +292,7 @@ static void *acceptor_main(void *arg) {
                 accept_some();
             else if (w == &mailbox_tag)
                 mail = 1;
-            else
+            else if (w != &stop_tag)
                 woken(w);
         }
         /* The mailbox last: a connection woken in this batch may have parked again already,
@@ -281,7 +303,7 @@ static void *acceptor_main(void *arg) {
         }
         uint64_t now = mono_ns();
         expire(now);
-        if (a.paused_until && now >= a.paused_until) accept_again();
+        accept_again(now);
     }
     drain_backlog();
     return NULL;
@@ -294,36 +316,47 @@ static void *acceptor_main(void *arg) {
 int acceptor_start(int listen_fd, const struct mode *mode) {
     struct epoll_event on = {.events = EPOLLIN, .data.ptr = &listener_tag};
     struct epoll_event mail = {.events = EPOLLIN, .data.ptr = &mailbox_tag};
+    struct epoll_event stop = {.events = EPOLLIN, .data.ptr = &stop_tag};
     a.mode = mode;
     a.listen_fd = listen_fd;
-    a.fifo[KEEPALIVE].timeout_ns = (uint64_t)cfg.keepalive_timeout * 1000000000u;
-    a.fifo[RELAY].timeout_ns = (uint64_t)cfg.idle_timeout * 1000000000u;
+    a.listening = 1;
+    a.heap = calloc((size_t)cfg.max_connections, sizeof(struct conn *));
+    if (!a.heap) return -1;
     /* Accepted sockets do not inherit O_NONBLOCK on Linux: they stay blocking for the workers. */
     if (fcntl(listen_fd, F_SETFL, O_NONBLOCK) < 0) return -1;
+    a.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (a.stop_fd < 0) return -1;
     a.ep = epoll_create1(EPOLL_CLOEXEC);
-    if (a.ep < 0) return -1;
+    if (a.ep < 0) return close_failed(a.stop_fd);
     if (epoll_ctl(a.ep, EPOLL_CTL_ADD, listen_fd, &on) < 0 ||
         epoll_ctl(a.ep, EPOLL_CTL_ADD, pool_parked_fd(), &mail) < 0 ||
-        pthread_create(&a.thread, NULL, acceptor_main, NULL))
+        epoll_ctl(a.ep, EPOLL_CTL_ADD, a.stop_fd, &stop) < 0 ||
+        pthread_create(&a.thread, NULL, acceptor_main, NULL)) {
+        close(a.stop_fd);
         return close_failed(a.ep);
+    }
     return 0;
 }
 
 /* Stops accepting (the backlog is taken in first), and closes every parked connection: only
  * connections with work in progress get the grace period. Returns how many were closed. */
 uint64_t acceptor_stop(void) {
-    uint64_t closed = 0;
+    uint64_t closed = 0, one = 1;
     atomic_store(&stopping, 1);
+    if (write(a.stop_fd, &one, sizeof one) < 0) { /* cannot fail: a fresh counter */
+    }
     pthread_join(a.thread, NULL);
     for (struct conn *c = pool_room_close(), *next; c; c = next, closed++) {
         next = c->next;
         pool_close_parked(c, END_STOPPED);
     }
-    for (int k = 0; k < KINDS; k++)
-        for (struct conn *c; (c = a.fifo[k].head); closed++) {
-            leave_room(c);
-            pool_close_parked(c, END_STOPPED);
-        }
+    for (struct conn *c; a.nheap; closed++) {
+        c = a.heap[0];
+        leave_room(c);
+        pool_close_parked(c, END_STOPPED);
+    }
     close(a.ep);
+    close(a.stop_fd);
+    free(a.heap);
     return closed;
 }

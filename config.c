@@ -37,6 +37,7 @@ static const struct key keys[] = {
     {"proxy", "queue", INT, F(queue), "1024", 0, 1000000},
     {"proxy", "max_connections", INT, F(max_connections), "8192", 1, 10000000},
     {"proxy", "park_after", INT, F(park_after), "200", 0, 60000}, /* ms; 0: never */
+    {"proxy", "time_slice", INT, F(time_slice), "50", 0, 60000},  /* ms; 0: no turns */
     {"proxy", "buffer_size", SIZE, F(buffer_size), "64k", 1024, 64 << 20},
     {"proxy", "copy", ENUM, F(copy), "splice", .enums = "splice buffer"},
     {"proxy", "connect_timeout", INT, F(connect_timeout), "5", 1, 600},
@@ -363,19 +364,15 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
      * anyway; on any other address, clients from elsewhere could reach them through it. */
     c->local_auto = c->local_destinations == LOCAL_AUTO;
     if (c->local_auto) c->local_destinations = loopback(&c->listen) ? LOCAL_ALLOW : LOCAL_DENY;
-    /* A quiet connection parks within a quarter of park_after of it; without parking, reads
-     * wake only to check the timeouts. */
-    c->park_tick = c->park_after ? c->park_after / 4 : TICK_MS;
-    if (c->park_tick < 1) c->park_tick = 1;
-    if (c->park_tick > PARK_TICK_MAX) c->park_tick = PARK_TICK_MAX;
     return l.err_line ? -1 : 0;
 }
 
 /* ---- the memory plan (-t) ------------------------------------------------------------- */
 
-/* File descriptors one worker holds for good: its two pipes with copy = splice. */
+/* File descriptors one worker holds for good: its two threads' bells (eventfds), and its two
+ * pipes with copy = splice. */
 static long long pool_fds(const struct config *c) {
-    return c->copy == COPY_SPLICE ? 4 : 0;
+    return 2 + (c->copy == COPY_SPLICE ? 4 : 0);
 }
 
 /* File descriptors a full load needs: max_connections' sockets, the workers' pipes, a few to
@@ -414,9 +411,13 @@ void config_plan(const struct config *c, FILE *o) {
             "connections: max_connections %d (busy, queued or parked; the queue holds %d new "
             "ones): %.1f MiB of records, %lld fds\n",
             c->max_connections, c->queue, n * sizeof(struct conn) / mib, (long long)n * 2);
-    fprintf(o, "park_after %d ms%s, keepalive_timeout %d s, idle_timeout %d s\n", c->park_after,
-            c->park_after ? "" : " (never park: a connection keeps its worker)",
-            c->keepalive_timeout, c->idle_timeout);
+    if (c->park_after)
+        fprintf(o, "park_after %d ms, time_slice %d ms%s", c->park_after, c->time_slice,
+                c->time_slice ? "" : " (no turns)");
+    else
+        fprintf(o, "park_after 0 (never park, no turns: a connection keeps its worker)");
+    fprintf(o, ", keepalive_timeout %d s, idle_timeout %d s\n", c->keepalive_timeout,
+            c->idle_timeout);
     fprintf(o, "fds at full load: %lld (limit %llu)\n", config_fds(c),
             (unsigned long long)rl.rlim_max);
     config_fd_warning(c, (unsigned long long)rl.rlim_max, "", o);

@@ -1,12 +1,15 @@
 /* copy.c — the copy loops that move a connection's bytes, one direction per thread: through a
  * buffer (read/send) or through a pipe (splice), with half-close, the idle clock, the rate
- * limit, and the moment a quiet relay may leave to park; and conn_end, which wakes both loops
- * when a connection ends. It knows nothing of queues or protocols: pool.c and the modes call
- * it. */
+ * limit; the wait for bytes (copy_wait), where a connection's turn on its worker ends when it
+ * has nothing to do or others have waited long enough; and conn_end, which wakes both loops
+ * when a connection ends. It reads what pool.c publishes (stats.waiting, the seats) but knows
+ * nothing of queues or protocols: pool.c and the modes call it. */
 #include "proxy.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -98,7 +101,6 @@ static int retry(struct conn *c, int fd, int err) {
 static void count_sent(struct conn *c, int to, size_t n) {
     enum dir d = to == c->upstream ? UP : DOWN;
     c->bytes[d] += n;
-    atomic_store_explicit(&c->last_dir, (int)d, memory_order_relaxed);
     atomic_fetch_add_explicit(&stats.bytes[d], n, memory_order_relaxed);
     touch(c);
 }
@@ -161,30 +163,109 @@ void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate) {
     k->tat = (k->tat > now ? k->tat : now) + n * 1000000000ull / (uint64_t)rate;
 }
 
-/* Whether c may leave its worker to park: park_after is on and no byte moved for park_after;
- * or, while other connections wait for a worker, for one park_tick if its last byte went to
- * the client: then the client has had its answer and c waits on it. One whose last byte went
- * upstream is waiting for an answer that is on its way: parking it would only make it come
- * back through the queue, and under load the queue would keep itself full that way. */
-int copy_quiet(struct conn *c) {
-    if (!cfg.park_after) return 0;
-    if (copy_idle_for(c, (uint64_t)cfg.park_after)) return 1;
-    return atomic_load(&stats.queued) > 0 && copy_idle_for(c, (uint64_t)cfg.park_tick) &&
-           atomic_load_explicit(&c->last_dir, memory_order_relaxed) == DOWN;
+/* ---- waiting for bytes, and leaving the worker ------------------------------------------ */
+
+/* Rings s's bell: its thread looks again at whether to keep its connection. */
+void copy_ring(struct seat *s) {
+    uint64_t one = 1;
+    ssize_t n = write(s->bell, &one, sizeof one);
+    (void)n; /* it fails only when the counter is full, and then the bell rings anyway */
 }
 
-/* At a read's tick with nothing read: whether the loop copying direction d leaves to park (see
- * copy_stream). park is 0 where parking is not for this loop to decide (a body, a response). */
-static int leave_to_park(struct conn *c, int park, enum dir d) {
-    int asked = PARKING_ASKED;
-    if (!park) return 0;
-    if (d == UP) return copy_quiet(c);
-    return atomic_compare_exchange_strong(&c->parking, &asked, PARKING_AGREED);
+/* Records why c leaves its worker (the first reason wins) and rings the other loop's thread,
+ * wherever it waits, so that it leaves too at its next safe point. */
+static void ask_leave(struct conn *c, enum dir d, enum leave why) {
+    int no = LEAVE_NO;
+    atomic_compare_exchange_strong(&c->leave, &no, (int)why);
+    if (c->relay) copy_ring(&c->seats[!d]);
 }
 
-/* copy_bytes, and for copy_stream also: returns -2 when the loop for direction d leaves to
- * park (park set). */
-static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t limit, int park,
+/* One loop of c is done for good (at EOF): it no longer counts as awake. */
+void copy_loop_done(struct conn *c, enum dir d) {
+    /* If the other loop waits, it waits with no eye on the clock: that was this one's, the
+     * last awake. Ring it to take the clock over. */
+    if (atomic_fetch_sub(&c->awake, 1) == 1) copy_ring(&c->seats[!d]);
+}
+
+/* The deadline of what c waits for, the same on a worker and in the waiting room (0: none): a
+ * request head's (c->head_deadline); a relay's, last byte + idle_timeout; an http connection's
+ * between requests, last byte + keepalive_timeout. */
+uint64_t copy_deadline(struct conn *c) {
+    if (c->head_deadline) return c->head_deadline;
+    int s = c->relay ? cfg.idle_timeout : cfg.keepalive_timeout;
+    return s ? atomic_load(&c->last_ns) + (uint64_t)s * 1000000000u : 0;
+}
+
+/* The earlier of two deadlines, 0 meaning none. */
+static uint64_t earlier(uint64_t a, uint64_t b) {
+    return !a || (b && b < a) ? b : a;
+}
+
+/* Whether c, one of whose loops is about to wait (the last awake one if last), should leave its
+ * worker now: while others wait, once its slice is over (a turn), or once it has nothing to do
+ * (LEAVE_PARK): quiet for QUIET_MS (at once if it never moved a byte); with nobody waiting,
+ * quiet for park_after. Else moves *until to the moment that answer may change: only the last
+ * loop to wait keeps an eye on the clock, the other is woken by its bytes or its bell. */
+static enum leave due(struct conn *c, uint64_t now, int last, uint64_t *until) {
+    int others = atomic_load(&stats.waiting) > 0;
+    uint64_t last_ns = atomic_load(&c->last_ns), quiet_ms = (uint64_t)cfg.park_after;
+    if (others && cfg.time_slice && now >= c->slice_end) return LEAVE_TURN;
+    if (!last) return LEAVE_NO;
+    if (others && cfg.time_slice) *until = earlier(*until, c->slice_end);
+    if (others) quiet_ms = last_ns == c->start_ns ? 0 : QUIET_MS < quiet_ms ? QUIET_MS : quiet_ms;
+    uint64_t at = last_ns + quiet_ms * 1000000u;
+    if (now >= at) return LEAVE_PARK;
+    *until = earlier(*until, at);
+    return LEAVE_NO;
+}
+
+/* poll's timeout for a wait until deadline (0: none), in whole ms rounded up. */
+static int timeout_ms(uint64_t deadline, uint64_t now) {
+    if (!deadline) return -1;
+    uint64_t ms = deadline > now ? (deadline - now + 999999) / 1000000 : 0;
+    return ms > INT_MAX ? INT_MAX : (int)ms;
+}
+
+/* Waits, on the thread of seat d, until fd can be read without blocking, or until c should
+ * leave its worker (due). A blocked read could not be woken to leave; poll on the socket and
+ * the thread's bell can, and a ring that comes before the thread blocks is not lost: the bell
+ * stays readable until the thread takes it. */
+enum wake copy_wait(struct conn *c, enum dir d, int fd) {
+    struct seat *me = &c->seats[d];
+    for (;;) {
+        if (atomic_load(&c->leave)) return WAKE_LEAVE;
+        if (atomic_load(&c->end)) return WAKE_ENDED;
+        uint64_t now = mono_ns(), deadline = copy_deadline(c), until = deadline;
+        if (deadline && now >= deadline) return WAKE_TIMEOUT;
+        /* The last loop to wait asks to be rung when others begin to wait. It says so before
+         * it reads stats.waiting, and pool.c sets that before it reads sleeping: one of the
+         * two sees the other, so the ring is never missed. */
+        int last = atomic_fetch_sub(&c->awake, 1) == 1;
+        atomic_store(&me->sleeping, last);
+        enum leave why = due(c, now, last, &until);
+        struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = me->bell, .events = POLLIN}};
+        /* A turn ends without a look at the socket. Nothing to do is checked once more, with
+         * a poll that does not wait: bytes already there (the very ones that woke a parked
+         * connection) are read first. */
+        int n = why == LEAVE_TURN ? 0 : poll(p, 2, why ? 0 : timeout_ms(until, now));
+        atomic_store(&me->sleeping, 0);
+        atomic_fetch_add(&c->awake, 1);
+        if (n > 0 && p[0].revents) return WAKE_READY;
+        if (why) {
+            ask_leave(c, d, why);
+            return WAKE_LEAVE;
+        }
+        if (n > 0 && p[1].revents) {
+            uint64_t rang;
+            if (read(me->bell, &rang, sizeof rang) < 0) rang = 0; /* another took it: fine */
+        }
+        /* A deadline, a ring, or EINTR: look again. */
+    }
+}
+
+/* copy_bytes, and for copy_stream also (wait set): each read waits in copy_wait first, and
+ * -2 is returned when the loop for direction d leaves its worker there. */
+static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t limit, int wait,
                     enum dir d) {
     uint64_t moved = 0;
     size_t chunk = (size_t)cfg.buffer_size;
@@ -193,9 +274,18 @@ static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t
     while (moved < limit) {
         size_t want = limit - moved < chunk ? (size_t)(limit - moved) : chunk;
         if (cfg.rate_limit) {
-            uint64_t wait = copy_pace_wait(k, mono_ns());
-            struct timespec ts = {(time_t)(wait / 1000000000u), (long)(wait % 1000000000u)};
-            if (wait) nanosleep(&ts, NULL);
+            uint64_t pause = copy_pace_wait(k, mono_ns());
+            struct timespec ts = {(time_t)(pause / 1000000000u), (long)(pause % 1000000000u)};
+            if (pause) nanosleep(&ts, NULL);
+        }
+        if (wait) {
+            enum wake w = copy_wait(c, d, from);
+            if (w == WAKE_LEAVE) return -2;
+            if (w == WAKE_ENDED) return -1;
+            if (w == WAKE_TIMEOUT) {
+                conn_end(c, END_IDLE);
+                return -1;
+            }
         }
         int piped = k->pipe[0] >= 0;
         ssize_t n = piped ? splice(from, NULL, k->pipe[1], NULL, want, SPLICE_F_MOVE)
@@ -213,7 +303,6 @@ static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t
             n = read(from, k->buf, want);
         }
         if (n == 0) break; /* EOF */
-        if (n < 0 && errno == EAGAIN && leave_to_park(c, park, d)) return -2;
         if (n < 0) {
             if (retry(c, from, errno)) continue;
             return -1;
@@ -233,18 +322,19 @@ int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t 
     return move(c, k, from, to, limit, 0, UP);
 }
 
-/* Copies one direction of c, UP on the front thread and DOWN on the back one: STREAM_EOF at
- * EOF (the write side of the destination is shut down, c->eof[d] set); STREAM_ENDED when the
- * connection ended; STREAM_QUIET at a tick with nothing read, when UP finds c quiet
- * (copy_quiet) or DOWN finds the front asking to park (PARKING_ASKED → AGREED). No byte is
- * read and left behind. */
+/* Copies one direction of c, UP on the front thread and DOWN on the back one, waiting for each
+ * read in copy_wait (with park_after = 0, in the read itself, as a worker that never parks
+ * would): STREAM_EOF at EOF (the write side of the destination is shut down, c->eof[d] set);
+ * STREAM_LEAVE when c leaves its worker (c->leave); STREAM_ENDED when the connection ended.
+ * It leaves only between reads: no byte is read and left behind. */
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d) {
     int from = d == UP ? c->client : c->upstream;
     int to = d == UP ? c->upstream : c->client;
-    int64_t moved = move(c, k, from, to, UINT64_MAX, 1, d);
-    if (moved == -2) return STREAM_QUIET;
+    int64_t moved = move(c, k, from, to, UINT64_MAX, cfg.park_after != 0, d);
+    if (moved == -2) return STREAM_LEAVE;
     if (moved < 0) return STREAM_ENDED;
     shutdown(to, SHUT_WR); /* EOF: pass the half-close on; the other direction goes on */
     c->eof[d] = 1;
+    copy_loop_done(c, d);
     return STREAM_EOF;
 }

@@ -224,8 +224,7 @@ static void relay_down(struct worker *w, struct conn *c) {
 static enum next relay(struct worker *w, struct conn *c) {
     if (!c->relay) {
         c->relay = 1;
-        c->upstream_apart = 0;                         /* a tunnel: either side failing ends it */
-        net_set_read_tick(c->upstream, cfg.park_tick); /* its reads now see when to park */
+        c->upstream_apart = 0; /* a tunnel: either side failing ends it */
     }
     if (flush(w, c, UP) == 0 && pool_relay(w, c, relay_down) == SERVED_PARK) return NEXT_PARK;
     log_request(c);
@@ -317,7 +316,7 @@ static enum answer relay_response(struct worker *w, struct conn *c, const struct
     for (;;) {
         struct msg r;
         int status;
-        enum head got = http_read_head(c, s, c->upstream, &r, 0, 0, &status);
+        enum head got = http_read_head(c, s, c->upstream, &r, 0, &status);
         if (atomic_load(&c->end)) return ANSWER_ENDED;
         if (got != HEAD_OK && c->req.status) return ANSWER_CUT;
         if (got == HEAD_NONE || (got == HEAD_LOST && !s->len)) return ANSWER_NONE;
@@ -534,19 +533,18 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
 
 /* Serves one client connection: every request head read, parsed and handled in turn, until a
  * request or its response ends the connection (RFC 9112 9.6: then no further request is read),
- * or until it parks: quiet between requests (at once when other connections wait for a
- * worker), or a quiet tunnel. A connection back from the waiting room goes on from there: its
- * buffers were empty when it parked. */
+ * or until it leaves its worker while it waits for a request (its turn is over, or it has
+ * nothing to do: copy_wait), or a tunnel does. A connection back from the waiting room goes on
+ * from there: it left with nothing buffered. Requests pipelined behind one another are all
+ * served before it can leave: it waits for a request only once its buffer is empty. */
 static enum served http_serve(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
     struct stream *in = &h->in[UP];
-    /* The first head counts from accept, later ones from their first byte. A new connection
-     * does not park before its first request: header_timeout bounds that wait, as in Apache. */
-    uint64_t deadline = c->parks ? 0 : c->start_ns + (uint64_t)cfg.header_timeout * 1000000000u;
     enum next next = NEXT_READ;
-    int answered = 0; /* requests this call served: a connection just back reads first */
     stream_clear(in);
     stream_clear(&h->in[DOWN]);
+    /* The first head counts from accept (RFC 9112 leaves it to us; Apache does the same). */
+    if (!c->parks) c->head_deadline = c->start_ns + (uint64_t)cfg.header_timeout * 1000000000u;
     if (c->relay)
         next = relay(w, c); /* a tunnel back from the waiting room */
     else
@@ -554,17 +552,9 @@ static enum served http_serve(struct worker *w, struct conn *c) {
     while (next == NEXT_READ) {
         struct msg m;
         int status;
-        /* Others wait for a worker: yield at once, not after park_after. Not before reading
-         * once, or a connection woken by a byte would go round the room while the queue is
-         * long. */
-        if (answered && in->off == in->len && cfg.park_after && atomic_load(&stats.queued)) {
-            next = NEXT_PARK;
-            break;
-        }
-        enum head r = http_read_head(c, in, c->client, &m, 1, deadline, &status);
-        deadline = 0;
-        if (r == HEAD_IDLE) next = NEXT_PARK;
-        if (r == HEAD_NONE || r == HEAD_LOST || r == HEAD_IDLE) break;
+        enum head r = http_read_head(c, in, c->client, &m, 1, &status);
+        if (r == HEAD_LEAVE) next = NEXT_PARK;
+        if (r == HEAD_NONE || r == HEAD_LOST || r == HEAD_LEAVE) break;
         if (r == HEAD_BAD) {
             c->req = (struct request_log){.start_ns = mono_ns(),
                                           .bytes0 = {c->bytes[UP], c->bytes[DOWN]},
@@ -574,7 +564,6 @@ static enum served http_serve(struct worker *w, struct conn *c) {
         } else {
             next = request(w, c, &m);
         }
-        answered++;
     }
     if (next == NEXT_PARK) return SERVED_PARK;
     end_upstream(w, c);

@@ -44,20 +44,21 @@ static void compact(struct stream *s) {
     s->off = 0;
 }
 
-/* Reads until s holds a whole head and parses it into m (a request if request, whose head must
- * be whole by deadline, or header_timeout after its first byte when deadline is 0): HEAD_OK;
- * HEAD_NONE at EOF before any byte, or when a client between requests (deadline 0, nothing
- * read) was idle for keepalive_timeout; HEAD_IDLE when such a client is quiet enough to park
- * (copy_quiet); HEAD_LOST when the connection ended or the client left mid-head; HEAD_BAD with
- * the status to refuse it with in *status (502 for any bad response). */
+/* Reads until s holds a whole head and parses it into m (a request if request: it must be whole
+ * by c->head_deadline, which is set at its first byte if it is not yet): HEAD_OK; HEAD_NONE at
+ * EOF before any byte, or when a client between requests was idle for keepalive_timeout;
+ * HEAD_LEAVE when c leaves its worker while it waits for a request (copy_wait); HEAD_LOST when
+ * the connection ended or the client left mid-head; HEAD_BAD with the status to refuse it with
+ * in *status (408 when its time is up; 502 for any bad response). */
 enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
-                         uint64_t deadline, int *status) {
+                         int *status) {
     size_t scanned = 0, end, got;
     compact(s);
     *status = request ? 400 : 502;
     for (;;) {
         enum scan found = http_head_end(s->buf, s->len, &scanned, &end);
         if (found == SCAN_DONE) {
+            if (request) c->head_deadline = 0;
             *status = http_parse(s->buf, end, m, request);
             return *status ? HEAD_BAD : HEAD_OK;
         }
@@ -66,19 +67,29 @@ enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m
             if (request) *status = memchr(s->buf, '\n', s->len) ? 431 : 414;
             return HEAD_BAD;
         }
-        if (request && s->len && !deadline) /* header_timeout runs from a head's first byte */
-            deadline = mono_ns() + (uint64_t)cfg.header_timeout * 1000000000u;
-        if (request && deadline && mono_ns() > deadline) {
+        if (request && s->len && !c->head_deadline) /* header_timeout runs from its first byte */
+            c->head_deadline = mono_ns() + (uint64_t)cfg.header_timeout * 1000000000u;
+        if (request && c->head_deadline && mono_ns() >= c->head_deadline) {
             *status = 408;
             return HEAD_BAD;
         }
-        enum recv r = copy_recv(c, fd, s->buf + s->len, HEAD_MAX - s->len, &got);
-        if (r == RECV_TICK && request && !deadline && !s->len) { /* between requests */
-            if (copy_idle_for(c, (uint64_t)cfg.keepalive_timeout * 1000)) {
+        /* Waiting for a request, with nothing of it read: a safe point, where c may leave its
+         * worker. */
+        if (request && !s->len && cfg.park_after) {
+            enum wake w = copy_wait(c, UP, fd);
+            if (w == WAKE_LEAVE) return HEAD_LEAVE;
+            if (w == WAKE_ENDED) return HEAD_LOST;
+            if (w == WAKE_TIMEOUT && !c->head_deadline) { /* keepalive_timeout */
                 conn_end(c, END_IDLE);
                 return HEAD_NONE;
             }
-            if (copy_quiet(c)) return HEAD_IDLE;
+            if (w == WAKE_TIMEOUT) continue; /* the head's time is up: 408 above */
+        }
+        enum recv r = copy_recv(c, fd, s->buf + s->len, HEAD_MAX - s->len, &got);
+        if (r == RECV_TICK && request && !c->head_deadline && !s->len && /* between requests */
+            copy_idle_for(c, (uint64_t)cfg.keepalive_timeout * 1000)) {
+            conn_end(c, END_IDLE);
+            return HEAD_NONE;
         }
         if (r == RECV_DATA) s->len += got;
         if (r == RECV_ENDED) return HEAD_LOST;

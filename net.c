@@ -58,13 +58,6 @@ void net_set_tick(int fd, int ms) {
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tick, sizeof tick);
 }
 
-/* Makes every blocking read on fd give up after ms with EAGAIN (writes keep their tick): a
- * relay's reads see this often whether it is quiet enough to park. */
-void net_set_read_tick(int fd, int ms) {
-    struct timeval tick = {ms / 1000, ms % 1000 * 1000L};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tick, sizeof tick);
-}
-
 /* Whether this host owns a's IP (any port): a socket can bind to it. The kernel's own answer,
  * so it covers every interface, alias and local route without a list that could go stale. */
 int net_owns(const struct addr *a) {

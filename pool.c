@@ -1,9 +1,11 @@
-/* pool.c — the fixed pool: a slab of connection records sized at start, a bounded queue of
- * connections that have work, `workers` pairs of threads that serve them, the hand-off between
- * a worker's two threads, the relay that leaves its worker when quiet, the mailbox through
- * which quiet connections go to the acceptor's waiting room, and the graceful stop. How a
- * connection is served is its mode's business (tcp.c, http.c); how its bytes move is
- * copy.c's; where a parked connection waits is acceptor.c's. */
+/* pool.c — the fixed pool: a slab of connection records sized at start, the queue of
+ * connections that have work, `workers` pairs of threads that serve them in turns, the hand-off
+ * between a worker's two threads, the relay whose two loops leave their worker together, the
+ * mailbox through which connections that leave go to the acceptor's waiting room, and the
+ * graceful stop. This is the scheduler: it says when others wait (stats.waiting) and rings the
+ * workers that must hear it; when a connection gives its worker up is decided where it waits
+ * for bytes (copy.c's copy_wait). How a connection is served is its mode's business (tcp.c,
+ * http.c); where a parked connection waits is acceptor.c's. */
 #include "proxy.h"
 
 #include <stdlib.h>
@@ -20,6 +22,7 @@ static struct {
     struct conn **ring;          /* queued connections: len of them from first on */
     int size, first, len;
     int fresh;           /* of them, new ones (never served): what cfg.queue bounds */
+    int intake_waits;    /* the acceptor found no room for new ones: ring it when there is */
     struct conn *slab;   /* every record, allocated once */
     struct conn **spare; /* the records not in use: a stack of nspare */
     int nspare;
@@ -27,7 +30,7 @@ static struct {
     int stopping; /* SIGTERM: the acceptor has stopped; drain what is queued, then exit */
     struct conn *mail, *last; /* parked, not yet taken by the acceptor: a list through next */
     int room_closed;          /* the stop: a connection that would park is closed instead */
-    int parked_fd;            /* eventfd: written when mail stops being empty */
+    int parked_fd;            /* eventfd, the acceptor's bell: mail, or room for new ones */
 } q = {.mu = PTHREAD_MUTEX_INITIALIZER,
        .cv = PTHREAD_COND_INITIALIZER,
        .all_idle = PTHREAD_COND_INITIALIZER};
@@ -39,21 +42,59 @@ static _Atomic int forced; /* the grace period is over: end every connection */
 
 /* ---- the queue ------------------------------------------------------------------------ */
 
-/* Hands an accepted socket to the pool. Returns 0, or -1 when the queue is full or the pool is
- * stopping (the caller closes fd). */
+/* Rings the acceptor's bell (the mailbox's eventfd). */
+static void ring_acceptor(void) {
+    uint64_t one = 1;
+    ssize_t n = write(q.parked_fd, &one, sizeof one);
+    (void)n; /* it fails only when the counter is full, and then it is readable anyway */
+}
+
+/* Publishes how many queued connections no idle worker is about to take (stats.waiting): while
+ * there are any, connections take turns. When the number leaves 0, rings every thread that
+ * waits for bytes with no eye on its time slice (copy_wait): it must look again now. A thread
+ * says it sleeps before it reads stats.waiting, and this sets stats.waiting before it reads
+ * that, so no thread misses the news. Once the stop has begun nobody takes turns: the room is
+ * closed. Under q.mu. */
+static void publish_waiting(void) {
+    int n = q.len > q.idle && !q.room_closed ? q.len - q.idle : 0;
+    if (atomic_exchange(&stats.waiting, (uint64_t)n) || !n) return;
+    for (int i = 0; i < started; i++)
+        for (int t = 0; t < 2; t++)
+            if (atomic_load(&workers[i].seat[t].sleeping)) copy_ring(&workers[i].seat[t]);
+}
+
+/* Puts c at the tail of the queue. Under q.mu. */
+static void enqueue(struct conn *c) {
+    c->queued_ns = mono_ns();
+    q.ring[(q.first + q.len++) % q.size] = c;
+    atomic_fetch_add(&stats.queued, 1);
+    publish_waiting();
+    pthread_cond_signal(&q.cv);
+}
+
+/* Whether the queue has room for one more new connection (cfg.queue beyond the idle workers).
+ * When it has none, the acceptor stops accepting, and its bell rings once there is room: the
+ * clients wait in the kernel's listen backlog meanwhile, connected, instead of being refused. */
+int pool_intake_open(void) {
+    pthread_mutex_lock(&q.mu);
+    int open = q.fresh < cfg.queue + q.idle;
+    if (!open) q.intake_waits = 1;
+    pthread_mutex_unlock(&q.mu);
+    return open;
+}
+
+/* Hands an accepted socket to the pool. Returns 0, or -1 when the pool is stopping (the caller
+ * closes fd). The ring has a place and the slab a record for every connection that may be open
+ * (the acceptor admits at most max_connections, and a record is back before it stops counting
+ * as active). */
 int pool_submit(int fd, const struct addr *peer) {
     pthread_mutex_lock(&q.mu);
-    /* Idle workers take a connection at once, so they do not count against the queue, nor do
-     * parked connections back with work: they were admitted long ago. A spare record is there
-     * unless a closed connection is still on its way back to the slab. */
-    int ok = !q.stopping && q.fresh < cfg.queue + q.idle && q.nspare > 0;
+    int ok = !q.stopping && q.nspare > 0;
     if (ok) {
         struct conn *c = q.spare[--q.nspare];
-        *c = (struct conn){.client = fd, .upstream = -1, .peer = *peer};
-        q.ring[(q.first + q.len++) % q.size] = c;
+        *c = (struct conn){.client = fd, .upstream = -1, .peer = *peer, .slot = -1};
         q.fresh++;
-        atomic_fetch_add(&stats.queued, 1);
-        pthread_cond_signal(&q.cv);
+        enqueue(c);
     }
     pthread_mutex_unlock(&q.mu);
     return ok ? 0 : -1;
@@ -65,24 +106,35 @@ static struct conn *take(void) {
     struct conn *c = NULL;
     pthread_mutex_lock(&q.mu);
     if (++q.idle == cfg.workers) pthread_cond_signal(&q.all_idle);
+    /* An idle worker is room for one more new connection (taking one changes nothing: both
+     * fresh and idle go down). */
+    if (q.intake_waits && q.fresh < cfg.queue + q.idle) {
+        q.intake_waits = 0;
+        ring_acceptor();
+    }
+    publish_waiting();
     while (!q.len && !q.stopping) pthread_cond_wait(&q.cv, &q.mu);
     q.idle--;
     if (q.len) {
         c = q.ring[q.first];
         q.first = (q.first + 1) % q.size;
         q.len--;
-        if (!c->start_ns) q.fresh--; /* begin() starts its clock */
         atomic_fetch_sub(&stats.queued, 1);
+        if (!c->start_ns) q.fresh--;
     }
+    publish_waiting();
     pthread_mutex_unlock(&q.mu);
     return c;
 }
 
-/* Returns a closed connection's record to the slab. */
+/* Returns a closed connection's record to the slab; only then does it stop counting as
+ * active, so that the acceptor, which admits up to max_connections active ones, always finds a
+ * record for the next. */
 static void release(struct conn *c) {
     pthread_mutex_lock(&q.mu);
     q.spare[q.nspare++] = c;
     pthread_mutex_unlock(&q.mu);
+    atomic_fetch_sub(&stats.active, 1);
 }
 
 /* ---- a worker's two threads ----------------------------------------------------------- */
@@ -141,16 +193,22 @@ static void *back_main(void *arg) {
     return NULL;
 }
 
-/* The front thread takes c: a new connection's clocks start, and a forced stop can now find
- * it. */
+/* The front thread takes c: a new connection's clocks start, its time in the queue is counted,
+ * its turn begins, and a forced stop can now find it. */
 static void begin(struct worker *w, struct conn *c) {
+    uint64_t now = mono_ns();
     if (!c->start_ns) {
-        c->start_ns = mono_ns();
+        c->start_ns = now;
         atomic_store(&c->last_ns, c->start_ns);
     }
+    stats_observe(&stats.queue_wait, now - c->queued_ns);
+    c->slice_end = now + (uint64_t)cfg.time_slice * 1000000u;
+    atomic_store(&c->leave, LEAVE_NO);
+    atomic_store(&c->awake, 1);
     atomic_fetch_add(&stats.busy, 1);
     pthread_mutex_lock(&w->mu);
     w->conn = c;
+    c->seats = w->seat;
     /* Taken just as the grace period ran out: pool_stop may have passed this worker while
      * w->conn was still NULL, so end it here. */
     if (atomic_load(&forced)) conn_end(c, END_STOPPED);
@@ -160,6 +218,7 @@ static void begin(struct worker *w, struct conn *c) {
 /* The front thread is done with its connection, for now or for good. */
 static void leave(struct worker *w) {
     pthread_mutex_lock(&w->mu);
+    w->conn->seats = NULL;
     w->conn = NULL;
     pthread_mutex_unlock(&w->mu);
     copy_reset(&w->cp[UP]);
@@ -179,7 +238,6 @@ static void retire(struct conn *c) {
 /* Hands quiet c to the waiting room, through the mailbox. Returns 0, or -1 when the room is
  * closed (the stop): the caller closes c. */
 static int park(struct conn *c) {
-    uint64_t one = 1;
     pthread_mutex_lock(&q.mu);
     int closed = q.room_closed, wake = !q.mail;
     if (!closed) {
@@ -192,6 +250,7 @@ static int park(struct conn *c) {
         c->parks++;
         atomic_fetch_add(&stats.parked, 1);
         atomic_fetch_add(&stats.parks, 1);
+        if (atomic_load(&c->leave) == LEAVE_TURN) atomic_fetch_add(&stats.turns, 1);
     }
     pthread_mutex_unlock(&q.mu);
     if (closed) {
@@ -199,10 +258,7 @@ static int park(struct conn *c) {
         return -1;
     }
     /* Only the first letter rings: the acceptor takes the whole mailbox at once. */
-    if (wake) {
-        ssize_t n = write(q.parked_fd, &one, sizeof one);
-        (void)n; /* it fails only when the counter is full, and then it is readable anyway */
-    }
+    if (wake) ring_acceptor();
     return 0;
 }
 
@@ -225,69 +281,26 @@ static void *front_main(void *arg) {
     return NULL;
 }
 
-/* ---- the relay: two copy loops that leave together ------------------------------------- */
-
-/* Waits up to ms for the back thread to finish its job. Returns whether it did. */
-static int back_wait_for(struct worker *w, int ms) {
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    until.tv_sec += ms / 1000;
-    until.tv_nsec += ms % 1000 * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
-    int waiting = 0; /* 0, or ETIMEDOUT once the time is up */
-    pthread_mutex_lock(&w->mu);
-    while (w->job && waiting == 0) waiting = pthread_cond_timedwait(&w->cv, &w->mu, &until);
-    int done = !w->job;
-    pthread_mutex_unlock(&w->mu);
-    return done;
-}
-
-/* The front found c quiet: asks the back's loop to leave at its next quiet tick and waits up to
- * two ticks for it. Returns 1 once both loops have left (or the back's had already ended), 0
- * when the back is still moving bytes: then the question is taken back and the front goes on.
- * Only one of the two compare-and-swaps on c->parking can win, so they never disagree. */
-static int leave_together(struct worker *w, struct conn *c) {
-    int asked = PARKING_ASKED;
-    atomic_store(&c->parking, PARKING_ASKED);
-    if (!back_wait_for(w, 2 * cfg.park_tick)) {
-        if (atomic_compare_exchange_strong(&c->parking, &asked, PARKING_NO)) return 0;
-        pool_back_wait(w); /* it agreed: it is on its way out */
-    }
-    return 1;
-}
+/* ---- the relay: two copy loops that leave together -------------------------------------- */
 
 /* Relays c raw both ways, down (its job: copy_stream DOWN, after anything of the mode's own)
  * on the back thread and client → upstream here, skipping directions already at EOF:
- * SERVED_DONE once both reached EOF or c ended; SERVED_PARK once neither moved a byte for
- * park_after and both loops left (copy_stream's hand-shake). */
+ * SERVED_DONE once both reached EOF or c ended; SERVED_PARK once both loops left their worker
+ * (c->leave says why: the loop that decides rings the other, which leaves at its next safe
+ * point). A loop at EOF is done; the front then only waits for the back. */
 enum served pool_relay(struct worker *w, struct conn *c, job_fn down) {
-    atomic_store(&c->parking, PARKING_NO);
+    atomic_store(&c->awake, !c->eof[UP] + !c->eof[DOWN]);
     if (!c->eof[DOWN]) pool_back_start(w, c, down);
-    for (;;) {
-        if (!c->eof[UP]) {
-            enum streamed r = copy_stream(c, &w->cp[UP], UP);
-            if (r == STREAM_ENDED) break;
-            if (r == STREAM_EOF) continue;
-        } else if (back_wait_for(w, cfg.park_tick)) {
-            break; /* both directions are done */
-        } else if (!copy_quiet(c)) {
-            continue; /* only the back's direction is left, and it is moving */
-        }
-        if (leave_together(w, c)) {
-            if (atomic_load(&c->end) || (c->eof[UP] && c->eof[DOWN])) return SERVED_DONE;
-            return SERVED_PARK;
-        }
-    }
+    if (!c->eof[UP]) copy_stream(c, &w->cp[UP], UP);
     pool_back_wait(w);
-    return SERVED_DONE;
+    if (atomic_load(&c->end) || (c->eof[UP] && c->eof[DOWN])) return SERVED_DONE;
+    return SERVED_PARK;
 }
 
 /* ---- the waiting room's side ---------------------------------------------------------- */
 
-/* An eventfd that is readable once connections have parked since pool_take_parked. */
+/* The acceptor's bell, an eventfd: readable once connections have parked since
+ * pool_take_parked, or once the queue has room for new connections again (pool_intake_open). */
 int pool_parked_fd(void) {
     return q.parked_fd;
 }
@@ -311,16 +324,14 @@ struct conn *pool_take_parked(void) {
     return list;
 }
 
-/* A parked connection has work (its socket is readable or hung up): back into the queue. New
- * connections wait for room in it (cfg.queue); this one was admitted long ago, and the ring
- * has a place for every record. */
+/* A parked connection has work (its socket is readable or hung up, or its request head's time
+ * is up): back into the queue, behind those already waiting. New connections wait for room in
+ * it (cfg.queue); this one was admitted long ago, and the ring has a place for every record. */
 void pool_resume(struct conn *c) {
     pthread_mutex_lock(&q.mu);
-    q.ring[(q.first + q.len++) % q.size] = c;
-    atomic_fetch_add(&stats.queued, 1);
     atomic_fetch_sub(&stats.parked, 1);
     atomic_fetch_add(&stats.wakeups, 1);
-    pthread_cond_signal(&q.cv);
+    enqueue(c);
     pthread_mutex_unlock(&q.mu);
 }
 
@@ -337,6 +348,7 @@ void pool_close_parked(struct conn *c, enum end why) {
 struct conn *pool_room_close(void) {
     pthread_mutex_lock(&q.mu);
     q.room_closed = 1;
+    publish_waiting(); /* 0 from now on: no turns in the grace period */
     struct conn *list = take_mail();
     pthread_mutex_unlock(&q.mu);
     return list;
@@ -346,12 +358,10 @@ struct conn *pool_room_close(void) {
 
 /* Allocates w's scratch and starts its two threads. Returns 0 or -1. */
 static int start_worker(struct worker *w, const pthread_attr_t *attr) {
-    pthread_condattr_t monotonic;
-    pthread_condattr_init(&monotonic);
-    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC); /* back_wait_for's deadlines */
     pthread_mutex_init(&w->mu, NULL);
-    pthread_cond_init(&w->cv, &monotonic);
-    pthread_condattr_destroy(&monotonic);
+    pthread_cond_init(&w->cv, NULL);
+    for (int t = 0; t < 2; t++)
+        if ((w->seat[t].bell = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0) return -1;
     if (copy_init(&w->cp[UP]) < 0 || copy_init(&w->cp[DOWN]) < 0) return -1;
     if (mode->init && mode->init(w) < 0) return -1;
     if (pthread_create(&w->back, attr, back_main, w)) return -1;
@@ -401,6 +411,7 @@ static void force_stop(void) {
             if (!left[n]->start_ns) q.fresh--;
         }
         atomic_fetch_sub(&stats.queued, (uint64_t)n);
+        publish_waiting();
         pthread_mutex_unlock(&q.mu);
         for (int i = 0; i < n; i++) {
             atomic_store(&left[i]->end, END_STOPPED);
@@ -433,6 +444,8 @@ void pool_stop(void) {
         pthread_join(w->back, NULL);
         copy_free(&w->cp[UP]);
         copy_free(&w->cp[DOWN]);
+        close(w->seat[0].bell);
+        close(w->seat[1].bell);
         if (mode->free) mode->free(w);
     }
     free(workers);

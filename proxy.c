@@ -81,10 +81,9 @@ static void start(sigset_t *set) {
 
     listen_fd = listen_or_die(&cfg.listen, cfg.reuse_port);
     /* Set once on the listener, these are inherited by every accepted socket: no calls per
-     * client. A client's reads wake every park_tick, to see whether it may park. */
+     * client. */
     net_prepare(listen_fd);
     net_set_tick(listen_fd, TICK_MS);
-    net_set_read_tick(listen_fd, cfg.park_tick);
     int admin_fd = cfg.stats_listen.len ? listen_or_die(&cfg.stats_listen, 0) : -1;
     /* The listeners as bound (port 0 chosen by now), which no request may be dialled to; told
      * before any worker runs, so they need no lock. */

@@ -40,14 +40,12 @@
 #define HTTP_MAX_FIELDS   100    /* header fields in one head */
 #define AUTH_FAILURES_MAX 3      /* 407s one client connection may get; the last one closes it */
 #define STACK_SIZE        262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
-#define TICK_MS           1000   /* a blocked read or write wakes this often to check deadlines */
-#define PARK_TICK_MAX                                                                              \
-    10                     /* ms: with parking on, reads wake at least this often: a relay         \
-                              that others wait for yields within it */
-#define DIAL_ADDRESSES 3   /* a name's addresses tried in turn, sharing connect_timeout */
-#define LOOKUPS_MAX    256 /* name lookups at once, each a thread; beyond: EAGAIN (502) */
-#define DOWN_SECONDS   10  /* an upstream that failed a connect is skipped this long */
-#define GRACE_SECONDS  10  /* SIGTERM: how long active connections may finish */
+#define TICK_MS           1000   /* ms: a blocked send checks its deadline this often */
+#define QUIET_MS          10     /* ms: while others wait, this quiet means nothing to do */
+#define DIAL_ADDRESSES    3      /* a name's addresses tried in turn, sharing connect_timeout */
+#define LOOKUPS_MAX       256    /* name lookups at once, each a thread; beyond: EAGAIN (502) */
+#define DOWN_SECONDS      10     /* an upstream that failed a connect is skipped this long */
+#define GRACE_SECONDS     10     /* SIGTERM: how long active connections may finish */
 
 /* Closes fd, keeping errno for the caller: `return close_failed(fd);` ends a failed setup. */
 static inline int close_failed(int fd) {
@@ -85,8 +83,6 @@ int net_local(int fd, struct addr *a);
 void net_prepare(int fd);
 /* Makes every blocking read and write on fd give up after ms with EAGAIN. */
 void net_set_tick(int fd, int ms);
-/* Makes every blocking read on fd give up after ms with EAGAIN (writes keep their tick). */
-void net_set_read_tick(int fd, int ms);
 /* Whether this host owns a's IP (any port): a socket can bind to it. */
 int net_owns(const struct addr *a);
 /* Connects to a by deadline (monotonic ns), giving up once *stop is nonzero (NULL: never);
@@ -150,8 +146,8 @@ struct config {
     int workers, queue, buffer_size;
     int max_connections;               /* client connections open at once: busy, queued, parked */
     int park_after;                    /* ms quiet before a connection parks; 0 = never */
-    int park_tick;                     /* ms: how often a blocked read checks whether to park
-                                          (derived: park_after / 4, at most TICK_MS) */
+    int time_slice;                    /* ms a connection may keep its worker while others
+                                          wait; 0 = no turns */
     int connect_timeout, idle_timeout; /* seconds; idle_timeout 0 = never */
     int keepalive_timeout;             /* http: seconds idle between requests; 0 = never */
     int header_timeout;                /* http: seconds to receive a request head */
@@ -221,7 +217,6 @@ struct conn {
     const struct upstream *chosen; /* the front thread: the configured upstream; NULL: none */
     uint64_t start_ns;             /* the front thread, when it first takes the connection */
     _Atomic uint64_t last_ns;      /* either thread: the last byte moved, the idle clock */
-    _Atomic int last_dir;          /* either thread: which way it went (enum dir) */
     _Atomic int end;               /* any thread, first reason wins: enum end */
     uint64_t bytes[2];             /* by enum dir: the one thread sending that way now */
     int upstream_apart;            /* the front thread: an upstream failure ends only the
@@ -232,16 +227,26 @@ struct conn {
     char route[272];        /* http, the front thread: where upstream goes: "host:port", "=" (the
                                configured upstreams), "" (nowhere) */
     struct request_log req; /* http, the front thread: the request being served */
-    /* Parking. */
-    int relay;           /* the front thread: bytes are relayed raw both ways (tcp mode, a
-                            tunnel, an upgrade); else c parks between http requests */
-    int parks;           /* pool.c: times c parked; 0 while it waits for its first request */
-    uint8_t eof[2];      /* by enum dir, the thread copying that way: EOF passed on; a parked
-                            relay does not watch that direction */
-    _Atomic int parking; /* copy.c's hand-shake between the two copy loops: enum parking */
+    /* Taking turns on a worker, and parking. */
+    int relay;              /* the front thread: bytes are relayed raw both ways (tcp mode, a
+                               tunnel, an upgrade); else c parks between http requests */
+    int parks;              /* pool.c: times c parked; 0 until it first leaves its worker */
+    uint8_t eof[2];         /* by enum dir, the thread copying that way: EOF passed on; a parked
+                               relay does not watch that direction */
+    uint64_t head_deadline; /* http, the front thread: a request head must be whole by then
+                               (header_timeout); 0: no head in progress. The waiting room
+                               reads it too: copy_deadline */
+    uint64_t queued_ns;     /* pool.c: when c last went into the queue (accepted, or woken) */
+    struct seat *seats;     /* pool.c, while a worker has c: that worker's two seats, by enum
+                               dir (UP: the front thread, DOWN: the back); NULL otherwise */
+    uint64_t slice_end;     /* pool.c, when a worker takes c: its turn ends then if others wait */
+    _Atomic int awake;      /* copy.c: c's copy loops that are not waiting for bytes (nor done) */
+    _Atomic int leave;      /* copy.c, first writer wins: enum leave, why c's loops leave their
+                               worker; pool.c clears it when a worker takes c */
     /* The waiting room's own, while c is parked (acceptor.c): */
-    struct conn *prev, *next; /* in the FIFO of connections parked with the same timeout */
-    uint64_t deadline;        /* monotonic ns: closed then if still parked */
+    struct conn *next; /* in the pool's mailbox, on its way to the waiting room */
+    int slot;          /* its place in the waiting room's heap; -1: not in it */
+    uint64_t deadline; /* monotonic ns: copy_deadline when it parked; UINT64_MAX: none */
     struct watch {
         struct conn *c;
         int fd;
@@ -250,18 +255,27 @@ struct conn {
 
 /* ==== stats.c: counters, gauges, the log =============================================== */
 
-enum refusal { REFUSED_QUEUE_FULL, REFUSED_NOT_ALLOWED, REFUSED_MAX_CONNECTIONS, REFUSED_MAX };
-#define DURATION_BUCKETS 8
+enum refusal { REFUSED_NOT_ALLOWED, REFUSED_MAX_CONNECTIONS, REFUSED_MAX };
+#define HISTOGRAM_BUCKETS 8
+/* A histogram of durations: counts per bucket (the last is +Inf), not cumulative. */
+struct histogram {
+    const double *le; /* the HISTOGRAM_BUCKETS - 1 upper bounds, in seconds */
+    _Atomic uint64_t count[HISTOGRAM_BUCKETS];
+    _Atomic uint64_t sum_us;
+};
 /* The counters every mode shares. Gauges are published here by the layer that owns them
- * (pool.c: queued, busy, parked), so that reading them calls nothing above. */
+ * (pool.c: queued, waiting, busy, parked), so that reading them calls nothing above. */
 struct stats {
     _Atomic uint64_t accepted, active, busy, queued, parked, accept_errors;
+    _Atomic uint64_t waiting; /* pool.c: queued connections no idle worker is about to take:
+                                 while it is above 0, connections take turns (copy_wait) */
     _Atomic uint64_t parks, wakeups, room_timeouts; /* the waiting room's traffic */
+    _Atomic uint64_t turns;                         /* parks because a time slice was over */
     _Atomic uint64_t refused[REFUSED_MAX];          /* by enum refusal */
     _Atomic uint64_t bytes[2];                      /* by enum dir */
     _Atomic uint64_t ended[END_MAX];
-    _Atomic uint64_t duration[DURATION_BUCKETS]; /* per bucket, not cumulative */
-    _Atomic uint64_t duration_us;                /* sum */
+    struct histogram duration;   /* accept to close */
+    struct histogram queue_wait; /* into the queue (accepted or woken) to a worker */
 };
 extern struct stats stats;
 extern const char *const end_names[END_MAX];
@@ -272,6 +286,8 @@ typedef void (*render_fn)(FILE *f);
 /* Counts a closed connection: its end reason (recording END_DONE in c->end if none was
  * recorded) and its duration. */
 void stats_conn_done(struct conn *c);
+/* Counts one duration of ns into h. */
+void stats_observe(struct histogram *h, uint64_t ns);
 /* Returns the Prometheus text of every counter, with more's families (may be NULL) among
  * them: malloc'd, the caller frees; NULL on failure. */
 char *stats_render(render_fn more, size_t *len);
@@ -310,10 +326,32 @@ struct copier {
 /* What copy_recv found. */
 enum recv { RECV_DATA, RECV_EOF, RECV_TICK, RECV_ENDED };
 /* How copy_stream ended. */
-enum streamed { STREAM_EOF, STREAM_QUIET, STREAM_ENDED };
-/* The hand-shake by which a relay's two copy loops leave together to park (c->parking): the
- * front's loop asks, the back's agrees or the front takes the question back. */
-enum parking { PARKING_NO, PARKING_ASKED, PARKING_AGREED };
+enum streamed { STREAM_EOF, STREAM_LEAVE, STREAM_ENDED };
+/* Why a connection's loops leave their worker (c->leave) at a safe point: where no byte of
+ * it is inside the proxy, so that it can wait in the waiting room and go on on any worker. */
+enum leave {
+    LEAVE_NO,
+    LEAVE_PARK, /* it has nothing to do: quiet for park_after, or QUIET_MS while others wait */
+    LEAVE_TURN, /* its time slice is over and others wait for a worker */
+};
+
+/* A worker thread's seat: how the thread is asked to look again at whether its connection
+ * should keep the worker. A ring must reach a thread that is blocked, or about to block, in
+ * copy_wait, so the thread never blocks in a read alone: it waits in poll on the socket and
+ * on its bell. */
+struct seat {
+    int bell;             /* eventfd: readable from a ring until the thread takes it */
+    _Atomic int sleeping; /* the thread waits in copy_wait with no eye on the time slice:
+                             pool.c rings it when others begin to wait for a worker */
+};
+
+/* What copy_wait ended with. */
+enum wake {
+    WAKE_READY,   /* fd is readable (bytes, EOF or an error): the read will not block */
+    WAKE_LEAVE,   /* c leaves its worker now (c->leave says why): nothing was read */
+    WAKE_TIMEOUT, /* copy_deadline passed: the caller ends c as its state says */
+    WAKE_ENDED,   /* c ended (an error on the other side, a stop) */
+};
 
 /* A worker's copier: allocated once (buffer or pipe by cfg.copy). Returns 0 or -1. */
 int copy_init(struct copier *k);
@@ -325,18 +363,27 @@ void copy_free(struct copier *k);
 int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit);
 /* Sends all n bytes to fd. Returns 0, or -1 when the connection ended. */
 int copy_send(struct conn *c, int to, const char *p, size_t n);
-/* Copies one direction of c, UP on the front thread and DOWN on the back one: STREAM_EOF at
- * EOF (the write side of the destination is shut down, c->eof[d] set); STREAM_ENDED when the
- * connection ended; STREAM_QUIET at a tick with nothing read, when UP finds c quiet
- * (copy_quiet) or DOWN finds the front asking to park (PARKING_ASKED → AGREED). No byte is
- * read and left behind. */
+/* Copies one direction of c, UP on the front thread and DOWN on the back one, waiting for each
+ * read in copy_wait: STREAM_EOF at EOF (the write side of the destination is shut down,
+ * c->eof[d] set); STREAM_LEAVE when c leaves its worker (c->leave); STREAM_ENDED when the
+ * connection ended. It leaves only between reads: no byte is read and left behind. */
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d);
+/* Waits, on the thread of seat d, until fd can be read without blocking, or until c should
+ * leave its worker: its slice is over while others wait (LEAVE_TURN), or it has nothing to do
+ * (LEAVE_PARK: all its loops wait and no byte moved for park_after, or QUIET_MS while others
+ * wait, or at once for a new connection that never moved a byte). Wakes for nothing else than
+ * bytes, its deadlines (copy_deadline, the park's, the slice's) and its bell. */
+enum wake copy_wait(struct conn *c, enum dir d, int fd);
+/* The deadline of what c waits for, the same on a worker and in the waiting room (0: none): a
+ * request head's (c->head_deadline); a relay's, last byte + idle_timeout; an http connection's
+ * between requests, last byte + keepalive_timeout. */
+uint64_t copy_deadline(struct conn *c);
+/* One loop of c is done for good (at EOF): it no longer counts as awake. */
+void copy_loop_done(struct conn *c, enum dir d);
+/* Rings s's bell: its thread looks again at whether to keep its connection. */
+void copy_ring(struct seat *s);
 /* Whether no byte moved on c, either way, for ms milliseconds (0: never). */
 int copy_idle_for(struct conn *c, uint64_t ms);
-/* Whether c may leave its worker to park: park_after is on and no byte moved for park_after;
- * or, while other connections wait for a worker, for one park_tick if its last byte went to
- * the client (it waits on the client, not on an answer). */
-int copy_quiet(struct conn *c);
 /* Receives up to len bytes into buf: RECV_DATA (*got bytes), RECV_EOF, RECV_TICK (TICK_MS
  * passed with nothing to read: the caller checks its own deadlines), or RECV_ENDED. */
 enum recv copy_recv(struct conn *c, int fd, void *buf, size_t len, size_t *got);
@@ -397,20 +444,24 @@ struct mode {
 struct worker {
     pthread_t front, back;
     pthread_mutex_t mu; /* guards conn, job, back_job, quit, and what a mode's scratch says */
-    pthread_cond_t cv;  /* on the monotonic clock */
-    struct conn *conn;  /* being served; what a forced stop shuts down */
-    struct conn *job;   /* handed to the back thread; NULL when it is idle */
-    job_fn back_job;    /* what the back thread runs for job */
+    pthread_cond_t cv;
+    struct conn *conn; /* being served; what a forced stop shuts down */
+    struct conn *job;  /* handed to the back thread; NULL when it is idle */
+    job_fn back_job;   /* what the back thread runs for job */
     int quit;
     struct copier cp[2]; /* by enum dir */
+    struct seat seat[2]; /* by enum dir: the front thread's (UP) and the back thread's (DOWN) */
     void *scratch;       /* the mode's own per-worker state (http: head buffers, the body job) */
 };
 
 /* Creates cfg.workers workers that serve each connection by mode, and returns once all of
  * them wait for work. Returns 0 or -1. */
 int pool_start(const struct mode *mode);
-/* Hands an accepted socket to the pool. Returns 0, or -1 when the queue is full or the
- * pool is stopping (the caller closes fd). */
+/* Whether the queue has room for one more new connection (cfg.queue beyond the idle workers).
+ * When it has none, the acceptor's bell (pool_parked_fd) rings once it has. */
+int pool_intake_open(void);
+/* Hands an accepted socket to the pool. Returns 0, or -1 when the pool is stopping (the caller
+ * closes fd). */
 int pool_submit(int fd, const struct addr *peer);
 /* Makes fd the upstream socket of w's connection (closing the one before, if any). Only
  * through here, so that a forced stop never shuts down an fd number already reused. */
@@ -423,8 +474,8 @@ void pool_back_wait(struct worker *w);
 void pool_copy_down(struct worker *w, struct conn *c);
 /* Relays c raw both ways, down (its job: copy_stream DOWN, after anything of the mode's own)
  * on the back thread and client → upstream here, skipping directions already at EOF:
- * SERVED_DONE once both reached EOF or c ended; SERVED_PARK once neither moved a byte for
- * park_after and both loops left (copy_stream's hand-shake). */
+ * SERVED_DONE once both reached EOF or c ended; SERVED_PARK once both loops left their worker
+ * (c->leave says why). */
 enum served pool_relay(struct worker *w, struct conn *c, job_fn down);
 /* Stops taking connections, lets active ones finish for GRACE_SECONDS, ends the rest,
  * joins every thread. */
@@ -433,11 +484,13 @@ void pool_stop(void);
 /* The waiting room's side (acceptor.c): a connection a worker parked comes out here, goes back
  * in with pool_resume when it has work, or is closed with pool_close_parked. */
 
-/* An eventfd that is readable once connections have parked since pool_take_parked. */
+/* The acceptor's bell, an eventfd: readable once connections have parked since
+ * pool_take_parked, or once the queue has room for new connections again (pool_intake_open). */
 int pool_parked_fd(void);
 /* The connections parked since the last call, oldest first, linked by next; NULL: none. */
 struct conn *pool_take_parked(void);
-/* A parked connection has work (its socket is readable or hung up): back into the queue. */
+/* A parked connection has work (its socket is readable or hung up, or its request head's time
+ * is up): back into the queue, behind those already waiting. */
 void pool_resume(struct conn *c);
 /* Closes a parked connection for why: its sockets, its counts, its log line, its record. */
 void pool_close_parked(struct conn *c, enum end why);
@@ -518,16 +571,16 @@ struct stream {
 };
 
 /* What http_read_head found. */
-enum head { HEAD_OK, HEAD_NONE, HEAD_LOST, HEAD_BAD, HEAD_IDLE };
+enum head { HEAD_OK, HEAD_NONE, HEAD_LOST, HEAD_BAD, HEAD_LEAVE };
 
-/* Reads until s holds a whole head and parses it into m (a request if request, whose head must
- * be whole by deadline, or header_timeout after its first byte when deadline is 0): HEAD_OK;
- * HEAD_NONE at EOF before any byte, or when a client between requests (deadline 0, nothing
- * read) was idle for keepalive_timeout; HEAD_IDLE when such a client is quiet enough to park
- * (copy_quiet); HEAD_LOST when the connection ended or the client left mid-head; HEAD_BAD with
- * the status to refuse it with in *status (502 for any bad response). */
+/* Reads until s holds a whole head and parses it into m (a request if request: it must be whole
+ * by c->head_deadline, which is set at its first byte if it is not yet): HEAD_OK; HEAD_NONE at
+ * EOF before any byte, or when a client between requests was idle for keepalive_timeout;
+ * HEAD_LEAVE when c leaves its worker while it waits for a request (copy_wait); HEAD_LOST when
+ * the connection ended or the client left mid-head; HEAD_BAD with the status to refuse it with
+ * in *status (408 when its time is up; 502 for any bad response). */
 enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
-                         uint64_t deadline, int *status);
+                         int *status);
 /* Relays exactly n body bytes from s (what is buffered, then the socket from) to `to`.
  * Returns 0 or -1. */
 int http_relay_n(struct conn *c, struct copier *k, struct stream *s, int from, int to, uint64_t n);

@@ -11,11 +11,13 @@
 #include <string.h>
 #include <unistd.h>
 
-struct stats stats;
 const char *const end_names[END_MAX] = {"none",           "done",        "idle",   "client_error",
                                         "upstream_error", "no_upstream", "stopped"};
-/* Upper bounds of the duration buckets in seconds; the last bucket is +Inf. */
-static const double bucket_le[DURATION_BUCKETS - 1] = {0.001, 0.01, 0.1, 1, 10, 60, 600};
+/* Upper bounds of the histograms' buckets in seconds; the last bucket is +Inf. A connection
+ * lasts from a millisecond to hours; a wait in the queue from microseconds to seconds. */
+static const double duration_le[HISTOGRAM_BUCKETS - 1] = {0.001, 0.01, 0.1, 1, 10, 60, 600};
+static const double wait_le[HISTOGRAM_BUCKETS - 1] = {0.0001, 0.001, 0.01, 0.1, 1, 10, 60};
+struct stats stats = {.duration.le = duration_le, .queue_wait.le = wait_le};
 
 /* ---- the log -------------------------------------------------------------------------- */
 
@@ -70,18 +72,22 @@ void log_line(const char *fmt, ...) {
 
 /* ---- counting a connection ------------------------------------------------------------ */
 
+/* Counts one duration of ns into h. */
+void stats_observe(struct histogram *h, uint64_t ns) {
+    uint64_t us = ns / 1000;
+    int b = 0;
+    while (b < HISTOGRAM_BUCKETS - 1 && (double)us > h->le[b] * 1e6) b++;
+    atomic_fetch_add_explicit(&h->count[b], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->sum_us, us, memory_order_relaxed);
+}
+
 /* Counts a closed connection: its end reason (recording END_DONE in c->end if none was
- * recorded) and its duration. */
+ * recorded) and its duration. It stays active until pool.c has its record back. */
 void stats_conn_done(struct conn *c) {
     int none = END_NONE;
     atomic_compare_exchange_strong(&c->end, &none, END_DONE);
-    uint64_t us = (mono_ns() - c->start_ns) / 1000;
-    int b = 0;
-    while (b < DURATION_BUCKETS - 1 && (double)us > bucket_le[b] * 1e6) b++;
-    atomic_fetch_add(&stats.duration[b], 1);
-    atomic_fetch_add(&stats.duration_us, us);
+    stats_observe(&stats.duration, mono_ns() - c->start_ns);
     atomic_fetch_add(&stats.ended[atomic_load(&c->end)], 1);
-    atomic_fetch_sub(&stats.active, 1);
 }
 
 /* ---- Prometheus text ------------------------------------------------------------------ */
@@ -106,10 +112,24 @@ void metric_family(FILE *f, const char *name, const char *type, const char *help
                 (unsigned long long)atomic_load(&v[i]));
 }
 
+/* A histogram family: cumulative buckets, the sum and the count. */
+static void metric_histogram(FILE *f, const char *name, const char *help, struct histogram *h) {
+    uint64_t total = 0;
+    metric_head(f, name, "histogram", help);
+    for (int b = 0; b < HISTOGRAM_BUCKETS; b++) {
+        total += atomic_load(&h->count[b]);
+        if (b < HISTOGRAM_BUCKETS - 1)
+            fprintf(f, "%s_bucket{le=\"%g\"} %llu\n", name, h->le[b], (unsigned long long)total);
+    }
+    fprintf(f, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)total);
+    fprintf(f, "%s_sum %.6f\n", name, (double)atomic_load(&h->sum_us) / 1e6);
+    fprintf(f, "%s_count %llu\n", name, (unsigned long long)total);
+}
+
 /* Returns the Prometheus text of every counter, with more's families (may be NULL) among
  * them: malloc'd, the caller frees; NULL on failure. */
 char *stats_render(render_fn more, size_t *len) {
-    static const char *const refusals[] = {"queue_full", "not_allowed", "max_connections"},
+    static const char *const refusals[] = {"not_allowed", "max_connections"},
                              *dirs[] = {"up", "down"};
     char *out = NULL;
     FILE *f = open_memstream(&out, len);
@@ -136,6 +156,10 @@ char *stats_render(render_fn more, size_t *len) {
     metric_one(f, "proxy_wakeups_total", "counter",
                "Times a parked connection went back to the queue, readable or hung up.",
                atomic_load(&stats.wakeups));
+    metric_one(f, "proxy_turns_total", "counter",
+               "Times a connection gave its worker up because its time slice was over while "
+               "others waited (counted among the parks).",
+               atomic_load(&stats.turns));
     metric_one(f, "proxy_waiting_room_timeouts_total", "counter",
                "Parked connections closed by keepalive_timeout or idle_timeout.",
                atomic_load(&stats.room_timeouts));
@@ -158,20 +182,12 @@ char *stats_render(render_fn more, size_t *len) {
         fprintf(f, "proxy_upstream_up{upstream=\"%s\"} %d\n", cfg.up[i].name,
                 atomic_load(&cfg.up[i].down_until) <= mono_ns());
     if (more) more(f); /* the mode's families */
-    metric_head(f, "proxy_connection_duration_seconds", "histogram",
-                "How long connections lasted, from accept to close.");
-    uint64_t total = 0;
-    for (int b = 0; b < DURATION_BUCKETS; b++) {
-        total += atomic_load(&stats.duration[b]);
-        if (b < DURATION_BUCKETS - 1)
-            fprintf(f, "proxy_connection_duration_seconds_bucket{le=\"%g\"} %llu\n", bucket_le[b],
-                    (unsigned long long)total);
-    }
-    fprintf(f, "proxy_connection_duration_seconds_bucket{le=\"+Inf\"} %llu\n",
-            (unsigned long long)total);
-    fprintf(f, "proxy_connection_duration_seconds_sum %.6f\n",
-            (double)atomic_load(&stats.duration_us) / 1e6);
-    fprintf(f, "proxy_connection_duration_seconds_count %llu\n", (unsigned long long)total);
+    metric_histogram(f, "proxy_connection_duration_seconds",
+                     "How long connections lasted, from accept to close.", &stats.duration);
+    metric_histogram(f, "proxy_queue_wait_seconds",
+                     "How long connections waited in the queue for a worker, from accept or "
+                     "from waking in the waiting room.",
+                     &stats.queue_wait);
     if (fclose(f)) {
         free(out);
         return NULL;

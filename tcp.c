@@ -15,7 +15,6 @@ static enum served tcp_serve(struct worker *w, struct conn *c) {
         conn_end(c, END_NO_UPSTREAM);
         return SERVED_DONE;
     }
-    net_set_read_tick(fd, cfg.park_tick); /* both loops see when it is quiet enough to park */
     pool_set_upstream(w, fd);
     if (cfg.send_proxy != SEND_PROXY_OFF) {
         char hdr[128];

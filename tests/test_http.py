@@ -532,22 +532,29 @@ def test_http_silent_client_is_cut_at_header_timeout():
         px.wait_line(r" - - - 408 ")
 
 
-def test_http_queue_full_answers_503_with_retry_after():
+def test_http_a_full_queue_keeps_new_clients_waiting_then_serves_them():
     # park_after = 0: the kept-alive client keeps the only worker, however slowly the test runs
-    # (with parking on it would give it up: test_park.py).
+    # (with parking on it would give it up: test_park.py). The new client is neither refused
+    # (no 503: that is for max_connections) nor accepted: it waits in the listen backlog.
     with origin() as o, http_proxy(workers=1, queue=0, users=False, park_after=0) as px:
         held = Client(px)
         assert held.ask(get(o, "/held")).status == 200
         time.sleep(0.4)  # as on a slow machine: past park_after's default (200 ms)
         c = Client(px)
-        resp = c.response()
-        assert resp.status == 503 and resp.get("retry-after") == ["1"], resp.head
-        assert resp.get("content-length") == [str(len(resp.body))], resp.head
-        assert c.closed()
-        assert px.metric('proxy_connections_refused_total{reason="queue_full"}') == 1
+        c.send(get(o, "/waits"))
+        c.sock.settimeout(0.5)
+        try:
+            got = c.sock.recv(1)
+        except socket.timeout:
+            got = None
+        assert got is None, "the client beyond the queue got %r" % got
+        m = px.metrics()
+        assert m["proxy_connections_accepted_total"] == 1, m
+        assert sum(v for k, v in m.items() if k.startswith("proxy_connections_refused")) == 0
         held.close()
-        wait_for("the worker to free", lambda: px.metric("proxy_workers_busy") == 0)
-        assert Client(px).ask(get(o, "/after")).status == 200
+        c.sock.settimeout(10)
+        assert c.response().status == 200
+        assert px.metric("proxy_connections_accepted_total") == 2
 
 
 # ---- strict framing: the CVE shapes -----------------------------------------------------
