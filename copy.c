@@ -202,18 +202,21 @@ static uint64_t earlier(uint64_t a, uint64_t b) {
 }
 
 /* Whether c, one of whose loops is about to wait (the last awake one if last), should leave its
- * worker now: while others wait, once its slice is over (a turn), or once it has nothing to do
- * (LEAVE_PARK): quiet for QUIET_MS (at once if it never moved a byte); with nobody waiting,
- * quiet for park_after. Else moves *until to the moment that answer may change: only the last
- * loop to wait keeps an eye on the clock, the other is woken by its bytes or its bell. */
+ * worker now: while others wait, once its time slice is over (a turn), or at once if it never
+ * moved a byte (a new connection with nothing to do: LEAVE_PARK); with nobody waiting, once it
+ * was quiet for park_after (LEAVE_PARK). Else moves *until to the moment that answer may
+ * change. Only the last loop to wait keeps an eye on the clock; the other is woken by its
+ * bytes or its bell. While others wait, a connection that is merely quiet keeps its worker to
+ * the end of its slice: giving it up sooner (after 10 ms) parked busy connections that were
+ * only slow to answer under load, and cost more than it saved (bench/README.md). */
 static enum leave due(struct conn *c, uint64_t now, int last, uint64_t *until) {
     int others = atomic_load(&stats.waiting) > 0;
-    uint64_t last_ns = atomic_load(&c->last_ns), quiet_ms = (uint64_t)cfg.park_after;
+    uint64_t last_ns = atomic_load(&c->last_ns);
     if (others && cfg.time_slice && now >= c->slice_end) return LEAVE_TURN;
     if (!last) return LEAVE_NO;
+    if (others && last_ns == c->start_ns) return LEAVE_PARK;
     if (others && cfg.time_slice) *until = earlier(*until, c->slice_end);
-    if (others) quiet_ms = last_ns == c->start_ns ? 0 : QUIET_MS < quiet_ms ? QUIET_MS : quiet_ms;
-    uint64_t at = last_ns + quiet_ms * 1000000u;
+    uint64_t at = last_ns + (uint64_t)cfg.park_after * 1000000u;
     if (now >= at) return LEAVE_PARK;
     *until = earlier(*until, at);
     return LEAVE_NO;

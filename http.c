@@ -544,7 +544,7 @@ static enum served http_serve(struct worker *w, struct conn *c) {
     stream_clear(in);
     stream_clear(&h->in[DOWN]);
     /* The first head counts from accept (RFC 9112 leaves it to us; Apache does the same). */
-    if (!c->parks) c->head_deadline = c->start_ns + (uint64_t)cfg.header_timeout * 1000000000u;
+    if (c->turns == 1) c->head_deadline = c->start_ns + (uint64_t)cfg.header_timeout * 1000000000u;
     if (c->relay)
         next = relay(w, c); /* a tunnel back from the waiting room */
     else

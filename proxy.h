@@ -41,7 +41,6 @@
 #define AUTH_FAILURES_MAX 3      /* 407s one client connection may get; the last one closes it */
 #define STACK_SIZE        262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
 #define TICK_MS           1000   /* ms: a blocked send checks its deadline this often */
-#define QUIET_MS          10     /* ms: while others wait, this quiet means nothing to do */
 #define DIAL_ADDRESSES    3      /* a name's addresses tried in turn, sharing connect_timeout */
 #define LOOKUPS_MAX       256    /* name lookups at once, each a thread; beyond: EAGAIN (502) */
 #define DOWN_SECONDS      10     /* an upstream that failed a connect is skipped this long */
@@ -230,7 +229,7 @@ struct conn {
     /* Taking turns on a worker, and parking. */
     int relay;              /* the front thread: bytes are relayed raw both ways (tcp mode, a
                                tunnel, an upgrade); else c parks between http requests */
-    int parks;              /* pool.c: times c parked; 0 until it first leaves its worker */
+    int turns;              /* pool.c: times a worker took c (1 while its first worker has it) */
     uint8_t eof[2];         /* by enum dir, the thread copying that way: EOF passed on; a parked
                                relay does not watch that direction */
     uint64_t head_deadline; /* http, the front thread: a request head must be whole by then
@@ -270,9 +269,9 @@ struct stats {
     _Atomic uint64_t waiting; /* pool.c: queued connections no idle worker is about to take:
                                  while it is above 0, connections take turns (copy_wait) */
     _Atomic uint64_t parks, wakeups, room_timeouts; /* the waiting room's traffic */
-    _Atomic uint64_t turns;                         /* parks because a time slice was over */
-    _Atomic uint64_t refused[REFUSED_MAX];          /* by enum refusal */
-    _Atomic uint64_t bytes[2];                      /* by enum dir */
+    _Atomic uint64_t turns; /* connections that left their worker because their slice was over */
+    _Atomic uint64_t refused[REFUSED_MAX]; /* by enum refusal */
+    _Atomic uint64_t bytes[2];             /* by enum dir */
     _Atomic uint64_t ended[END_MAX];
     struct histogram duration;   /* accept to close */
     struct histogram queue_wait; /* into the queue (accepted or woken) to a worker */
@@ -331,7 +330,8 @@ enum streamed { STREAM_EOF, STREAM_LEAVE, STREAM_ENDED };
  * it is inside the proxy, so that it can wait in the waiting room and go on on any worker. */
 enum leave {
     LEAVE_NO,
-    LEAVE_PARK, /* it has nothing to do: quiet for park_after, or QUIET_MS while others wait */
+    LEAVE_PARK, /* it has nothing to do: quiet for park_after, or new and silent while others
+                   wait */
     LEAVE_TURN, /* its time slice is over and others wait for a worker */
 };
 
@@ -370,9 +370,9 @@ int copy_send(struct conn *c, int to, const char *p, size_t n);
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d);
 /* Waits, on the thread of seat d, until fd can be read without blocking, or until c should
  * leave its worker: its slice is over while others wait (LEAVE_TURN), or it has nothing to do
- * (LEAVE_PARK: all its loops wait and no byte moved for park_after, or QUIET_MS while others
- * wait, or at once for a new connection that never moved a byte). Wakes for nothing else than
- * bytes, its deadlines (copy_deadline, the park's, the slice's) and its bell. */
+ * (LEAVE_PARK: all its loops wait and no byte moved for park_after, or, while others wait, it
+ * is new and never moved a byte). Wakes for nothing else than bytes, its deadlines
+ * (copy_deadline, the park's, the slice's) and its bell. */
 enum wake copy_wait(struct conn *c, enum dir d, int fd);
 /* The deadline of what c waits for, the same on a worker and in the waiting room (0: none): a
  * request head's (c->head_deadline); a relay's, last byte + idle_timeout; an http connection's

@@ -158,7 +158,8 @@ char *stats_render(render_fn more, size_t *len) {
                atomic_load(&stats.wakeups));
     metric_one(f, "proxy_turns_total", "counter",
                "Times a connection gave its worker up because its time slice was over while "
-               "others waited (counted among the parks).",
+               "others waited (straight back to the queue if it had bytes to read, else "
+               "parked).",
                atomic_load(&stats.turns));
     metric_one(f, "proxy_waiting_room_timeouts_total", "counter",
                "Parked connections closed by keepalive_timeout or idle_timeout.",

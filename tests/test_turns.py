@@ -1,7 +1,7 @@
 """tests/test_turns.py — the scheduler: connections take turns on a fixed pool. While others wait
 for a worker, a connection that has had its worker for time_slice gives it up at its next safe
 point (between reads of a relay, between http exchanges) and queues again behind them; one with
-nothing to do (new and silent, quiet for QUIET_MS) gives it up at once; a burst of new
+nothing to do (new, and silent) gives it up at once; a burst of new
 connections waits in the listen backlog instead of being refused; and a blocked thread wakes
 for its bytes, its deadline or its bell, not to look at a clock.
 
