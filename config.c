@@ -33,7 +33,7 @@ static const struct key keys[] = {
     {"proxy", "mode", ENUM, F(mode), "http", .enums = "tcp http"},
     {"proxy", "upstream", UPSTREAMS, F(up)},
     {"proxy", "balance", ENUM, F(balance), "source", .enums = "source roundrobin"},
-    {"proxy", "workers", INT, F(workers), "256", 1, 50000},
+    {"proxy", "workers", INT, F(workers), "64", 1, 50000},
     {"proxy", "queue", INT, F(queue), "1024", 0, 1000000},
     {"proxy", "max_connections", INT, F(max_connections), "8192", 1, 10000000},
     {"proxy", "park_after", INT, F(park_after), "200", 0, 60000}, /* ms; 0: never */
@@ -411,6 +411,14 @@ void config_plan(const struct config *c, FILE *o) {
             "connections: max_connections %d (busy, queued or parked; the queue holds %d new "
             "ones): %.1f MiB of records, %lld fds\n",
             c->max_connections, c->queue, n * sizeof(struct conn) / mib, (long long)n * 2);
+    /* How to size the pool: what takes turns, and what holds a worker throughout. */
+    if (c->park_after && c->time_slice)
+        fprintf(o,
+                "turns: beyond %d busy connections they take turns of %d ms (a round of N "
+                "busy ones takes N / %d x %d ms); a connect, a name lookup and an http request "
+                "waiting for its answer hold their worker throughout: add workers for those "
+                "you expect at once\n",
+                c->workers, c->time_slice, c->workers, c->time_slice);
     if (c->park_after)
         fprintf(o, "park_after %d ms, time_slice %d ms%s", c->park_after, c->time_slice,
                 c->time_slice ? "" : " (no turns)");
