@@ -44,6 +44,8 @@ static const struct key keys[] = {
     {"proxy", "idle_timeout", INT, F(idle_timeout), "300", 0, 604800},
     {"proxy", "keepalive_timeout", INT, F(keepalive_timeout), "60", 0, 604800},
     {"proxy", "header_timeout", INT, F(header_timeout), "10", 1, 3600},
+    {"proxy", "min_rate", SIZE, F(min_rate), "500", 0, 0x7fffffff}, /* bytes/s; 0: none */
+    {"proxy", "head_buffers", INT, F(head_buffers), "1024", 0, 1000000},
     {"proxy", "rate_limit", SIZE, F(rate_limit), "0", 0, 0x7fffffff},
     {"proxy", "send_proxy", ENUM, F(send_proxy), "off", .enums = "off v1 v2"},
     {"proxy", "reuse_port", ENUM, F(reuse_port), "no", .enums = "no yes"},
@@ -362,6 +364,8 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
              "[stats] listen must differ from the proxy's listen address");
     /* A proxy on loopback serves this host's own users, who can reach its local services
      * anyway; on any other address, clients from elsewhere could reach them through it. */
+    /* Our own pacing must not make a body look slow. */
+    if (c->rate_limit && c->min_rate > c->rate_limit / 2) c->min_rate = c->rate_limit / 2;
     c->local_auto = c->local_destinations == LOCAL_AUTO;
     if (c->local_auto) c->local_destinations = loopback(&c->listen) ? LOCAL_ALLOW : LOCAL_DENY;
     return l.err_line ? -1 : 0;
@@ -411,6 +415,13 @@ void config_plan(const struct config *c, FILE *o) {
             "connections: max_connections %d (busy, queued or parked; the queue holds %d new "
             "ones): %.1f MiB of records, %lld fds\n",
             c->max_connections, c->queue, n * sizeof(struct conn) / mib, (long long)n * 2);
+    /* pool.c's head buffers: where a request head read in part waits while parked. */
+    if (c->mode == MODE_HTTP)
+        fprintf(o,
+                "slow heads: %d head buffers, %.1f MiB (resident only as used); min_rate %d "
+                "bytes/s for heads and bodies%s\n",
+                c->head_buffers, (double)c->head_buffers * HEAD_MAX / mib, c->min_rate,
+                c->min_rate ? "" : " (none)");
     /* How to size the pool: what takes turns, and what holds a worker throughout. */
     if (c->park_after && c->time_slice)
         fprintf(o,

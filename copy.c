@@ -71,22 +71,49 @@ static void touch(struct conn *c) {
     atomic_store_explicit(&c->last_ns, mono_ns(), memory_order_relaxed);
 }
 
-/* A read or write waited TICK_MS without progress: whether the connection goes on. */
-static int still_alive(struct conn *c) {
+/* Counts n more bytes of the body timed in direction d (c->rate) and says whether it came
+ * slower than min_rate: then c ends (END_SLOW). As Apache's mod_reqtimeout (MinRate): the first
+ * second is free, then each min_rate bytes buy one more, so a body that trickles is ended, not
+ * only one that stops. */
+static int too_slow(struct conn *c, enum dir d, size_t n) {
+    struct rate *r = &c->rate[d];
+    if (!r->from) return 0;
+    r->bytes += n;
+    uint64_t rate = (uint64_t)cfg.min_rate, sec = 1000000000u;
+    if (mono_ns() <= r->from + sec + r->bytes / rate * sec + r->bytes % rate * sec / rate) return 0;
+    conn_end(c, END_SLOW);
+    return 1;
+}
+
+/* Starts timing the body read in direction d against min_rate: read slower, it ends c
+ * (END_SLOW). */
+void copy_rate_start(struct conn *c, enum dir d) {
+    c->rate[d] = (struct rate){.from = cfg.min_rate ? mono_ns() : 0};
+}
+
+/* Stops timing the body read in direction d. */
+void copy_rate_stop(struct conn *c, enum dir d) {
+    c->rate[d].from = 0;
+}
+
+/* A read or write for the body of direction d waited TICK_MS without progress: whether the
+ * connection goes on (idle_timeout, min_rate). */
+static int still_alive(struct conn *c, enum dir d) {
     if (atomic_load(&c->end)) return 0;
     if (copy_idle_for(c, (uint64_t)cfg.idle_timeout * 1000)) {
         conn_end(c, END_IDLE);
         return 0;
     }
-    return 1;
+    return !too_slow(c, d, 0);
 }
 
-/* Whether a failed call may simply be retried: interrupted, or a tick with the peer alive.
- * Otherwise the failure ends c, or only its upstream connection when the mode asked for that
- * (http: it may send the request again, or answer 502 itself). */
-static int retry(struct conn *c, int fd, int err) {
+/* Whether a failed call on fd, for the bytes going direction d, may simply be retried:
+ * interrupted, or a tick with the peer alive. Otherwise the failure ends c, or only its
+ * upstream connection when the mode asked for that (http: it may send the request again, or
+ * answer 502 itself). */
+static int retry(struct conn *c, int fd, int err, enum dir d) {
     if (err == EINTR) return 1;
-    if (err == EAGAIN) return still_alive(c);
+    if (err == EAGAIN) return still_alive(c, d);
     if (fd == c->client)
         conn_end(c, END_CLIENT);
     else if (c->upstream_apart)
@@ -96,10 +123,20 @@ static int retry(struct conn *c, int fd, int err) {
     return 0;
 }
 
+/* The direction of the bytes a read from fd brings: from the client they go up. */
+static enum dir read_dir(const struct conn *c, int fd) {
+    return fd == c->client ? UP : DOWN;
+}
+
+/* The direction of the bytes a send to fd carries: to the upstream they go up. */
+static enum dir send_dir(const struct conn *c, int fd) {
+    return fd == c->upstream ? UP : DOWN;
+}
+
 /* Counts n bytes sent to fd, as they go, so that a connection that fails still counts what
  * it moved. */
 static void count_sent(struct conn *c, int to, size_t n) {
-    enum dir d = to == c->upstream ? UP : DOWN;
+    enum dir d = send_dir(c, to);
     c->bytes[d] += n;
     atomic_fetch_add_explicit(&stats.bytes[d], n, memory_order_relaxed);
     touch(c);
@@ -113,7 +150,7 @@ int copy_send(struct conn *c, int to, const char *p, size_t n) {
             p += w;
             n -= (size_t)w;
             count_sent(c, to, (size_t)w);
-        } else if (!retry(c, to, w < 0 ? errno : EPIPE)) {
+        } else if (!retry(c, to, w < 0 ? errno : EPIPE, send_dir(c, to))) {
             return -1;
         }
     }
@@ -128,11 +165,11 @@ enum recv copy_recv(struct conn *c, int fd, void *buf, size_t len, size_t *got) 
         if (n > 0) {
             touch(c);
             *got = (size_t)n;
-            return RECV_DATA;
+            return too_slow(c, read_dir(c, fd), (size_t)n) ? RECV_ENDED : RECV_DATA;
         }
         if (n == 0) return RECV_EOF;
-        if (errno == EAGAIN) return still_alive(c) ? RECV_TICK : RECV_ENDED;
-        if (!retry(c, fd, errno)) return RECV_ENDED;
+        if (errno == EAGAIN) return still_alive(c, read_dir(c, fd)) ? RECV_TICK : RECV_ENDED;
+        if (!retry(c, fd, errno, read_dir(c, fd))) return RECV_ENDED;
     }
 }
 
@@ -144,7 +181,7 @@ static int drain_pipe(struct conn *c, struct copier *k, int to, size_t n) {
         if (w > 0) {
             k->pending -= (int)w;
             count_sent(c, to, (size_t)w);
-        } else if (!retry(c, to, w < 0 ? errno : EPIPE)) {
+        } else if (!retry(c, to, w < 0 ? errno : EPIPE, send_dir(c, to))) {
             return -1;
         }
     }
@@ -229,11 +266,11 @@ static int timeout_ms(uint64_t deadline, uint64_t now) {
     return ms > INT_MAX ? INT_MAX : (int)ms;
 }
 
-/* Waits, on the thread of seat d, until fd can be read without blocking, or until c should
- * leave its worker (due). A blocked read could not be woken to leave; poll on the socket and
- * the thread's bell can, and a ring that comes before the thread blocks is not lost: the bell
- * stays readable until the thread takes it. */
-enum wake copy_wait(struct conn *c, enum dir d, int fd) {
+/* Waits, on the thread of seat d, until fd can be read without blocking, or, if may_leave,
+ * until c should leave its worker (due). A blocked read could not be woken to leave; poll on the
+ * socket and the thread's bell can, and a ring that comes before the thread blocks is not lost: the
+ * bell stays readable until the thread takes it. */
+enum wake copy_wait(struct conn *c, enum dir d, int fd, int may_leave) {
     struct seat *me = &c->seats[d];
     for (;;) {
         if (atomic_load(&c->leave)) return WAKE_LEAVE;
@@ -243,9 +280,9 @@ enum wake copy_wait(struct conn *c, enum dir d, int fd) {
         /* The last loop to wait asks to be rung when others begin to wait. It says so before
          * it reads stats.waiting, and pool.c sets that before it reads sleeping: one of the
          * two sees the other, so the ring is never missed. */
-        int last = atomic_fetch_sub(&c->awake, 1) == 1;
+        int last = atomic_fetch_sub(&c->awake, 1) == 1 && may_leave;
         atomic_store(&me->sleeping, last);
-        enum leave why = due(c, now, last, &until);
+        enum leave why = may_leave ? due(c, now, last, &until) : LEAVE_NO;
         struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = me->bell, .events = POLLIN}};
         /* A turn ends without a look at the socket. Nothing to do is checked once more, with
          * a poll that does not wait: bytes already there (the very ones that woke a parked
@@ -282,7 +319,7 @@ static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t
             if (pause) nanosleep(&ts, NULL);
         }
         if (wait) {
-            enum wake w = copy_wait(c, d, from);
+            enum wake w = copy_wait(c, d, from, 1);
             if (w == WAKE_LEAVE) return -2;
             if (w == WAKE_ENDED) return -1;
             if (w == WAKE_TIMEOUT) {
@@ -307,10 +344,11 @@ static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t
         }
         if (n == 0) break; /* EOF */
         if (n < 0) {
-            if (retry(c, from, errno)) continue;
+            if (retry(c, from, errno, read_dir(c, from))) continue;
             return -1;
         }
         touch(c);
+        if (too_slow(c, read_dir(c, from), (size_t)n)) return -1;
         if (piped ? drain_pipe(c, k, to, (size_t)n) : copy_send(c, to, k->buf, (size_t)n))
             return -1;
         moved += (uint64_t)n;

@@ -238,10 +238,12 @@ static enum next relay(struct worker *w, struct conn *c) {
 static void send_body(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
     int rc;
+    copy_rate_start(c, UP); /* a body that trickles in is ended by min_rate */
     if (h->body_chunked)
         rc = http_relay_chunked(c, &w->cp[UP], &h->in[UP], c->client, c->upstream);
     else
         rc = http_relay_n(c, &w->cp[UP], &h->in[UP], c->client, c->upstream, h->body_length);
+    copy_rate_stop(c, UP);
     if (rc < 0 && !atomic_load(&c->upstream_failed)) conn_end(c, END_CLIENT);
     h->body_rc = rc;
 }
@@ -271,13 +273,12 @@ static int ends_at_close(const struct msg *r, const struct exchange *x) {
     return has_body(r, x) && !r->chunked && r->length < 0;
 }
 
-/* Relays the body of the response r answering x, by its framing: chunked; Content-Length (sent
- * of it: what went with the head); else until the upstream closes. */
-static enum body response_body(struct worker *w, struct conn *c, const struct msg *r,
-                               const struct exchange *x, size_t sent) {
-    struct stream *s = &((struct http_worker *)w->scratch)->in[DOWN];
-    int rc = 0;
-    if (!has_body(r, x)) return BODY_DONE;
+/* Relays the body of the response r by its framing: chunked; Content-Length (sent of it: what
+ * went with the head); else until the upstream closes. Returns 0 when the body is whole, -2
+ * when it ended at the upstream's close, -1 on a failure. */
+static int relay_body(struct worker *w, struct conn *c, const struct msg *r, struct stream *s,
+                      size_t sent) {
+    int rc;
     if (r->chunked) {
         rc = http_relay_chunked(c, &w->cp[DOWN], s, c->upstream, c->client);
     } else if (r->length >= 0) {
@@ -285,11 +286,23 @@ static enum body response_body(struct worker *w, struct conn *c, const struct ms
         rc = http_relay_n(c, &w->cp[DOWN], s, c->upstream, c->client, rest);
     } else {
         if (s->len > s->off && copy_send(c, c->client, s->buf + s->off, s->len - s->off) < 0)
-            return BODY_FAILED;
+            return -1;
         s->off = s->len;
         int64_t moved = copy_bytes(c, &w->cp[DOWN], c->upstream, c->client, UINT64_MAX);
-        return moved < 0 ? BODY_FAILED : BODY_AT_EOF;
+        return moved < 0 ? -1 : -2;
     }
+    return rc;
+}
+
+/* Relays the body, if any, of the response r answering x (relay_body), timed against min_rate. */
+static enum body response_body(struct worker *w, struct conn *c, const struct msg *r,
+                               const struct exchange *x, size_t sent) {
+    struct stream *s = &((struct http_worker *)w->scratch)->in[DOWN];
+    if (!has_body(r, x)) return BODY_DONE;
+    copy_rate_start(c, DOWN); /* a body that trickles in is ended by min_rate */
+    int rc = relay_body(w, c, r, s, sent);
+    copy_rate_stop(c, DOWN);
+    if (rc == -2) return BODY_AT_EOF;
     return rc < 0 ? BODY_FAILED : BODY_DONE;
 }
 
@@ -544,7 +557,14 @@ static enum served http_serve(struct worker *w, struct conn *c) {
     stream_clear(in);
     stream_clear(&h->in[DOWN]);
     /* The first head counts from accept (RFC 9112 leaves it to us; Apache does the same). */
-    if (c->turns == 1) c->head_deadline = c->start_ns + (uint64_t)cfg.header_timeout * 1000000000u;
+    if (c->turns == 1)
+        c->head_deadline = c->head_cap = c->start_ns + (uint64_t)cfg.header_timeout * 1000000000u;
+    if (c->stash) { /* the part of a head it left with */
+        memcpy(in->buf, c->stash, c->stash_len);
+        in->len = c->stash_len;
+        pool_head_give(c->stash);
+        c->stash = NULL;
+    }
     if (c->relay)
         next = relay(w, c); /* a tunnel back from the waiting room */
     else

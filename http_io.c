@@ -44,12 +44,49 @@ static void compact(struct stream *s) {
     s->off = 0;
 }
 
+/* A request head's bytes came: its deadline is now the earlier of header_timeout's (from its
+ * first byte, or from accept for a connection's first head) and min_rate's (as for a body: the
+ * first second free, then a second for each min_rate bytes), so that a head that trickles is
+ * ended, not only one that stops. The waiting room keeps the same deadline (copy_deadline). */
+static void head_came(struct conn *c, size_t len) {
+    uint64_t now = mono_ns(), sec = 1000000000u;
+    if (!c->head_first) {
+        c->head_first = now;
+        if (!c->head_cap) c->head_cap = now + (uint64_t)cfg.header_timeout * sec;
+    }
+    c->head_deadline = c->head_cap;
+    if (!cfg.min_rate) return;
+    uint64_t rate = c->head_first + sec + len * sec / (uint64_t)cfg.min_rate;
+    if (rate < c->head_deadline) c->head_deadline = rate;
+}
+
+/* A request head is whole (or refused): no deadline runs until the next one's first byte. */
+static void head_done(struct conn *c) {
+    c->head_deadline = c->head_cap = c->head_first = 0;
+}
+
+/* Waits for more of a request head (s holds part of it) on a worker, which it may leave when a
+ * head buffer is free to carry the part: HEAD_LEAVE with the part in c->stash, HEAD_LOST when c
+ * ended, or HEAD_OK when fd is readable or the head's time is up (the caller looks). */
+static enum head wait_head(struct conn *c, struct stream *s, int fd) {
+    char *spare = pool_head_take();
+    enum wake w = copy_wait(c, UP, fd, spare != NULL);
+    if (w == WAKE_LEAVE) {
+        memcpy(spare, s->buf + s->off, s->len - s->off);
+        c->stash = spare;
+        c->stash_len = s->len - s->off;
+        return HEAD_LEAVE;
+    }
+    if (spare) pool_head_give(spare);
+    return w == WAKE_ENDED ? HEAD_LOST : HEAD_OK;
+}
+
 /* Reads until s holds a whole head and parses it into m (a request if request: it must be whole
- * by c->head_deadline, which is set at its first byte if it is not yet): HEAD_OK; HEAD_NONE at
- * EOF before any byte, or when a client between requests was idle for keepalive_timeout;
- * HEAD_LEAVE when c leaves its worker while it waits for a request (copy_wait); HEAD_LOST when
- * the connection ended or the client left mid-head; HEAD_BAD with the status to refuse it with
- * in *status (408 when its time is up; 502 for any bad response). */
+ * by c->head_deadline): HEAD_OK; HEAD_NONE at EOF before any byte, or when a client between
+ * requests was idle for keepalive_timeout; HEAD_LEAVE when c leaves its worker while it waits
+ * for a request or for the rest of one (copy_wait; a part read goes with it in c->stash);
+ * HEAD_LOST when the connection ended or the client left mid-head; HEAD_BAD with the status to
+ * refuse it with in *status (408 when its time is up; 502 for any bad response). */
 enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
                          int *status) {
     size_t scanned = 0, end, got;
@@ -57,8 +94,8 @@ enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m
     *status = request ? 400 : 502;
     for (;;) {
         enum scan found = http_head_end(s->buf, s->len, &scanned, &end);
+        if (found != SCAN_MORE && request) head_done(c);
         if (found == SCAN_DONE) {
-            if (request) c->head_deadline = 0;
             *status = http_parse(s->buf, end, m, request);
             return *status ? HEAD_BAD : HEAD_OK;
         }
@@ -67,23 +104,30 @@ enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m
             if (request) *status = memchr(s->buf, '\n', s->len) ? 431 : 414;
             return HEAD_BAD;
         }
-        if (request && s->len && !c->head_deadline) /* header_timeout runs from its first byte */
-            c->head_deadline = mono_ns() + (uint64_t)cfg.header_timeout * 1000000000u;
+        if (request && s->len && !c->head_first) /* its first bytes: read now, or pipelined */
+            head_came(c, s->len);
         if (request && c->head_deadline && mono_ns() >= c->head_deadline) {
             *status = 408;
             return HEAD_BAD;
         }
-        /* Waiting for a request, with nothing of it read: a safe point, where c may leave its
-         * worker. */
-        if (request && !s->len && cfg.park_after) {
-            enum wake w = copy_wait(c, UP, fd);
+        /* Waiting for a request, or for the rest of one: a safe point, where c may leave its
+         * worker (what it read of a head goes with it). */
+        if (request && cfg.park_after) {
+            enum head h = HEAD_OK;
+            enum wake w = WAKE_READY;
+            if (s->len)
+                h = wait_head(c, s, fd);
+            else
+                w = copy_wait(c, UP, fd, 1);
+            if (h != HEAD_OK) return h;
             if (w == WAKE_LEAVE) return HEAD_LEAVE;
             if (w == WAKE_ENDED) return HEAD_LOST;
             if (w == WAKE_TIMEOUT && !c->head_deadline) { /* keepalive_timeout */
                 conn_end(c, END_IDLE);
                 return HEAD_NONE;
             }
-            if (w == WAKE_TIMEOUT) continue; /* the head's time is up: 408 above */
+            if (w == WAKE_TIMEOUT || (c->head_deadline && mono_ns() >= c->head_deadline))
+                continue; /* the head's time is up: 408 above */
         }
         enum recv r = copy_recv(c, fd, s->buf + s->len, HEAD_MAX - s->len, &got);
         if (r == RECV_TICK && request && !c->head_deadline && !s->len && /* between requests */
@@ -92,6 +136,7 @@ enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m
             return HEAD_NONE;
         }
         if (r == RECV_DATA) s->len += got;
+        if (r == RECV_DATA && request) head_came(c, s->len);
         if (r == RECV_ENDED) return HEAD_LOST;
         if (r == RECV_EOF && !s->len) return HEAD_NONE;
         if (r == RECV_EOF) return request ? HEAD_LOST : HEAD_BAD;

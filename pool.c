@@ -27,6 +27,9 @@ static struct {
     struct conn *slab;   /* every record, allocated once */
     struct conn **spare; /* the records not in use: a stack of nspare */
     int nspare;
+    char *heads;       /* cfg.head_buffers head buffers of HEAD_MAX bytes, allocated once */
+    char **spare_head; /* those not carrying a parked head: a stack of nspare_head */
+    int nspare_head;
     int idle;     /* front threads waiting in take() */
     int stopping; /* SIGTERM: the acceptor has stopped; drain what is queued, then exit */
     struct conn *mail, *last; /* parked, not yet taken by the acceptor: a list through next */
@@ -126,6 +129,22 @@ static struct conn *take(void) {
     publish_waiting();
     pthread_mutex_unlock(&q.mu);
     return c;
+}
+
+/* A head buffer (HEAD_MAX bytes) from the fixed pool of cfg.head_buffers, for a request head
+ * read in part to wait in while its connection is parked (c->stash); NULL when none is left. */
+char *pool_head_take(void) {
+    pthread_mutex_lock(&q.mu);
+    char *buf = q.nspare_head ? q.spare_head[--q.nspare_head] : NULL;
+    pthread_mutex_unlock(&q.mu);
+    return buf;
+}
+
+/* Gives a head buffer back. */
+void pool_head_give(char *buf) {
+    pthread_mutex_lock(&q.mu);
+    q.spare_head[q.nspare_head++] = buf;
+    pthread_mutex_unlock(&q.mu);
 }
 
 /* Returns a closed connection's record to the slab; only then does it stop counting as
@@ -232,6 +251,7 @@ static void leave(struct worker *w) {
 static void retire(struct conn *c) {
     close(c->client);
     if (c->upstream >= 0) close(c->upstream);
+    if (c->stash) pool_head_give(c->stash);
     stats_conn_done(c);
     if (mode->done) mode->done(c);
     release(c);
@@ -406,9 +426,15 @@ int pool_start(const struct mode *m) {
     q.ring = calloc((size_t)records, sizeof(struct conn *));
     q.slab = calloc((size_t)records, sizeof *q.slab);
     q.spare = calloc((size_t)records, sizeof(struct conn *));
+    /* Resident only once used, as the slab: a head buffer is touched when a head parks in it.
+     * Only http reads heads. */
+    int heads = cfg.mode == MODE_HTTP ? cfg.head_buffers : 0;
+    q.heads = calloc((size_t)heads + 1, HEAD_MAX);
+    q.spare_head = calloc((size_t)heads + 1, sizeof(char *));
     workers = calloc((size_t)cfg.workers, sizeof *workers);
-    if (!q.ring || !q.slab || !q.spare || !workers) return -1;
+    if (!q.ring || !q.slab || !q.spare || !q.heads || !q.spare_head || !workers) return -1;
     for (int i = 0; i < records; i++) q.spare[q.nspare++] = &q.slab[i];
+    for (int i = 0; i < heads; i++) q.spare_head[q.nspare_head++] = q.heads + (size_t)i * HEAD_MAX;
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, STACK_SIZE);
@@ -478,5 +504,7 @@ void pool_stop(void) {
     free(q.ring);
     free(q.slab);
     free(q.spare);
+    free(q.heads);
+    free(q.spare_head);
     close(q.parked_fd);
 }

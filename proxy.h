@@ -150,8 +150,11 @@ struct config {
     int connect_timeout, idle_timeout; /* seconds; idle_timeout 0 = never */
     int keepalive_timeout;             /* http: seconds idle between requests; 0 = never */
     int header_timeout;                /* http: seconds to receive a request head */
-    int rate_limit;                    /* bytes/s per direction, 0 = unlimited */
-    char log[256];                     /* "-", "off" or a path */
+    int min_rate;     /* http: bytes/s a head or a body must average from its first byte (after
+                         a free first second); 0 = none. At most rate_limit / 2 once loaded */
+    int head_buffers; /* http: request heads read in part that may wait parked */
+    int rate_limit;   /* bytes/s per direction, 0 = unlimited */
+    char log[256];    /* "-", "off" or a path */
     struct cidr allow[MAX_ALLOW];
     int nallow;
     uint8_t connect_ports[65536 / 8]; /* a bit per port CONNECT may reach */
@@ -189,6 +192,7 @@ enum end {
     END_UPSTREAM,    /* read or write error on the upstream socket */
     END_NO_UPSTREAM, /* every upstream refused or timed out */
     END_STOPPED,     /* still open when the graceful stop ran out of time */
+    END_SLOW,        /* a request head or a body came slower than min_rate */
     END_MAX
 };
 enum dir { UP, DOWN }; /* UP: client → upstream; DOWN: upstream → client */
@@ -233,15 +237,24 @@ struct conn {
     uint8_t eof[2];         /* by enum dir, the thread copying that way: EOF passed on; a parked
                                relay does not watch that direction */
     uint64_t head_deadline; /* http, the front thread: a request head must be whole by then
-                               (header_timeout); 0: no head in progress. The waiting room
-                               reads it too: copy_deadline */
-    uint64_t queued_ns;     /* pool.c: when c last went into the queue (accepted, or woken) */
-    struct seat *seats;     /* pool.c, while a worker has c: that worker's two seats, by enum
-                               dir (UP: the front thread, DOWN: the back); NULL otherwise */
-    uint64_t slice_end;     /* pool.c, when a worker takes c: its turn ends then if others wait */
-    _Atomic int awake;      /* copy.c: c's copy loops that are not waiting for bytes (nor done) */
-    _Atomic int leave;      /* copy.c, first writer wins: enum leave, why c's loops leave their
-                               worker; pool.c clears it when a worker takes c */
+                               (the earlier of head_cap and its min_rate); 0: no head in
+                               progress. The waiting room reads it too: copy_deadline */
+    uint64_t head_cap;      /* http, the front thread: header_timeout's bound for this head */
+    uint64_t head_first;    /* http, the front thread: when its first byte came; 0: none yet */
+    char *stash;            /* http, the front thread: a head read in part, carried while c is
+                               parked (a buffer of pool.c's; retire gives it back); NULL: none */
+    size_t stash_len;
+    struct rate {
+        uint64_t from;  /* when the body's clock started; 0: no body is timed */
+        uint64_t bytes; /* read since */
+    } rate[2];          /* by enum dir, the thread reading that body: min_rate (copy.c) */
+    uint64_t queued_ns; /* pool.c: when c last went into the queue (accepted, or woken) */
+    struct seat *seats; /* pool.c, while a worker has c: that worker's two seats, by enum
+                           dir (UP: the front thread, DOWN: the back); NULL otherwise */
+    uint64_t slice_end; /* pool.c, when a worker takes c: its turn ends then if others wait */
+    _Atomic int awake;  /* copy.c: c's copy loops that are not waiting for bytes (nor done) */
+    _Atomic int leave;  /* copy.c, first writer wins: enum leave, why c's loops leave their
+                           worker; pool.c clears it when a worker takes c */
     /* The waiting room's own, while c is parked (acceptor.c): */
     struct conn *next; /* in the pool's mailbox, on its way to the waiting room */
     int slot;          /* its place in the waiting room's heap; -1: not in it */
@@ -368,16 +381,21 @@ int copy_send(struct conn *c, int to, const char *p, size_t n);
  * c->eof[d] set); STREAM_LEAVE when c leaves its worker (c->leave); STREAM_ENDED when the
  * connection ended. It leaves only between reads: no byte is read and left behind. */
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d);
-/* Waits, on the thread of seat d, until fd can be read without blocking, or until c should
- * leave its worker: its slice is over while others wait (LEAVE_TURN), or it has nothing to do
- * (LEAVE_PARK: all its loops wait and no byte moved for park_after, or, while others wait, it
- * is new and never moved a byte). Wakes for nothing else than bytes, its deadlines
- * (copy_deadline, the park's, the slice's) and its bell. */
-enum wake copy_wait(struct conn *c, enum dir d, int fd);
+/* Waits, on the thread of seat d, until fd can be read without blocking, or, if may_leave,
+ * until c should leave its worker: its slice is over while others wait (LEAVE_TURN), or it has
+ * nothing to do (LEAVE_PARK: all its loops wait and no byte moved for park_after, or, while
+ * others wait, it is new and never moved a byte). Wakes for nothing else than bytes, its
+ * deadlines (copy_deadline, the park's, the slice's) and its bell. */
+enum wake copy_wait(struct conn *c, enum dir d, int fd, int may_leave);
 /* The deadline of what c waits for, the same on a worker and in the waiting room (0: none): a
  * request head's (c->head_deadline); a relay's, last byte + idle_timeout; an http connection's
  * between requests, last byte + keepalive_timeout. */
 uint64_t copy_deadline(struct conn *c);
+/* Starts timing the body read in direction d against min_rate: read slower, it ends c
+ * (END_SLOW). */
+void copy_rate_start(struct conn *c, enum dir d);
+/* Stops timing the body read in direction d. */
+void copy_rate_stop(struct conn *c, enum dir d);
 /* One loop of c is done for good (at EOF): it no longer counts as awake. */
 void copy_loop_done(struct conn *c, enum dir d);
 /* Rings s's bell: its thread looks again at whether to keep its connection. */
@@ -460,6 +478,11 @@ int pool_start(const struct mode *mode);
 /* Whether the queue has room for one more new connection (cfg.queue beyond the idle workers).
  * When it has none, the acceptor's bell (pool_parked_fd) rings once it has. */
 int pool_intake_open(void);
+/* A head buffer (HEAD_MAX bytes) from the fixed pool of cfg.head_buffers, for a request head
+ * read in part to wait in while its connection is parked (c->stash); NULL when none is left. */
+char *pool_head_take(void);
+/* Gives a head buffer back. */
+void pool_head_give(char *buf);
 /* Hands an accepted socket to the pool. Returns 0, or -1 when the pool is stopping (the caller
  * closes fd). */
 int pool_submit(int fd, const struct addr *peer);

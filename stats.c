@@ -11,8 +11,8 @@
 #include <string.h>
 #include <unistd.h>
 
-const char *const end_names[END_MAX] = {"none",           "done",        "idle",   "client_error",
-                                        "upstream_error", "no_upstream", "stopped"};
+const char *const end_names[END_MAX] = {"none",           "done",        "idle",    "client_error",
+                                        "upstream_error", "no_upstream", "stopped", "slow"};
 /* Upper bounds of the histograms' buckets in seconds; the last bucket is +Inf. A connection
  * lasts from a millisecond to hours; a wait in the queue from microseconds to seconds. */
 static const double duration_le[HISTOGRAM_BUCKETS - 1] = {0.001, 0.01, 0.1, 1, 10, 60, 600};

@@ -504,7 +504,8 @@ def test_http_proxy_authorization_name_is_case_insensitive_and_must_be_single():
 # ---- timeouts and the full queue --------------------------------------------------------
 
 def test_http_slow_head_is_cut_at_header_timeout_and_the_worker_freed():
-    with origin() as o, http_proxy(workers=1, header_timeout=2) as px:
+    # min_rate = 0: a field every 0.4 s is 50 bytes/s, which min_rate (500) would end sooner.
+    with origin() as o, http_proxy(workers=1, header_timeout=2, min_rate=0) as px:
         slow = Client(px)
         start = time.monotonic()
         slow.send(b"GET %s HTTP/1.1\r\n" % url(o).encode())

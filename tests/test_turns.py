@@ -9,9 +9,11 @@ What is checked: busy tcp relays and CONNECT tunnels beyond the pool all progres
 intact (and starve with park_after = 0, the comparison mode); http clients beyond the pool,
 pipelined ones too, get every answer in order; a burst of new connections within
 max_connections is served, none refused; a tunnel that trickles a byte every 150 ms does not
-hold its worker while a parked client's next request waits; quiet relays, and one whose other
-direction trickles, cost no wake-ups; the time_slice key and the turn metrics. Every test name
-starts with test_turns_ (run.py -k test_turns_)."""
+hold its worker while a parked client's next request waits; a half-sent head parked in the
+waiting room is still ended at header_timeout from its first byte; a head or a body that
+trickles is ended by min_rate (and rate_limit's own pacing is not taken for a trickle); quiet
+relays, and one whose other direction trickles, cost no wake-ups; the time_slice key and the
+turn metrics. Every test name starts with test_turns_ (run.py -k test_turns_)."""
 import hashlib
 import os
 import socket
@@ -239,6 +241,128 @@ def test_turns_a_trickling_tunnel_does_not_hold_its_worker_while_a_request_waits
                 assert got == sent[i], (got, sent[i])
                 s.close()
             up.release.set()
+
+
+# ---- slow heads and bodies ------------------------------------------------------------------
+
+@limit(40)
+def test_turns_a_parked_half_head_is_ended_at_header_timeout_from_its_first_byte():
+    """A half-sent head parked in the waiting room (others wait for the only worker) gets its
+    408 header_timeout after its first byte, as it would on a worker (min_rate = 0 leaves
+    header_timeout alone to bound it)."""
+    with numbered_origin() as o, StoppingProxy(o.addr, mode="http", workers=1, time_slice=1,
+                                               min_rate=0, header_timeout=2) as px:
+        half = Client(px, timeout=10)
+        start = time.monotonic()
+        half.send(get(o, "/half")[:20])
+        time.sleep(0.3)
+        other = Client(px, timeout=10)
+        assert other.ask(get(o, "/other")).status == 200
+        assert px.metric("proxy_connections_parked") >= 1
+        resp = half.response()
+        took = time.monotonic() - start
+        assert resp.status == 408 and 1.9 < took < 5, (resp.status, took)
+        assert half.closed()
+
+
+@limit(30)
+def test_turns_a_partial_head_pipelined_behind_a_request_is_timed_from_then():
+    """Half of a second request head that came in the same packet as the first request is
+    bounded by header_timeout from then, not by keepalive_timeout (60 s)."""
+    with numbered_origin() as o, StoppingProxy(o.addr, mode="http", workers=2, min_rate=0,
+                                               header_timeout=2) as px:
+        c = Client(px, timeout=10)
+        start = time.monotonic()
+        c.send(get(o, "/a") + get(o, "/b")[:12])
+        assert c.response().status == 200
+        resp = c.response()
+        assert resp.status == 408 and time.monotonic() - start < 6, resp.status
+
+
+@limit(40)
+def test_turns_a_trickling_head_is_ended_by_min_rate_long_before_header_timeout():
+    """A head that keeps coming, a byte every 0.2 s (slowloris), is ended by min_rate (the
+    first second free, then a second per min_rate bytes) in about a second, not after
+    header_timeout (30 s) that a silent one would get."""
+    with numbered_origin() as o, StoppingProxy(o.addr, mode="http", workers=2,
+                                               header_timeout=30) as px:
+        c = Client(px, timeout=10)
+        start = time.monotonic()
+        head = get(o, "/slowloris")
+        for b in head:
+            if readable(c.sock, 0.2):
+                break
+            c.sock.sendall(bytes([b]))
+        took = time.monotonic() - start
+        assert c.response().status == 408 and took < 5, took
+        assert c.closed()
+
+
+def trickle_body_origin():
+    """An origin that answers /trickle with a 100-byte body sent a byte every 0.1 s, /paced
+    with 600 bytes 0.3 s after its head, and anything else with "ok", recording what it
+    received."""
+    def handler(c, server):
+        from test_http import Message, Reader, read_body, reply
+        r = Reader(c)
+        try:
+            while True:
+                req = Message(r.until(b"\r\n\r\n"))
+                req.body = read_body(r, req)
+                with server.lock:
+                    server.received.append(req)
+                if req.target == "/paced":  # the body apart, so that it is relayed paced
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 600\r\n\r\n")
+                    time.sleep(0.3)
+                    c.sendall(b"p" * 600)
+                    continue
+                if req.target != "/trickle":
+                    c.sendall(reply(200, b"ok"))
+                    continue
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                for _ in range(100):
+                    time.sleep(0.1)
+                    c.sendall(b"t")
+        except (EOFError, ValueError, OSError):
+            pass
+    return Server(handler)
+
+
+@limit(40)
+def test_turns_trickling_bodies_are_ended_by_min_rate_and_free_their_worker():
+    """A request body that trickles in (a byte every 0.1 s) and a response body that trickles
+    down are each ended by min_rate (reason "slow"), well before idle_timeout, which bytes
+    that keep coming never trip; the worker they held serves the next client. rate_limit
+    below min_rate does not make a paced body look slow: min_rate is at most half of it."""
+    with trickle_body_origin() as o, \
+            StoppingProxy(o.addr, mode="http", workers=1, min_rate=100) as px:
+        up = Client(px, timeout=10)
+        up.send(request("POST", "http://%s/up" % o.addr, "Host: h", "Content-Length: 100"))
+        start = time.monotonic()
+        for _ in range(100):
+            if readable(up.sock, 0.1):
+                break
+            up.sock.sendall(b"x")
+        assert up.closed() and time.monotonic() - start < 6
+        down = Client(px, timeout=10)
+        down.send(get(o, "/trickle"))
+        start = time.monotonic()
+        try:
+            down.response()
+            raise AssertionError("a trickling response body was relayed whole")
+        except (EOFError, ConnectionError, ValueError):
+            pass
+        assert time.monotonic() - start < 6
+        assert px.metric('proxy_connections_closed_total{reason="slow"}') == 2
+        assert Client(px, timeout=5).ask(get(o, "/next")).status == 200
+    # rate_limit = 200 B/s paces the 600-byte answer over 3 s: below min_rate (500), which is
+    # therefore taken as 100, half of rate_limit; unclamped it would end the body at ~1.7 s.
+    with trickle_body_origin() as o, \
+            StoppingProxy(o.addr, mode="http", workers=1, rate_limit=200) as px:
+        c = Client(px, timeout=15)
+        resp = c.ask(get(o, "/paced"))
+        assert resp.status == 200 and resp.body == b"p" * 600, resp.head
+        assert px.metric('proxy_connections_closed_total{reason="slow"}') == 0
 
 
 def task_switches(pid):

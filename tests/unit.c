@@ -188,9 +188,17 @@ static void test_config_values(void) {
     CHECK(load("[proxy]\nlisten = 0.0.0.0:7001\n[stats]\nlisten = [::1]:7001\n", err, sizeof err) ==
           0);
     CHECK(load("[proxy]\nupstream = 127.0.0.1:80\n", err, sizeof err) == 0);
-    CHECK(c.workers == 256 && c.queue == 1024 && c.copy == COPY_SPLICE && c.nallow == 2);
+    CHECK(c.workers == 64 && c.queue == 1024 && c.copy == COPY_SPLICE && c.nallow == 2);
+    CHECK(c.time_slice == 50 && c.min_rate == 500 && c.head_buffers == 1024);
     CHECK(c.mode == MODE_HTTP && c.balance == BALANCE_SOURCE && c.idle_timeout == 300);
     CHECK(c.stats_listen.len != 0 && c.header_timeout == 10 && c.nusers == 0);
+    /* Our own pacing must not look like a trickle: min_rate is at most half of rate_limit. */
+    CHECK(load("[proxy]\nupstream = 127.0.0.1:80\nrate_limit = 200\n", err, sizeof err) == 0);
+    CHECK(c.min_rate == 100);
+    CHECK(load("[proxy]\nupstream = 127.0.0.1:80\nrate_limit = 4k\nmin_rate = 1k\n", err,
+               sizeof err) == 0);
+    CHECK(c.min_rate == 1024);
+    CHECK(load("[proxy]\nupstream = 127.0.0.1:80\n", err, sizeof err) == 0);
     STR_EQ(c.realm, "proxy");
     STR_EQ(c.log, "-");
     CHECK(c.buffer_size == 65536 && c.rate_limit == 0 && c.connect_timeout == 5);
