@@ -138,6 +138,7 @@ static enum dir send_dir(const struct conn *c, int fd) {
 static void count_sent(struct conn *c, int to, size_t n) {
     enum dir d = send_dir(c, to);
     c->bytes[d] += n;
+    atomic_store_explicit(&c->last_dir, (int)d, memory_order_relaxed);
     atomic_fetch_add_explicit(&stats.bytes[d], n, memory_order_relaxed);
     touch(c);
 }
@@ -238,22 +239,30 @@ static uint64_t earlier(uint64_t a, uint64_t b) {
     return !a || (b && b < a) ? b : a;
 }
 
+/* Whether c waits on its client: an http connection waiting for a request, or the rest of a
+ * head, does; a relay does when its last byte went to the client, which has what it asked for;
+ * a relay whose last byte went upstream waits for the upstream's answer. */
+static int on_client(struct conn *c) {
+    return !c->relay || atomic_load_explicit(&c->last_dir, memory_order_relaxed) == DOWN;
+}
+
 /* Whether c, one of whose loops is about to wait (the last awake one if last), should leave its
- * worker now: while others wait, once its time slice is over (a turn), or at once if it never
- * moved a byte (a new connection with nothing to do: LEAVE_PARK); with nobody waiting, once it
- * was quiet for park_after (LEAVE_PARK). Else moves *until to the moment that answer may
- * change. Only the last loop to wait keeps an eye on the clock; the other is woken by its
- * bytes or its bell. While others wait, a connection that is merely quiet keeps its worker to
- * the end of its slice: giving it up sooner (after 10 ms) parked busy connections that were
- * only slow to answer under load, and cost more than it saved (bench/README.md). */
+ * worker now. While others wait: once its time slice is over (a turn); or, with nothing to do
+ * (LEAVE_PARK), at once if it never moved a byte, and after QUIET_MS if it waits on its
+ * client, which may think for seconds. One waiting for an upstream's answer keeps its worker
+ * to the end of its slice: the answer is on its way, and parking those under load filled the
+ * queue with their own wake-ups. With nobody waiting: once it was quiet for park_after. Else
+ * moves *until to the moment that answer may change. Only the last loop to wait keeps an eye
+ * on the clock; the other is woken by its bytes or its bell. */
 static enum leave due(struct conn *c, uint64_t now, int last, uint64_t *until) {
     int others = atomic_load(&stats.waiting) > 0;
-    uint64_t last_ns = atomic_load(&c->last_ns);
+    uint64_t last_ns = atomic_load(&c->last_ns), quiet = (uint64_t)cfg.park_after;
     if (others && cfg.time_slice && now >= c->slice_end) return LEAVE_TURN;
     if (!last) return LEAVE_NO;
     if (others && last_ns == c->start_ns) return LEAVE_PARK;
     if (others && cfg.time_slice) *until = earlier(*until, c->slice_end);
-    uint64_t at = last_ns + (uint64_t)cfg.park_after * 1000000u;
+    if (others && on_client(c) && QUIET_MS < quiet) quiet = QUIET_MS;
+    uint64_t at = last_ns + quiet * 1000000u;
     if (now >= at) return LEAVE_PARK;
     *until = earlier(*until, at);
     return LEAVE_NO;

@@ -41,10 +41,11 @@
 #define AUTH_FAILURES_MAX 3      /* 407s one client connection may get; the last one closes it */
 #define STACK_SIZE        262144 /* bytes per thread (256 KiB); getaddrinfo needs > 32 KiB */
 #define TICK_MS           1000   /* ms: a blocked send checks its deadline this often */
-#define DIAL_ADDRESSES    3      /* a name's addresses tried in turn, sharing connect_timeout */
-#define LOOKUPS_MAX       256    /* name lookups at once, each a thread; beyond: EAGAIN (502) */
-#define DOWN_SECONDS      10     /* an upstream that failed a connect is skipped this long */
-#define GRACE_SECONDS     10     /* SIGTERM: how long active connections may finish */
+#define QUIET_MS          10  /* ms: while others wait, this quiet on its client: nothing to do */
+#define DIAL_ADDRESSES    3   /* a name's addresses tried in turn, sharing connect_timeout */
+#define LOOKUPS_MAX       256 /* name lookups at once, each a thread; beyond: EAGAIN (502) */
+#define DOWN_SECONDS      10  /* an upstream that failed a connect is skipped this long */
+#define GRACE_SECONDS     10  /* SIGTERM: how long active connections may finish */
 
 /* Closes fd, keeping errno for the caller: `return close_failed(fd);` ends a failed setup. */
 static inline int close_failed(int fd) {
@@ -220,6 +221,8 @@ struct conn {
     const struct upstream *chosen; /* the front thread: the configured upstream; NULL: none */
     uint64_t start_ns;             /* the front thread, when it first takes the connection */
     _Atomic uint64_t last_ns;      /* either thread: the last byte moved, the idle clock */
+    _Atomic int last_dir;          /* either thread: which way the last byte sent went (enum
+                                      dir): whom a relay waits for (copy_wait) */
     _Atomic int end;               /* any thread, first reason wins: enum end */
     uint64_t bytes[2];             /* by enum dir: the one thread sending that way now */
     int upstream_apart;            /* the front thread: an upstream failure ends only the
@@ -343,8 +346,8 @@ enum streamed { STREAM_EOF, STREAM_LEAVE, STREAM_ENDED };
  * it is inside the proxy, so that it can wait in the waiting room and go on on any worker. */
 enum leave {
     LEAVE_NO,
-    LEAVE_PARK, /* it has nothing to do: quiet for park_after, or new and silent while others
-                   wait */
+    LEAVE_PARK, /* it has nothing to do: quiet for park_after; while others wait, new and
+                   silent, or waiting on its client for QUIET_MS */
     LEAVE_TURN, /* its time slice is over and others wait for a worker */
 };
 
@@ -383,9 +386,10 @@ int copy_send(struct conn *c, int to, const char *p, size_t n);
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d);
 /* Waits, on the thread of seat d, until fd can be read without blocking, or, if may_leave,
  * until c should leave its worker: its slice is over while others wait (LEAVE_TURN), or it has
- * nothing to do (LEAVE_PARK: all its loops wait and no byte moved for park_after, or, while
- * others wait, it is new and never moved a byte). Wakes for nothing else than bytes, its
- * deadlines (copy_deadline, the park's, the slice's) and its bell. */
+ * nothing to do (LEAVE_PARK: all its loops wait and no byte moved for park_after; while others
+ * wait, it is new and never moved a byte, or it waits on its client and no byte moved for
+ * QUIET_MS). Wakes for nothing else than bytes, its deadlines (copy_deadline, the park's, the
+ * slice's) and its bell. */
 enum wake copy_wait(struct conn *c, enum dir d, int fd, int may_leave);
 /* The deadline of what c waits for, the same on a worker and in the waiting room (0: none): a
  * request head's (c->head_deadline); a relay's, last byte + idle_timeout; an http connection's

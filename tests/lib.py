@@ -304,6 +304,21 @@ def recv_all(s, limit=1 << 30):
     return bytes(out)
 
 
+def got_within(s, timeout, n=64):
+    """What s receives within timeout (b"" at EOF), or None when nothing comes: for a client
+    that must be neither answered nor refused yet."""
+    s.settimeout(timeout)
+    try:
+        return s.recv(n)
+    except socket.timeout:
+        return None
+
+
+def refusals(metrics):
+    """Connections refused so far, for any reason, from a Proxy.metrics() dict."""
+    return sum(v for k, v in metrics.items() if k.startswith("proxy_connections_refused_total"))
+
+
 def recv_line(s):
     out = b""
     while not out.endswith(b"\n"):

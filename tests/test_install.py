@@ -1,8 +1,10 @@
 """tests/test_install.py — what a newcomer and a packager rely on: the example configs pass
-the check, `make install` lays out binary, man page, unit and config under DESTDIR, the man
-page renders, and systemd accepts the unit."""
+the check, the man page and proxy.ini name every key and the man page and README every metric,
+`make install` lays out binary, man page, unit and config under DESTDIR, the man page renders,
+and systemd accepts the unit."""
 import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -17,6 +19,29 @@ def test_example_configs_pass_the_check():
     for path in examples + [os.path.join(ROOT, "proxy.ini")]:
         r = subprocess.run([PROXY, "-t", "-c", path], capture_output=True, text=True, timeout=10)
         assert r.returncode == 0 and "configuration ok" in r.stdout, (path, r.stderr)
+
+
+def test_the_reference_names_every_key_and_every_metric():
+    """The man page is the complete reference: each key of config.c's table has an entry
+    there and a line in proxy.ini, and each metric the code exports is in the man page and in
+    the README's table."""
+    def read(name):
+        with open(os.path.join(ROOT, name)) as f:
+            return f.read()
+    page, ini, readme = read("proxy.1"), read("proxy.ini"), read("README.md")
+    keys = re.findall(r'\{"(\w+)", "(\w+)", [A-Z]+,', read("config.c"))
+    assert len(keys) > 20, keys
+    for section, key in keys:
+        if key == "*":
+            continue
+        assert re.search(r"^\.B %s$" % key, page, re.M), "proxy.1 has no entry for %s" % key
+        assert re.search(r"^;?%s\s*=" % key, ini, re.M), "proxy.ini has no line for %s" % key
+    code = read("stats.c") + read("http.c")
+    metrics = set(re.findall(r'"(proxy_[a-z_]+[a-z])', code))
+    assert len(metrics) > 20, metrics
+    for m in sorted(metrics):
+        assert m in page, "proxy.1 does not name the metric %s" % m
+        assert "`%s" % m in readme, "README.md does not name the metric %s" % m
 
 
 def test_make_install_into_destdir():

@@ -21,7 +21,7 @@ import threading
 import time
 
 from lib import SCALE, Proxy, Server, connect, echo_handler, write_ini
-from test_http import Client, get, request, wait_for
+from test_http import Client, get, origin, reply, request, wait_for
 from test_park import (StoppingProxy, held_upstream, limit, numbered_origin, readable,
                        run_proxy, tunnel_sections)
 
@@ -30,10 +30,11 @@ def stream_clients(addr, n, seconds, prologue=None):
     """n clients that each send random 64 KiB chunks through addr for seconds while reading
     what comes back (an echo behind the proxy), then half-close and read to EOF. prologue(s),
     if given, runs first on each socket (a CONNECT). Returns, per client, the bytes that had
-    come back by the time the sending stopped, and whether what came back in all was exactly
-    what was sent."""
+    come back when the sending stopped (taken at that moment: a client blocked in a send
+    would otherwise only see the time once its send returns), and whether what came back in
+    all was exactly what was sent."""
     stop = time.monotonic() + seconds
-    early, intact = [0] * n, [False] * n
+    got_back, intact = [0] * n, [False] * n
 
     def client(i):
         s = connect(addr, timeout=30)
@@ -41,7 +42,7 @@ def stream_clients(addr, n, seconds, prologue=None):
             prologue(s)
         chunk = os.urandom(65536)
         sent, got = hashlib.sha256(), hashlib.sha256()
-        count = [0, 0]  # sent, received
+        count = 0
 
         def reader():
             while True:
@@ -49,23 +50,24 @@ def stream_clients(addr, n, seconds, prologue=None):
                 if not d:
                     return
                 got.update(d)
-                count[1] += len(d)
+                got_back[i] += len(d)
 
         t = threading.Thread(target=reader, daemon=True)
         t.start()
         while time.monotonic() < stop:
             s.sendall(chunk)
             sent.update(chunk)
-            count[0] += len(chunk)
-        early[i] = count[1]
+            count += len(chunk)
         s.shutdown(socket.SHUT_WR)
         t.join(60)
-        intact[i] = count[0] == count[1] and sent.digest() == got.digest()
+        intact[i] = count == got_back[i] and sent.digest() == got.digest()
         s.close()
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
+    time.sleep(max(0.0, stop - time.monotonic()))
+    early = list(got_back)
     for t in threads:
         t.join(seconds + 60)
     return early, intact
@@ -156,6 +158,45 @@ def test_turns_http_clients_beyond_the_pool_get_every_answer_in_order_pipelined_
         for i in range(3):  # the origin got each client's requests once, in order
             mine = [t for t in seen if t.startswith("/c%d/" % i)]
             assert mine == ["/c%d/%d" % (i, k) for k in range(len(mine))], mine[:10]
+
+
+@limit(40)
+def test_turns_one_waiting_on_its_client_gives_way_at_once_one_awaiting_an_answer_at_its_slice():
+    """While another waits for the only worker (time_slice = 3 s, park_after = 60 s): a relay
+    whose last byte went to its client has what it asked for, and gives its worker up after
+    QUIET_MS (10 ms), not at the end of its slice; one whose last byte went upstream awaits an
+    answer, and keeps its worker until its slice ends (parking those under load filled the
+    queue with their own wake-ups)."""
+    with Server(echo_handler) as echo, \
+            StoppingProxy(echo.addr, mode="tcp", workers=1, time_slice=3000,
+                          park_after=60000) as px:
+        start = time.monotonic()
+        a = connect(px.addr)
+        a.sendall(b"a")
+        assert a.recv(1) == b"a"  # answered: now it waits on its client
+        b = connect(px.addr)
+        b.sendall(b"b")
+        assert b.recv(1) == b"b"
+        took = time.monotonic() - start
+        assert took < 2.5, "b waited %.1f s: a kept the worker to its slice's end" % took
+    with held_upstream() as up, \
+            StoppingProxy(up.addr, mode="tcp", workers=1, time_slice=3000,
+                          park_after=60000) as px:
+        start = time.monotonic()
+        a = connect(px.addr)
+        a.sendall(b"question")  # it goes up, and no answer comes
+        up.socks.get(timeout=5)
+        b = connect(px.addr)
+        b.sendall(b"b")
+        px.wait_metric("proxy_queue_length", 1)
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - start)))
+        if time.monotonic() - start < 2.5:  # a's slice (3 s) cannot be over yet
+            assert px.metric("proxy_queue_length") == 1, "a gave its worker up early"
+        wait_for("a's slice to end and b to be served",
+                 lambda: px.metric("proxy_queue_length") == 0, timeout=10)
+        assert time.monotonic() - start > 2.5
+        assert px.metric("proxy_turns_total") >= 1
+        up.release.set()
 
 
 # ---- new connections --------------------------------------------------------------------------
@@ -298,34 +339,22 @@ def test_turns_a_trickling_head_is_ended_by_min_rate_long_before_header_timeout(
         assert c.closed()
 
 
-def trickle_body_origin():
-    """An origin that answers /trickle with a 100-byte body sent a byte every 0.1 s, /paced
-    with 600 bytes 0.3 s after its head, and anything else with "ok", recording what it
-    received."""
-    def handler(c, server):
-        from test_http import Message, Reader, read_body, reply
-        r = Reader(c)
-        try:
-            while True:
-                req = Message(r.until(b"\r\n\r\n"))
-                req.body = read_body(r, req)
-                with server.lock:
-                    server.received.append(req)
-                if req.target == "/paced":  # the body apart, so that it is relayed paced
-                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 600\r\n\r\n")
-                    time.sleep(0.3)
-                    c.sendall(b"p" * 600)
-                    continue
-                if req.target != "/trickle":
-                    c.sendall(reply(200, b"ok"))
-                    continue
-                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
-                for _ in range(100):
-                    time.sleep(0.1)
-                    c.sendall(b"t")
-        except (EOFError, ValueError, OSError):
-            pass
-    return Server(handler)
+def trickle_answer(server, req, r):
+    """An origin's answers: /trickle a 100-byte body, a byte every 0.1 s; /paced 600 bytes
+    0.3 s after the head (so that the proxy relays them paced, not with the head); anything
+    else "ok"."""
+    if req.target == "/trickle":
+        r.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(100):
+            time.sleep(0.1)
+            r.sock.sendall(b"t")
+        return b""
+    if req.target == "/paced":
+        r.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 600\r\n\r\n")
+        time.sleep(0.3)
+        r.sock.sendall(b"p" * 600)
+        return b""
+    return reply(200, b"ok")
 
 
 @limit(40)
@@ -334,7 +363,7 @@ def test_turns_trickling_bodies_are_ended_by_min_rate_and_free_their_worker():
     down are each ended by min_rate (reason "slow"), well before idle_timeout, which bytes
     that keep coming never trip; the worker they held serves the next client. rate_limit
     below min_rate does not make a paced body look slow: min_rate is at most half of it."""
-    with trickle_body_origin() as o, \
+    with origin(trickle_answer) as o, \
             StoppingProxy(o.addr, mode="http", workers=1, min_rate=100) as px:
         up = Client(px, timeout=10)
         up.send(request("POST", "http://%s/up" % o.addr, "Host: h", "Content-Length: 100"))
@@ -357,7 +386,7 @@ def test_turns_trickling_bodies_are_ended_by_min_rate_and_free_their_worker():
         assert Client(px, timeout=5).ask(get(o, "/next")).status == 200
     # rate_limit = 200 B/s paces the 600-byte answer over 3 s: below min_rate (500), which is
     # therefore taken as 100, half of rate_limit; unclamped it would end the body at ~1.7 s.
-    with trickle_body_origin() as o, \
+    with origin(trickle_answer) as o, \
             StoppingProxy(o.addr, mode="http", workers=1, rate_limit=200) as px:
         c = Client(px, timeout=15)
         resp = c.ask(get(o, "/paced"))
