@@ -38,8 +38,8 @@ class Settings:
         self.memory_conns = 500 if quick else 4000      # scenario 7
         self.memory_hold = 3 if quick else 20
         self.rounds_memory = 1                          # each run takes ~25 s: one round
-        self.cliff_points = [64, 256, 1024] if quick else [64, 128, 256, 512, 1024, 2048]
-        self.cliff_seconds = 1 if quick else 2          # scenario 8
+        self.cliff_points = [1000] if quick else [1000, 2000]     # scenario 8: wrk -cN
+        self.cliff_seconds = 2 if quick else 4          # scenario 8: each wrk run
         self.workers = 1100                             # ours, enough for wrk -c1000
         # Scenarios 9 and 10: connections held at once. Ours and haproxy hold two fds for
         # each (client and upstream), so 9000 + wrk's and the pipes stay under 20000.
@@ -51,6 +51,11 @@ class Settings:
         self.busy_settle = 1 if quick else 2            # scenario 11: pause before a system
         self.many_seconds = 2 if quick else 10          # scenario 12
         self.rounds_many = 1                            # 10 s a run: one round
+        self.burst_conns = 1000 if quick else 8000      # scenario 13: opened at once
+        self.burst_hold = 3 if quick else 10
+        self.slow_seconds = 2 if quick else 6           # scenario 14: each wrk run
+        self.wake_conns = 200 if quick else 1000        # scenario 15: relays held
+        self.wake_window = 2 if quick else 5            # scenario 15: switches counted over
 
 
 # ─── small helpers ───────────────────────────────────────────────────────────────────────
@@ -153,6 +158,54 @@ def proc_status(pid):
     return values
 
 
+def cpu_seconds(pids):
+    """User + system CPU time of the processes (all their threads, the ones gone too), in
+    seconds: utime + stime from /proc/PID/stat. A process already gone counts 0."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                # The command name may contain spaces; utime and stime are the 12th and 13th
+                # fields after ')'.
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def thread_switches(pids, kinds=("voluntary", "nonvoluntary")):
+    """{(pid, tid): context switches} of every thread of the processes: the sum of the
+    `kinds` of /proc/PID/task/TID/status's *_ctxt_switches. Counts are per thread (a
+    process's own status shows only its first thread's), so a scenario takes this before and
+    after and subtracts thread by thread (switch_delta)."""
+    keys = {f"{k}_ctxt_switches" for k in kinds}
+    counts = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            n = 0
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        key, _, rest = line.partition(":")
+                        if key in keys:
+                            n += int(rest)
+            except (OSError, ValueError):
+                continue
+            counts[(pid, tid)] = n
+    return counts
+
+
+def switch_delta(before, after):
+    """{thread: switches between two thread_switches() readings}; a thread that started in
+    between counts from 0, one that ended is left out (its count went with it)."""
+    return {t: n - before.get(t, 0) for t, n in after.items()}
+
+
 def memory_in_use_kib():
     """System-wide (memory in use, kernel stacks + page tables), in KiB. Memory in use is
     MemTotal - MemAvailable; the second figure is what threads cost the kernel."""
@@ -212,6 +265,8 @@ def summary(runs, key):
 
 
 def fmt_us(v):
+    if v >= 1e6:
+        return f"{v / 1e6:.3g} s"
     return f"{v / 1000:.3g} ms" if v >= 1000 else f"{v:.0f} µs"
 
 

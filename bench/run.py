@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """bench/run.py — side-by-side benchmarks of ./proxy against peer proxies, on loopback.
 
-    python3 bench/run.py              # full: 3 rounds of every scenario, < 20 min on 2 cores
-    python3 bench/run.py --quick      # smoke test: 1 round, short runs, fewer points, < 4 min
+    python3 bench/run.py              # full: 3 rounds of every scenario, ~27 min on 2 cores
+    python3 bench/run.py --quick      # smoke test: 1 round, short runs, fewer points, < 5 min
     python3 bench/run.py --only 1,3   # only the scenarios named (for development)
     python3 bench/run.py --keep       # keep the temporary directory: every config and log
 
@@ -100,7 +100,7 @@ def main():
     by_number = {s.NUMBER: s for s in SCENARIOS}
     parser = argparse.ArgumentParser(description="Benchmarks of ./proxy against peer proxies.")
     parser.add_argument("--quick", action="store_true",
-                        help="one round, short runs, fewer points (CI smoke test, < 4 min)")
+                        help="one round, short runs, fewer points (CI smoke test, < 5 min)")
     parser.add_argument("--only", metavar="N,N",
                         help=f"run only these scenarios (1-{len(SCENARIOS)})")
     parser.add_argument("--keep", action="store_true",

@@ -247,6 +247,23 @@ listen = {stats}
                     counts[fields[1]] = counts.get(fields[1], 0) + 1
         return counts
 
+    def bytes_by_client(self, offset):
+        """{client host:port: bytes down} from the access log's lines after `offset` (tcp
+        mode: one line per connection, `TIME CLIENT -> UPSTREAM up=N down=N ms=F end=R`,
+        written once it is closed: wait for the connections to end before reading). A
+        connection that sent nothing is left out: wrk opens one to check the address before
+        its run."""
+        counts = {}
+        with open(self.access_log, "rb") as f:
+            f.seek(offset)
+            for line in f.read().decode(errors="replace").splitlines():
+                fields = line.split()
+                if (len(fields) < 6 or fields[2] != "->" or not fields[5].startswith("down=")
+                        or fields[4] == "up=0"):
+                    continue
+                counts[fields[1]] = counts.get(fields[1], 0) + int(fields[5][5:])
+        return counts
+
     def metrics(self):
         """The /metrics text as {'name{labels}': value}."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -385,11 +402,20 @@ class IperfServer(System):
 
 
 class EchoServer(System):
-    """bench/echo.py server: the far end of scenario 7."""
+    """bench/echo.py server: the far end of scenarios 7, 10, 13 and 15."""
     name = "echo server"
 
     def command(self):
         return [sys.executable, str(BENCH / "echo.py"), "server", str(self.port)]
+
+
+class TrickleServer(System):
+    """bench/trickle.py server: 100 bytes every 100 ms down every connection, the far end
+    of scenario 15's trickling relays."""
+    name = "trickle server"
+
+    def command(self):
+        return [sys.executable, str(BENCH / "trickle.py"), "server", str(self.port)]
 
 
 def tcp_systems(work, upstream, workers):
@@ -478,15 +504,18 @@ def systems_table(settings):
         ["direct", "wrk/iperf3/echo client straight to the backend: the floor",
          "backend nginx: worker_processes 1"],
         ["ours splice", "./proxy, mode tcp, copy = splice (64 KiB pipes), log off, stats off",
-         f"workers = {s.workers} (2 threads each); 16 in 2, 256 in 8"],
+         f"workers = {s.workers} (2 threads each); 16 in 2"],
         ["ours buffer", "./proxy, mode tcp, copy = buffer, buffer_size = 64k, log off",
          f"workers = {s.workers}; {s.memory_conns} in 7 (splice would need 6 fds a worker)"],
         ["ours http", "./proxy, mode http, copy = splice, [users] alice, log off",
          f"workers = {s.workers}"],
         ["ours, workers = 64", "./proxy with the waiting room: idle connections park in "
          "the acceptor's epoll set (park_after, default 200 ms; = 0 in the rows that show "
-         f"the old behaviour); max_connections = {s.idle_conns + 600} in 9 and 10",
-         "64 workers (128 threads) for thousands of connections in 9, 10, 12"],
+         "the old behaviour), busy ones take turns (time_slice, 50 ms); max_connections = "
+         f"{s.idle_conns + 600} in 9 and 10; the default configuration in 13",
+         "64 workers (128 threads; the default) for thousands of connections in 8-10, "
+         "12, 13, 15; 32 in 14; beside them in 8 and 15 a thread pair per connection "
+         "(park_after = 0, workers = N + 100 and N + 50)"],
         ["haproxy tcp / http", "mode tcp; mode http with a Proxy-Authorization check; "
          f"maxconn 9000 ({s.idle_conns + 600} in 9 and 10), no logging",
          "default nbthread (one thread per CPU)"],

@@ -16,8 +16,8 @@ SCENARIOS below is the one list of them, in number order: the order they run in 
 order of the report's sections.
 """
 
-from scenarios import (bulk, busy, cliff, connrate, echo_scale, http_auth, idle, latency,
-                       many_clients, memory, sweep, throughput)
+from scenarios import (bulk, burst, busy, cliff, connrate, echo_scale, http_auth, idle,
+                       latency, many_clients, memory, slow_clients, sweep, throughput, wakeups)
 
 SCENARIOS = [latency, sweep, throughput, connrate, bulk, http_auth, memory, cliff, idle,
-             echo_scale, busy, many_clients]
+             echo_scale, busy, many_clients, burst, slow_clients, wakeups]

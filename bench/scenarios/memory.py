@@ -72,14 +72,15 @@ def run(b):
                 f"{r['echoes']} echoes, {r['connect_seconds']}s to connect")
 
 
-def memory_run(b, make_system, conns=None, hold=None):
+def memory_run(b, make_system, conns=None, hold=None, client_args=()):
     """One memory run: a fresh echo server and system, the echo client through it, and the
     proxy's RSS, threads and the system's memory in use sampled every 0.25 s. Memory in use
     is taken two ways: its peak, and its median over the hold period (every connection
     open), which a short spike from another program on a shared machine does not move.
-    conns and hold default to scenario 7's settings (scenario 10 passes its own). A system
-    with metrics (ours with stats on) also has the peaks of its parked connections, queue
-    and busy workers sampled, and its parks and wake-ups counted."""
+    conns and hold default to scenario 7's settings (scenarios 10 and 13 pass their own, and
+    13 more arguments for the client in client_args). A system with metrics (ours with
+    stats on) also has the peaks of its parked connections, queue and busy workers sampled,
+    and its accepted and refused connections, parks, wake-ups and turns counted."""
     s = b.settings
     conns = conns or s.memory_conns
     hold = hold or s.memory_hold
@@ -101,7 +102,7 @@ def memory_run(b, make_system, conns=None, hold=None):
             time.sleep(0.1)
         used_before = statistics.median(before)
         argv = [sys.executable, str(BENCH / "echo.py"), "client", str(system.port),
-                "--conns", str(conns), "--hold", str(hold)]
+                "--conns", str(conns), "--hold", str(hold), *client_args]
         client_log = b.work / f"echo-client-{system.port}.log"
         metrics = getattr(system, "metrics_port", None)
         gauges = {"proxy_connections_parked": 0, "proxy_queue_length": 0,
@@ -151,8 +152,11 @@ def memory_run(b, make_system, conns=None, hold=None):
             run.update({"parked_peak": gauges["proxy_connections_parked"],
                         "queue_peak": gauges["proxy_queue_length"],
                         "busy_peak": gauges["proxy_workers_busy"]})
-            for key in ("proxy_parks_total", "proxy_wakeups_total"):
+            for key in ("proxy_parks_total", "proxy_wakeups_total", "proxy_turns_total",
+                        "proxy_connections_accepted_total"):
                 run[key] = after.get(key, 0) - counters.get(key, 0)
+            run["proxy_refused"] = sum(v - counters.get(k, 0) for k, v in after.items()
+                                       if k.startswith("proxy_connections_refused_total"))
         run.update({
             "conns": conns,
             "rss_idle_kib": sum(st["VmRSS"] for st in idle) if system.proc else None,
