@@ -545,6 +545,46 @@ def test_park_two_workers_serve_200_keepalive_clients_in_turn():
         px.wait_metric("proxy_connections_active", 0, timeout=10)
 
 
+@limit(40)
+def test_park_staggered_deadlines_each_close_on_time():
+    """Keep-alive clients (keepalive_timeout 3 s) and CONNECT tunnels (idle_timeout 1 s)
+    parked in turn, 0.1 s apart, so that a later one often has the nearer deadline: each is
+    closed its own timeout after its own last byte. The waiting room keeps their deadlines
+    in a heap and wakes for the nearest, so none waits for another's."""
+    with origin() as o, Server(echo_handler) as echo, \
+            http_px(o.addr, workers=2, keepalive_timeout=3, idle_timeout=1, park_after=50,
+                    sections=tunnel_sections(echo.port)) as px:
+        socks, last, timeout = [], [], []
+        for i in range(24):
+            c = Client(px, timeout=10)
+            if i % 2:
+                c.send(request("CONNECT", echo.addr, "Host: " + echo.addr))
+                assert Message(c.r.until(b"\r\n\r\n")).status == 200
+                c.send(b"x")
+                assert c.r.exactly(1) == b"x"
+                timeout.append(1)
+            else:
+                assert c.ask(get(o, "/%d" % i)).status == 200
+                timeout.append(3)
+            last.append(time.monotonic())
+            socks.append(c.sock)
+            time.sleep(0.1)
+        closed = {}
+        deadline = time.monotonic() + 15
+        while len(closed) < len(socks) and time.monotonic() < deadline:
+            open_ = [s for i, s in enumerate(socks) if i not in closed]
+            for s in select.select(open_, [], [], 1)[0]:
+                try:
+                    gone = s.recv(1) == b""
+                except ConnectionResetError:
+                    gone = True
+                if gone:
+                    closed[socks.index(s)] = time.monotonic()
+        off = {i: round(closed[i] - last[i], 2) for i in closed
+               if not timeout[i] - 0.2 < closed[i] - last[i] < timeout[i] + 1.5}
+        assert len(closed) == len(socks) and not off, (len(closed), off)
+
+
 @limit(45)
 def test_park_requests_and_bytes_racing_the_park_are_never_lost():
     """park_after = 20 ms and pauses of 0 to 40 ms: requests (some pipelined in pairs) and
