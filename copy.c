@@ -282,7 +282,7 @@ static int timeout_ms(uint64_t deadline, uint64_t now) {
 enum wake copy_wait(struct conn *c, enum dir d, int fd, int may_leave) {
     struct seat *me = &c->seats[d];
     for (;;) {
-        if (atomic_load(&c->leave)) return WAKE_LEAVE;
+        if (may_leave && atomic_load(&c->leave)) return WAKE_LEAVE;
         if (atomic_load(&c->end)) return WAKE_ENDED;
         uint64_t now = mono_ns(), deadline = copy_deadline(c), until = deadline;
         if (deadline && now >= deadline) return WAKE_TIMEOUT;

@@ -71,7 +71,7 @@ static void head_done(struct conn *c) {
 static enum head wait_head(struct conn *c, struct stream *s, int fd) {
     char *spare = pool_head_take();
     enum wake w = copy_wait(c, UP, fd, spare != NULL);
-    if (w == WAKE_LEAVE) {
+    if (w == WAKE_LEAVE && spare) { /* it may leave only with a buffer to carry the part */
         memcpy(spare, s->buf + s->off, s->len - s->off);
         c->stash = spare;
         c->stash_len = s->len - s->off;

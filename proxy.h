@@ -364,7 +364,8 @@ struct seat {
 /* What copy_wait ended with. */
 enum wake {
     WAKE_READY,   /* fd is readable (bytes, EOF or an error): the read will not block */
-    WAKE_LEAVE,   /* c leaves its worker now (c->leave says why): nothing was read */
+    WAKE_LEAVE,   /* c leaves its worker now (c->leave says why): nothing was read; only
+                     when the caller said it may */
     WAKE_TIMEOUT, /* copy_deadline passed: the caller ends c as its state says */
     WAKE_ENDED,   /* c ended (an error on the other side, a stop) */
 };
