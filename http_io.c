@@ -65,20 +65,29 @@ static void head_done(struct conn *c) {
     c->head_deadline = c->head_cap = c->head_first = 0;
 }
 
-/* Waits for more of a request head (s holds part of it) on a worker, which it may leave when a
- * head buffer is free to carry the part: HEAD_LEAVE with the part in c->stash, HEAD_LOST when c
- * ended, or HEAD_OK when fd is readable or the head's time is up (the caller looks). */
-static enum head wait_head(struct conn *c, struct stream *s, int fd) {
-    char *spare = pool_head_take();
-    enum wake w = copy_wait(c, UP, fd, spare != NULL);
-    if (w == WAKE_LEAVE && spare) { /* it may leave only with a buffer to carry the part */
-        memcpy(spare, s->buf + s->off, s->len - s->off);
+/* Waits on a worker for a request's bytes (s holds none of it yet, or part of it): a safe
+ * point, where c may leave its worker, what it read of a head going with it in c->stash when a
+ * head buffer is free to carry it (with none free it keeps its worker). Returns HEAD_OK when fd
+ * is readable or the head's time is up (the caller looks), HEAD_LEAVE, HEAD_NONE when
+ * keepalive_timeout ended c between requests, or HEAD_LOST when c ended. */
+static enum head wait_request(struct conn *c, struct stream *s, int fd) {
+    size_t part = s->len - s->off;
+    char *spare = part ? pool_head_take() : NULL;
+    enum wake w = copy_wait(c, UP, fd, !part || spare);
+    if (w == WAKE_LEAVE && part && spare) {
+        memcpy(spare, s->buf + s->off, part);
         c->stash = spare;
-        c->stash_len = s->len - s->off;
+        c->stash_len = part;
         return HEAD_LEAVE;
     }
     if (spare) pool_head_give(spare);
-    return w == WAKE_ENDED ? HEAD_LOST : HEAD_OK;
+    if (w == WAKE_LEAVE) return HEAD_LEAVE;
+    if (w == WAKE_ENDED) return HEAD_LOST;
+    if (w == WAKE_TIMEOUT && !c->head_deadline) { /* keepalive_timeout */
+        conn_end(c, END_IDLE);
+        return HEAD_NONE;
+    }
+    return HEAD_OK;
 }
 
 /* Reads until s holds a whole head and parses it into m (a request if request: it must be whole
@@ -110,24 +119,10 @@ enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m
             *status = 408;
             return HEAD_BAD;
         }
-        /* Waiting for a request, or for the rest of one: a safe point, where c may leave its
-         * worker (what it read of a head goes with it). */
-        if (request && cfg.park_after) {
-            enum head h = HEAD_OK;
-            enum wake w = WAKE_READY;
-            if (s->len)
-                h = wait_head(c, s, fd);
-            else
-                w = copy_wait(c, UP, fd, 1);
+        if (request && cfg.park_after) { /* waiting for a request, or the rest of one */
+            enum head h = wait_request(c, s, fd);
             if (h != HEAD_OK) return h;
-            if (w == WAKE_LEAVE) return HEAD_LEAVE;
-            if (w == WAKE_ENDED) return HEAD_LOST;
-            if (w == WAKE_TIMEOUT && !c->head_deadline) { /* keepalive_timeout */
-                conn_end(c, END_IDLE);
-                return HEAD_NONE;
-            }
-            if (w == WAKE_TIMEOUT || (c->head_deadline && mono_ns() >= c->head_deadline))
-                continue; /* the head's time is up: 408 above */
+            if (c->head_deadline && mono_ns() >= c->head_deadline) continue; /* 408 above */
         }
         enum recv r = copy_recv(c, fd, s->buf + s->len, HEAD_MAX - s->len, &got);
         if (r == RECV_TICK && request && !c->head_deadline && !s->len && /* between requests */
