@@ -202,9 +202,11 @@ static void unwatch(struct conn *c) {
     }
 }
 
-/* Watches fd for direction d of c. Returns 0 or -1. */
-static int watch(struct conn *c, enum dir d, int fd) {
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.ptr = &c->watch[d]};
+/* Watches fd for direction d of c: for bytes or a hang-up, or (out) for a connect's end.
+ * Returns 0 or -1. */
+static int watch(struct conn *c, enum dir d, int fd, int out) {
+    struct epoll_event ev = {.events = out ? EPOLLOUT : EPOLLIN | EPOLLRDHUP,
+                             .data.ptr = &c->watch[d]};
     c->watch[d] = (struct watch){.c = c, .fd = fd};
     if (epoll_ctl(a.ep, EPOLL_CTL_ADD, fd, &ev) == 0) return 0;
     c->watch[d].c = NULL;
@@ -214,14 +216,18 @@ static int watch(struct conn *c, enum dir d, int fd) {
 /* Takes in a connection a worker parked. A relay is watched on each side that has not reached
  * EOF (a half-closed socket is always readable: watching it would bounce c between here and
  * the pool forever); a connection between requests or in a request head on its client, and on
- * its kept-alive upstream connection, which may close meanwhile. Its deadline is the one it
- * had on its worker (copy_deadline): the same rule parked or not. */
+ * its kept-alive upstream connection, which may close meanwhile; one in a dial on its lookup
+ * or connect alone (its client may have sent more already: that waits for the upstream). Its
+ * deadline is the one it had on its worker (copy_deadline): the same rule parked or not. */
 static void enter(struct conn *c) {
     int ok = 1;
     c->watch[UP].c = c->watch[DOWN].c = NULL;
-    if (!c->relay || !c->eof[UP]) ok = watch(c, UP, c->client) == 0;
-    if (ok && c->upstream >= 0 && (!c->relay || !c->eof[DOWN]))
-        ok = watch(c, DOWN, c->upstream) == 0;
+    if (c->dial)
+        ok = watch(c, DOWN, c->dial->fd, c->dial->out) == 0;
+    else if (!c->relay || !c->eof[UP])
+        ok = watch(c, UP, c->client, 0) == 0;
+    if (ok && !c->dial && c->upstream >= 0 && (!c->relay || !c->eof[DOWN]))
+        ok = watch(c, DOWN, c->upstream, 0) == 0;
     if (!ok) { /* the kernel would not watch it (out of memory): serve it instead of losing it */
         unwatch(c);
         pool_resume(c);
@@ -243,7 +249,7 @@ static void leave_room(struct conn *c) {
 static void woken(struct watch *w) {
     struct conn *c = w->c;
     if (!c) return; /* stale: c left the room earlier in this batch */
-    if (!c->relay && w == &c->watch[DOWN]) {
+    if (!c->relay && !c->dial && w == &c->watch[DOWN]) {
         /* The kept-alive upstream connection closed, or spoke out of turn: it can carry no
          * further request. The client stays parked; its next request opens a new one. */
         epoll_ctl(a.ep, EPOLL_CTL_DEL, c->upstream, NULL);
@@ -257,13 +263,14 @@ static void woken(struct watch *w) {
 }
 
 /* Ends the waits whose time is up: closed here, but for one in a request head, which is owed
- * a 408 and goes back to a worker to get it. */
+ * a 408, and one in a dial, which tries its next address or is owed a 504: each goes back to a
+ * worker for that. */
 static void expire(uint64_t now) {
     while (a.nheap && a.heap[0]->deadline <= now) {
         struct conn *c = a.heap[0];
         leave_room(c);
         atomic_fetch_add(&stats.room_timeouts, 1);
-        if (c->head_deadline)
+        if (c->head_deadline || c->dial)
             pool_resume(c);
         else
             pool_close_parked(c, END_IDLE);

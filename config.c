@@ -426,9 +426,8 @@ void config_plan(const struct config *c, FILE *o) {
     if (c->park_after && c->time_slice)
         fprintf(o,
                 "turns: beyond %d busy connections they take turns of %d ms (a round of N "
-                "busy ones takes N / %d x %d ms); a connect, a name lookup and an http request "
-                "waiting for its answer hold their worker throughout: add workers for those "
-                "you expect at once\n",
+                "busy ones takes N / %d x %d ms); an http request waiting for its answer "
+                "holds its worker throughout: add workers for those you expect at once\n",
                 c->workers, c->time_slice, c->workers, c->time_slice);
     if (c->park_after)
         fprintf(o, "park_after %d ms, time_slice %d ms%s", c->park_after, c->time_slice,

@@ -226,9 +226,11 @@ void copy_loop_done(struct conn *c, enum dir d) {
 }
 
 /* The deadline of what c waits for, the same on a worker and in the waiting room (0: none): a
- * request head's (c->head_deadline); a relay's, last byte + idle_timeout; an http connection's
- * between requests, last byte + keepalive_timeout. */
+ * dial's, for its lookup or connect in progress (connect_timeout); a request head's
+ * (c->head_deadline); a relay's, last byte + idle_timeout; an http connection's between
+ * requests, last byte + keepalive_timeout. */
 uint64_t copy_deadline(struct conn *c) {
+    if (c->dial) return c->dial->until;
     if (c->head_deadline) return c->head_deadline;
     int s = c->relay ? cfg.idle_timeout : cfg.keepalive_timeout;
     return s ? atomic_load(&c->last_ns) + (uint64_t)s * 1000000000u : 0;
@@ -247,16 +249,18 @@ static int on_client(struct conn *c) {
 }
 
 /* Whether c, one of whose loops is about to wait (the last awake one if last), should leave its
- * worker now. While others wait: once its time slice is over (a turn); or, with nothing to do
- * (LEAVE_PARK), at once if it never moved a byte, and after QUIET_MS if it waits on its
- * client, which may think for seconds. One waiting for an upstream's answer keeps its worker
- * to the end of its slice: the answer is on its way, and parking those under load filled the
- * queue with their own wake-ups. With nobody waiting: once it was quiet for park_after. Else
- * moves *until to the moment that answer may change. Only the last loop to wait keeps an eye
- * on the clock; the other is woken by its bytes or its bell. */
+ * worker now. While others wait: at once in a dial (its connect or lookup is nothing a worker
+ * can speed up, and a black-holed upstream would hold one for connect_timeout); once its time
+ * slice is over (a turn); or, with nothing to do (LEAVE_PARK), at once if it never moved a
+ * byte, and after QUIET_MS if it waits on its client, which may think for seconds. One waiting for
+ * an upstream's answer keeps its worker to the end of its slice: the answer is on its way, and
+ * parking those under load filled the queue with their own wake-ups. With nobody waiting: once it
+ * was quiet for park_after. Else moves *until to the moment that answer may change. Only the last
+ * loop to wait keeps an eye on the clock; the other is woken by its bytes or its bell. */
 static enum leave due(struct conn *c, uint64_t now, int last, uint64_t *until) {
     int others = atomic_load(&stats.waiting) > 0;
     uint64_t last_ns = atomic_load(&c->last_ns), quiet = (uint64_t)cfg.park_after;
+    if (c->dial) return others ? LEAVE_PARK : LEAVE_NO;
     if (others && cfg.time_slice && now >= c->slice_end) return LEAVE_TURN;
     if (!last) return LEAVE_NO;
     if (others && last_ns == c->start_ns) return LEAVE_PARK;
@@ -275,11 +279,13 @@ static int timeout_ms(uint64_t deadline, uint64_t now) {
     return ms > INT_MAX ? INT_MAX : (int)ms;
 }
 
-/* Waits, on the thread of seat d, until fd can be read without blocking, or, if may_leave,
- * until c should leave its worker (due). A blocked read could not be woken to leave; poll on the
- * socket and the thread's bell can, and a ring that comes before the thread blocks is not lost: the
- * bell stays readable until the thread takes it. */
-enum wake copy_wait(struct conn *c, enum dir d, int fd, int may_leave) {
+/* Waits, on the thread of seat d, until fd is ready for events (POLLIN: a read will not block;
+ * POLLOUT: a connect is done), or, if may_leave, until c should leave its worker (due). A
+ * blocked read could not be woken to leave; poll on the socket and the thread's bell can, and
+ * a ring that comes before the thread blocks is not lost: the bell stays readable until the
+ * thread takes it. A dial waits on an fd conn_end does not shut: the client's hang-up, which
+ * conn_end causes, wakes it. */
+enum wake copy_wait(struct conn *c, enum dir d, int fd, short events, int may_leave) {
     struct seat *me = &c->seats[d];
     for (;;) {
         if (may_leave && atomic_load(&c->leave)) return WAKE_LEAVE;
@@ -292,11 +298,14 @@ enum wake copy_wait(struct conn *c, enum dir d, int fd, int may_leave) {
         int last = atomic_fetch_sub(&c->awake, 1) == 1 && may_leave;
         atomic_store(&me->sleeping, last);
         enum leave why = may_leave ? due(c, now, last, &until) : LEAVE_NO;
-        struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = me->bell, .events = POLLIN}};
+        struct pollfd p[3] = {{.fd = fd, .events = events},
+                              {.fd = me->bell, .events = POLLIN},
+                              {.fd = c->client, .events = 0}}; /* hang-ups only */
+        nfds_t nfds = fd == c->client || fd == c->upstream ? 2 : 3;
         /* A turn ends without a look at the socket. Nothing to do is checked once more, with
          * a poll that does not wait: bytes already there (the very ones that woke a parked
          * connection) are read first. */
-        int n = why == LEAVE_TURN ? 0 : poll(p, 2, why ? 0 : timeout_ms(until, now));
+        int n = why == LEAVE_TURN ? 0 : poll(p, nfds, why ? 0 : timeout_ms(until, now));
         atomic_store(&me->sleeping, 0);
         atomic_fetch_add(&c->awake, 1);
         if (n > 0 && p[0].revents) return WAKE_READY;
@@ -304,6 +313,7 @@ enum wake copy_wait(struct conn *c, enum dir d, int fd, int may_leave) {
             ask_leave(c, d, why);
             return WAKE_LEAVE;
         }
+        if (n > 0 && nfds == 3 && p[2].revents) conn_end(c, END_CLIENT); /* reset, or ended */
         if (n > 0 && p[1].revents) {
             uint64_t rang;
             if (read(me->bell, &rang, sizeof rang) < 0) rang = 0; /* another took it: fine */
@@ -328,7 +338,7 @@ static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t
             if (pause) nanosleep(&ts, NULL);
         }
         if (wait) {
-            enum wake w = copy_wait(c, d, from, 1);
+            enum wake w = copy_wait(c, d, from, POLLIN, 1);
             if (w == WAKE_LEAVE) return -2;
             if (w == WAKE_ENDED) return -1;
             if (w == WAKE_TIMEOUT) {

@@ -45,7 +45,12 @@ enum next {
 };
 
 /* Where c->upstream stands after route(). */
-enum route { ROUTE_FAILED, ROUTE_NEW, ROUTE_REUSED };
+enum route {
+    ROUTE_FAILED, /* no connection could be made (errno says why) */
+    ROUTE_LEFT,   /* c leaves its worker while the connection is made (dial) */
+    ROUTE_NEW,
+    ROUTE_REUSED
+};
 
 /* How relaying a response went. */
 enum answer {
@@ -54,6 +59,7 @@ enum answer {
     ANSWER_BAD,   /* a response we refuse (bad head, an unasked 101): nothing reached the client */
     ANSWER_CUT,   /* the upstream failed after response bytes reached the client */
     ANSWER_ENDED, /* the connection ended: the client left, idle_timeout, a stop */
+    ANSWER_LEFT,  /* nothing was sent: c leaves its worker while its upstream connection is made */
 };
 
 #define HTTP_METHODS 9
@@ -183,17 +189,40 @@ static int upstream_clean(struct worker *w, struct conn *c) {
     return recv(c->upstream, &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN;
 }
 
+/* Connects c to host:port, or to the configured upstreams (host NULL), for the request read
+ * into the worker's in[UP]. While others wait for a worker, c leaves its worker while the
+ * connection is made (upstream_connect) if a head buffer is free to carry the request (c->stash:
+ * all of in[UP], from the head on, which is read again when a worker takes c back and finds its
+ * dial in progress: the request is handled from the start). Returns the fd, or -1 with errno
+ * (EINPROGRESS: c leaves). */
+static int dial(struct worker *w, struct conn *c, const char *host, int port) {
+    struct stream *in = &((struct http_worker *)w->scratch)->in[UP];
+    char *spare = cfg.park_after ? pool_head_take() : NULL;
+    int fd = upstream_connect(c, host, port, spare != NULL);
+    if (fd < 0 && errno == EINPROGRESS && spare) { /* it may leave only with a spare */
+        memcpy(spare, in->buf, in->len); /* the head starts the buffer: http_read_head */
+        c->stash = spare;
+        c->stash_len = in->len;
+        return -1;
+    }
+    int e = errno;
+    if (spare) pool_head_give(spare);
+    errno = e;
+    return fd;
+}
+
 /* Makes c->upstream a usable connection to where t goes (c->route names it: "host:port", or
  * "=" for the configured upstreams), keeping the open one when it goes there and is clean.
- * ROUTE_REUSED or ROUTE_NEW; ROUTE_FAILED with errno when no connection could be made. */
+ * ROUTE_REUSED or ROUTE_NEW; ROUTE_FAILED with errno when no connection could be made;
+ * ROUTE_LEFT when c leaves its worker while it is made (dial). */
 static enum route route(struct worker *w, struct conn *c, const struct target *t) {
     char want[sizeof c->route] = "=";
     const char *host = t->authority ? t->host : NULL;
     if (host) snprintf(want, sizeof want, "%s:%d", host, t->port);
     if (c->upstream >= 0 && !strcmp(c->route, want) && upstream_clean(w, c)) return ROUTE_REUSED;
     end_upstream(w, c);
-    int fd = host ? upstream_dial(c, host, t->port) : upstream_open(c);
-    if (fd < 0) return ROUTE_FAILED;
+    int fd = dial(w, c, host, t->port);
+    if (fd < 0) return errno == EINPROGRESS ? ROUTE_LEFT : ROUTE_FAILED;
     pool_set_upstream(w, fd);
     snprintf(c->route, sizeof c->route, "%s", want);
     return ROUTE_NEW;
@@ -381,6 +410,7 @@ static enum answer exchange(struct worker *w, struct conn *c, const struct msg *
     struct http_worker *h = w->scratch;
     for (int attempt = 0;; attempt++) {
         enum route r = route(w, c, t);
+        if (r == ROUTE_LEFT) return ANSWER_LEFT;
         if (r == ROUTE_FAILED) {
             x->unreachable = dial_status(errno);
             return ANSWER_BAD;
@@ -424,6 +454,7 @@ static enum next forward(struct worker *w, struct conn *c, const struct msg *m, 
     x->close_client = 1;
     x->unreachable = 502;
     enum answer a = exchange(w, c, m, x, t);
+    if (a == ANSWER_LEFT) return NEXT_PARK; /* it comes back to this request (dial) */
     enum next next = a == ANSWER_DONE && !x->close_client ? NEXT_READ : NEXT_CLOSE;
     if (a == ANSWER_BAD || a == ANSWER_NONE) reply(c, x->unreachable, 0);
     if (a == ANSWER_CUT) conn_end(c, END_UPSTREAM); /* the client sees the response cut short */
@@ -469,7 +500,8 @@ static enum next tunnel(struct worker *w, struct conn *c, const struct msg *m) {
         return refuse(c, 400, 0);
     if (!auth_port_allowed(cfg.connect_ports, port)) return refuse(c, 403, 0);
     end_upstream(w, c);
-    int fd = upstream_dial(c, host, port);
+    int fd = dial(w, c, host, port);
+    if (fd < 0 && errno == EINPROGRESS) return NEXT_PARK; /* it comes back to this request */
     if (fd < 0) return refuse(c, dial_status(errno), 0);
     pool_set_upstream(w, fd);
     if (copy_send(c, c->client, ok, sizeof ok - 1) < 0) {
@@ -516,18 +548,21 @@ static int admit_request(struct conn *c, const struct msg *m) {
 }
 
 /* Handles one parsed request: its target, then admission (loop check, auth), then CONNECT's
- * tunnel or forwarding. */
+ * tunnel or forwarding. A request whose dial left its worker is handled again from here when
+ * c is back (c->dial): the same steps lead to the same dial, and it is counted and timed once. */
 static enum next request(struct worker *w, struct conn *c, const struct msg *m) {
     struct http_worker *h = w->scratch;
     struct exchange x = {0};
     struct target t;
+    int again = c->dial != NULL;
     h->in[UP].off = m->size; /* the head is read; what follows is body or the next request */
-    c->req = (struct request_log){
-        .start_ns = mono_ns(), .bytes0 = {c->bytes[UP], c->bytes[DOWN]}, .target = "-"};
+    c->req = (struct request_log){.start_ns = again ? c->req.start_ns : mono_ns(),
+                                  .bytes0 = {c->bytes[UP], c->bytes[DOWN]},
+                                  .target = "-"};
     snprintf(c->req.method, sizeof c->req.method, "%.*s", (int)m->mlen, m->method);
     /* Methods are case-sensitive (RFC 9110 9.1): "head" is not HEAD; its response has a body. */
     x.is_head = !strcmp(c->req.method, "HEAD");
-    count_method(c->req.method);
+    if (!again) count_method(c->req.method);
 
     int status = parse_target(c, m, &t);
     if (status) return refuse(c, status, 0);

@@ -4,6 +4,7 @@
  * lines are parsed by http_parse.c. */
 #include "proxy.h"
 
+#include <poll.h>
 #include <string.h>
 
 /* The reason phrase of a status the proxy answers with itself. */
@@ -73,7 +74,7 @@ static void head_done(struct conn *c) {
 static enum head wait_request(struct conn *c, struct stream *s, int fd) {
     size_t part = s->len - s->off;
     char *spare = part ? pool_head_take() : NULL;
-    enum wake w = copy_wait(c, UP, fd, !part || spare);
+    enum wake w = copy_wait(c, UP, fd, POLLIN, !part || spare);
     if (w == WAKE_LEAVE && part && spare) {
         memcpy(spare, s->buf + s->off, part);
         c->stash = spare;

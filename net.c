@@ -1,5 +1,6 @@
-/* net.c — sockets and addresses, the bottom layer: listeners, connecting with a deadline, the
- * socket options the copy loops rely on, name lookups that can be given up on, addresses
+/* net.c — sockets and addresses, the bottom layer: listeners, connects that do not block
+ * (started, then finished once the socket is writable), the socket options the copy loops rely
+ * on, name lookups on threads of their own that ring an eventfd when done, addresses
  * ("host:port") and networks ("10.0.0.0/8"). It calls nothing of the proxy's own. A failure is
  * -1 with errno, or -1 with a reason in err where a person has to read why (a config value). */
 #include "proxy.h"
@@ -9,9 +10,9 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -70,64 +71,49 @@ int net_owns(const struct addr *a) {
     return rc == 0;
 }
 
-/* Waits for fd's connect in progress to complete, in slices of tick_ms so that a stop is seen.
- * Returns 0, or -1 with errno: the connect's own error, ETIMEDOUT at the deadline, ECANCELED
- * once *stop is nonzero. */
-static int connected(int fd, uint64_t deadline, const _Atomic int *stop, int tick_ms) {
-    struct pollfd p = {.fd = fd, .events = POLLOUT};
-    for (;;) {
-        uint64_t now = mono_ns();
-        if (stop && atomic_load(stop)) {
-            errno = ECANCELED;
-            return -1;
-        }
-        if (now >= deadline) {
-            errno = ETIMEDOUT;
-            return -1;
-        }
-        uint64_t left_ms = (deadline - now + 999999) / 1000000;
-        int n = poll(&p, 1, left_ms < (uint64_t)tick_ms ? (int)left_ms : tick_ms);
-        if (n > 0) break;
-        if (n < 0 && errno != EINTR) return -1;
-    }
-    /* Writable without an error or a hang-up: connected, and a getsockopt saved per connect. */
-    if (!(p.revents & (POLLERR | POLLHUP))) return 0;
+/* Starts connecting to a: a non-blocking socket, so that the wait for it can be given up on or
+ * left (a blocking connect with SO_SNDTIMEO would hold its thread for the whole timeout). Its
+ * connect is done, or in progress, when fd becomes writable; then net_connect_done. Returns the
+ * fd, or -1 with errno (a connect refused at once, no fds). */
+int net_connect_start(const struct addr *a) {
+    int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) return -1;
+    if (connect(fd, (const struct sockaddr *)&a->sa, a->len) < 0 && errno != EINPROGRESS)
+        return close_failed(fd);
+    return fd;
+}
+
+/* Finishes the connect net_connect_start began, once fd is writable: its result, and the
+ * socket made ready for the copy loops (blocking, net_prepare, a tick of tick_ms). Returns 0,
+ * or -1 with the connect's errno; the caller closes fd either way when it fails. */
+int net_connect_done(int fd, int tick_ms) {
     int err = 0;
     socklen_t len = sizeof err;
     if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return -1;
-    errno = err;
-    return err ? -1 : 0;
-}
-
-/* Connects to a by deadline (monotonic ns), giving up once *stop is nonzero (NULL: never);
- * the socket is then prepared (net_prepare) with a tick of tick_ms. Returns the fd, or -1
- * with errno (ETIMEDOUT at the deadline, ECANCELED on a stop). */
-int net_connect(const struct addr *a, uint64_t deadline, const _Atomic int *stop, int tick_ms) {
-    /* Non-blocking, and waited on with poll: a blocking connect with SO_SNDTIMEO would hold a
-     * stop until its whole timeout ran out. */
-    int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0) return -1;
-    int rc = connect(fd, (const struct sockaddr *)&a->sa, a->len);
-    if (rc < 0 && errno == EINPROGRESS) rc = connected(fd, deadline, stop, tick_ms);
-    if (rc < 0) return close_failed(fd);
-    /* Blocking again: the copy loops wait in blocking calls that wake every tick. */
-    if (fcntl(fd, F_SETFL, 0) < 0) return close_failed(fd);
+    if (err) {
+        errno = err;
+        return -1;
+    }
+    /* Blocking again: the copy loops wait in poll, then read or write. */
+    if (fcntl(fd, F_SETFL, 0) < 0) return -1;
     net_prepare(fd);
     net_set_tick(fd, tick_ms);
-    return fd;
+    return 0;
 }
 
 /* ---- name lookups --------------------------------------------------------------------- */
 
 /* A lookup handed to a thread of its own: getaddrinfo cannot be interrupted and may take many
- * seconds, and the asker must be able to give up on it (a stop, its deadline). The asker and
- * the resolver thread share it; the last of them to let go frees it. */
+ * seconds, and the asker must be able to give up on it (a stop, its deadline) or leave its
+ * worker meanwhile. The resolver rings an eventfd when it is done, so that the asker can wait
+ * for it in poll (copy_wait) and the waiting room in epoll. The asker and the resolver thread
+ * share the record; the last of them to let go frees it. */
 struct lookup {
     pthread_mutex_t mu;
-    pthread_cond_t cv;          /* signalled when done is set */
     int holders;                /* (mu) the asker, and the thread once started; 0 frees */
     int done, rc;               /* (mu) the resolver has finished, with getaddrinfo's result */
     struct addrinfo *res;       /* (mu) its addresses, freed with the record */
+    int done_fd;                /* eventfd: readable once done is set; closed with the record */
     char host[256], service[8]; /* written before the thread starts, then read-only */
 };
 
@@ -148,13 +134,13 @@ static int copy_addrs(const struct addrinfo *res, struct addr *out, int max) {
 }
 
 /* Lets go of l; the last holder frees it. */
-static void lookup_release(struct lookup *l) {
+void net_lookup_drop(struct lookup *l) {
     pthread_mutex_lock(&l->mu);
     int last = --l->holders == 0;
     pthread_mutex_unlock(&l->mu);
     if (!last) return;
     if (l->res) freeaddrinfo(l->res);
-    pthread_cond_destroy(&l->cv);
+    close(l->done_fd);
     pthread_mutex_destroy(&l->mu);
     free(l);
 }
@@ -165,14 +151,16 @@ static void *resolver_main(void *arg) {
     struct lookup *l = arg;
     struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV};
     struct addrinfo *res = NULL;
+    uint64_t one = 1;
     int rc = getaddrinfo(l->host, l->service, &hints, &res);
     pthread_mutex_lock(&l->mu);
     l->rc = rc;
     l->res = rc ? NULL : res;
     l->done = 1;
-    pthread_cond_signal(&l->cv);
+    if (write(l->done_fd, &one, sizeof one) < 0) { /* cannot fail: a fresh counter */
+    }
     pthread_mutex_unlock(&l->mu);
-    lookup_release(l);
+    net_lookup_drop(l);
     atomic_fetch_sub(&lookups, 1);
     return NULL;
 }
@@ -180,13 +168,13 @@ static void *resolver_main(void *arg) {
 /* Makes a lookup record for host and service, held by the asker. Returns it, or NULL. */
 static struct lookup *lookup_new(const char *host, const char *service) {
     struct lookup *l = calloc(1, sizeof *l);
-    pthread_condattr_t ca;
     if (!l) return NULL;
+    l->done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (l->done_fd < 0) {
+        free(l);
+        return NULL;
+    }
     pthread_mutex_init(&l->mu, NULL);
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* deadlines are mono_ns() */
-    pthread_cond_init(&l->cv, &ca);
-    pthread_condattr_destroy(&ca);
     l->holders = 1;
     snprintf(l->host, sizeof l->host, "%s", host);
     snprintf(l->service, sizeof l->service, "%s", service);
@@ -216,44 +204,37 @@ static int lookup_start(struct lookup *l) {
     return -1;
 }
 
-/* Waits for l in slices of tick_ms until it is done, the deadline passes or *stop is nonzero,
- * then copies its addresses. Returns how many, or -1 with errno. */
-static int lookup_wait(struct lookup *l, struct addr *out, int max, uint64_t deadline,
-                       const _Atomic int *stop, int tick_ms) {
-    int n = -1, err = 0;
+/* The fd that becomes readable once l is done: wait on it, then net_lookup_take. */
+int net_lookup_fd(const struct lookup *l) {
+    return l->done_fd;
+}
+
+/* Takes the addresses of l, which is done (its fd was readable): at most max into out, and
+ * lets go of l. Returns how many, or -1 with errno (EHOSTUNREACH: the name did not resolve). */
+int net_lookup_take(struct lookup *l, struct addr *out, int max) {
     pthread_mutex_lock(&l->mu);
-    while (!l->done) {
-        uint64_t now = mono_ns(), wake = now + (uint64_t)tick_ms * 1000000u;
-        if (stop && atomic_load(stop)) {
-            err = ECANCELED;
-            break;
-        }
-        if (now >= deadline) {
-            err = ETIMEDOUT;
-            break;
-        }
-        if (wake > deadline) wake = deadline;
-        struct timespec ts = {(time_t)(wake / 1000000000u), (long)(wake % 1000000000u)};
-        pthread_cond_timedwait(&l->cv, &l->mu, &ts);
-    }
-    if (l->done && l->rc) err = EHOSTUNREACH;
+    int n = -1;
+    errno = EHOSTUNREACH;
     if (l->done && !l->rc) n = copy_addrs(l->res, out, max); /* sets errno if it fails */
+    int e = errno;
     pthread_mutex_unlock(&l->mu);
-    if (err) errno = err;
+    net_lookup_drop(l);
+    errno = e;
     return n;
 }
 
-/* Resolves host:port into at most max addresses, in the resolver's order, by deadline (mono
- * ns), giving up once *stop is nonzero (NULL: never). Returns how many, or -1 with errno
- * (EHOSTUNREACH when the name does not resolve, ETIMEDOUT, ECANCELED, EAGAIN). */
-int net_resolve(const char *host, int port, struct addr *out, int max, uint64_t deadline,
-                const _Atomic int *stop, int tick_ms) {
+/* Resolves host:port into at most max addresses, in the resolver's order. An address needs no
+ * lookup: returns how many at once. A name is looked up on a thread of its own: returns 0
+ * with *l set, a lookup to wait for (net_lookup_fd) and take (net_lookup_take) or drop
+ * (net_lookup_drop). Or -1 with errno (EHOSTUNREACH when it cannot resolve; EAGAIN: too many
+ * lookups at once). */
+int net_resolve(const char *host, int port, struct addr *out, int max, struct lookup **l) {
     struct addrinfo hints = {.ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_NUMERICSERV | AI_NUMERICHOST};
     struct addrinfo *res;
     char service[8];
     snprintf(service, sizeof service, "%d", port);
-    /* An address needs no lookup: no thread, nothing to wait for (127.0.0.1, the benchmarks). */
+    /* An address: no thread, nothing to wait for (127.0.0.1, the benchmarks). */
     int rc = getaddrinfo(host, service, &hints, &res);
     if (rc == 0) {
         int n = copy_addrs(res, out, max);
@@ -264,13 +245,13 @@ int net_resolve(const char *host, int port, struct addr *out, int max, uint64_t 
         errno = EHOSTUNREACH;
         return -1;
     }
-    struct lookup *l = lookup_new(host, service);
-    if (!l) return -1;
-    int n = lookup_start(l) < 0 ? -1 : lookup_wait(l, out, max, deadline, stop, tick_ms);
+    if (!(*l = lookup_new(host, service))) return -1;
+    if (lookup_start(*l) == 0) return 0;
     int e = errno;
-    lookup_release(l);
+    net_lookup_drop(*l);
+    *l = NULL;
     errno = e;
-    return n;
+    return -1;
 }
 
 /* ---- addresses ------------------------------------------------------------------------ */

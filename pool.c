@@ -252,6 +252,7 @@ static void retire(struct conn *c) {
     close(c->client);
     if (c->upstream >= 0) close(c->upstream);
     if (c->stash) pool_head_give(c->stash);
+    upstream_drop(c);
     stats_conn_done(c);
     if (mode->done) mode->done(c);
     release(c);

@@ -85,15 +85,25 @@ void net_prepare(int fd);
 void net_set_tick(int fd, int ms);
 /* Whether this host owns a's IP (any port): a socket can bind to it. */
 int net_owns(const struct addr *a);
-/* Connects to a by deadline (monotonic ns), giving up once *stop is nonzero (NULL: never);
- * the socket is then prepared (net_prepare) with a tick of tick_ms. Returns the fd, or -1
- * with errno (ETIMEDOUT at the deadline, ECANCELED on a stop). */
-int net_connect(const struct addr *a, uint64_t deadline, const _Atomic int *stop, int tick_ms);
-/* Resolves host:port into at most max addresses, in the resolver's order, by deadline (mono
- * ns), giving up once *stop is nonzero (NULL: never). Returns how many, or -1 with errno
- * (EHOSTUNREACH when the name does not resolve, ETIMEDOUT, ECANCELED, EAGAIN). */
-int net_resolve(const char *host, int port, struct addr *out, int max, uint64_t deadline,
-                const _Atomic int *stop, int tick_ms);
+/* Starts connecting to a (non-blocking): done or failed once fd is writable, then
+ * net_connect_done. Returns the fd, or -1 with errno. */
+int net_connect_start(const struct addr *a);
+/* Finishes a connect once fd is writable: its result, and the socket made blocking and
+ * prepared (net_prepare) with a tick of tick_ms. Returns 0, or -1 with the connect's errno. */
+int net_connect_done(int fd, int tick_ms);
+/* A name lookup running on a thread of its own (net.c). */
+struct lookup;
+/* Resolves host:port into at most max addresses: an address at once (returns how many); a name
+ * on a thread of its own (returns 0 with *l set: wait for net_lookup_fd, then net_lookup_take,
+ * or net_lookup_drop). -1 with errno (EHOSTUNREACH, EAGAIN: too many lookups at once). */
+int net_resolve(const char *host, int port, struct addr *out, int max, struct lookup **l);
+/* The fd that becomes readable once l is done. */
+int net_lookup_fd(const struct lookup *l);
+/* Takes the addresses of l, which is done, and lets go of it. Returns how many, or -1 with
+ * errno (EHOSTUNREACH: the name did not resolve). */
+int net_lookup_take(struct lookup *l, struct addr *out, int max);
+/* Lets go of l, done or not: its thread frees it if it still runs. */
+void net_lookup_drop(struct lookup *l);
 
 /* Parses "host:port", "[v6]:port" or "*:port" (resolving names). Returns 0, or -1 with a
  * reason in err. */
@@ -244,9 +254,12 @@ struct conn {
                                progress. The waiting room reads it too: copy_deadline */
     uint64_t head_cap;      /* http, the front thread: header_timeout's bound for this head */
     uint64_t head_first;    /* http, the front thread: when its first byte came; 0: none yet */
-    char *stash;            /* http, the front thread: a head read in part, carried while c is
-                               parked (a buffer of pool.c's; retire gives it back); NULL: none */
+    char *stash;            /* http, the front thread: a head read in part, or a request whose
+                               dial left its worker, carried while c is parked (a buffer of
+                               pool.c's; retire gives it back); NULL: none */
     size_t stash_len;
+    struct dial *dial; /* the front thread: the upstream connection being made (upstream.c),
+                          which c may leave its worker in; the waiting room watches its fd */
     struct rate {
         uint64_t from;  /* when the body's clock started; 0: no body is timed */
         uint64_t bytes; /* read since */
@@ -363,7 +376,7 @@ struct seat {
 
 /* What copy_wait ended with. */
 enum wake {
-    WAKE_READY,   /* fd is readable (bytes, EOF or an error): the read will not block */
+    WAKE_READY,   /* fd is ready (bytes, EOF, a connect done, or an error): no block */
     WAKE_LEAVE,   /* c leaves its worker now (c->leave says why): nothing was read; only
                      when the caller said it may */
     WAKE_TIMEOUT, /* copy_deadline passed: the caller ends c as its state says */
@@ -385,16 +398,18 @@ int copy_send(struct conn *c, int to, const char *p, size_t n);
  * c->eof[d] set); STREAM_LEAVE when c leaves its worker (c->leave); STREAM_ENDED when the
  * connection ended. It leaves only between reads: no byte is read and left behind. */
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d);
-/* Waits, on the thread of seat d, until fd can be read without blocking, or, if may_leave,
- * until c should leave its worker: its slice is over while others wait (LEAVE_TURN), or it has
- * nothing to do (LEAVE_PARK: all its loops wait and no byte moved for park_after; while others
- * wait, it is new and never moved a byte, or it waits on its client and no byte moved for
- * QUIET_MS). Wakes for nothing else than bytes, its deadlines (copy_deadline, the park's, the
- * slice's) and its bell. */
-enum wake copy_wait(struct conn *c, enum dir d, int fd, int may_leave);
+/* Waits, on the thread of seat d, until fd is ready for events (POLLIN: can be read without
+ * blocking; POLLOUT: a connect is done), or, if may_leave, until c should leave its worker: its
+ * slice is over while others wait (LEAVE_TURN), or it has nothing to do (LEAVE_PARK: all its
+ * loops wait and no byte moved for park_after; while others wait, it is dialling, or it is new
+ * and never moved a byte, or it waits on its client and no byte moved for QUIET_MS). Wakes for
+ * nothing else than bytes, its deadlines (copy_deadline, the park's, the slice's) and its
+ * bell. */
+enum wake copy_wait(struct conn *c, enum dir d, int fd, short events, int may_leave);
 /* The deadline of what c waits for, the same on a worker and in the waiting room (0: none): a
- * request head's (c->head_deadline); a relay's, last byte + idle_timeout; an http connection's
- * between requests, last byte + keepalive_timeout. */
+ * dial's lookup or connect (connect_timeout); a request head's (c->head_deadline); a relay's,
+ * last byte + idle_timeout; an http connection's between requests, last byte +
+ * keepalive_timeout. */
 uint64_t copy_deadline(struct conn *c);
 /* Starts timing the body read in direction d against min_rate: read slower, it ends c
  * (END_SLOW). */
@@ -424,9 +439,6 @@ unsigned upstream_hash(const struct addr *client, unsigned n);
 /* Whether a connect that failed with err counts against the upstream (marks it down): not when
  * the shortage was our own (fds, memory, buffers, local ports) or the connection ended. */
 int upstream_at_fault(int err);
-/* Chooses an upstream for c by cfg.balance, skipping ones marked down, failing over in
- * order, and connects. Sets c->chosen; returns the fd, or -1 when every upstream failed. */
-int upstream_open(struct conn *c);
 /* Tells the dial path the proxy's own listeners (as bound: port 0 resolved, unmapped), which no
  * request may reach. Called once, before the pool starts. */
 void upstream_own(const struct addr *listeners, int n);
@@ -434,11 +446,34 @@ void upstream_own(const struct addr *listeners, int n);
  * local_destinations = deny, not to a loopback, link-local or unspecified address, nor to any
  * address this host owns. */
 int upstream_allowed(const struct addr *a);
-/* Connects c to host:port (a name from a request): its first DIAL_ADDRESSES addresses in
- * turn, all within one connect_timeout, giving up when c ends. Returns the fd, or -1 with
- * errno (EACCES when an address is not allowed, ETIMEDOUT on timeout, ECANCELED when c
- * ended). */
-int upstream_dial(struct conn *c, const char *host, int port);
+/* A dial in progress: a name's lookup, then connects to its candidates in turn. It is c's own
+ * (c->dial), allocated when it starts, so that c may leave its worker in the middle of it; the
+ * waiting room then watches fd until the step in progress is done or its time (until) is up.
+ * Whoever has c owns it: the front thread of its worker, or the waiting room, which only reads
+ * fd, out and until (copy_deadline). */
+struct dial {
+    char key[272];             /* where it goes: "host:port", or "" for the configured upstreams */
+    int fd;                    /* what the step in progress waits on: the lookup's eventfd (out 0)
+                                  or the socket connecting (out 1); -1: none */
+    int out;                   /* fd is a socket connecting: it waits to be writable */
+    struct lookup *lookup;     /* the lookup in progress, or NULL */
+    uint64_t deadline;         /* a name's: one connect_timeout for the lookup and every address */
+    uint64_t until;            /* the step in progress is given up on then */
+    int n, next;               /* candidates, and the next to try */
+    int err;                   /* why the last try failed (an errno) */
+    uint8_t up[MAX_UPSTREAMS]; /* the configured upstreams: indexes into cfg.up, in turn */
+    struct addr a[DIAL_ADDRESSES]; /* a name's addresses, in the resolver's order */
+};
+/* Connects c to where it goes: host:port from a request (its first DIAL_ADDRESSES addresses in
+ * turn, sharing one connect_timeout with the lookup), or with host NULL the configured
+ * upstreams (chosen by cfg.balance, those marked down last, each with a connect_timeout of its
+ * own; sets c->chosen). Returns the fd, or -1 with errno: EACCES (an address not allowed),
+ * ETIMEDOUT, ECANCELED (c ended), or EINPROGRESS: c leaves its worker (only if may_leave), and
+ * the dial waits in the waiting room (c->dial); call again with the same host and port once a
+ * worker has c again. */
+int upstream_connect(struct conn *c, const char *host, int port, int may_leave);
+/* Gives up the dial c is in, if any: its socket, its lookup, its record. */
+void upstream_drop(struct conn *c);
 
 /* ==== pool.c: the queue, the workers, the graceful stop ================================ */
 

@@ -4,13 +4,15 @@
 #include "proxy.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <string.h>
 
 /* Connects an upstream, tells it who the client is if asked, relays both ways; a connection
- * back from the waiting room goes on relaying. */
+ * back from the waiting room goes on relaying, or dialling. */
 static enum served tcp_serve(struct worker *w, struct conn *c) {
     if (c->relay) return pool_relay(w, c, pool_copy_down);
-    int fd = upstream_open(c);
+    int fd = upstream_connect(c, NULL, 0, cfg.park_after != 0);
+    if (fd < 0 && errno == EINPROGRESS) return SERVED_PARK; /* the dial waits parked */
     if (fd < 0) {
         conn_end(c, END_NO_UPSTREAM);
         return SERVED_DONE;

@@ -1,11 +1,16 @@
 /* upstream.c — where a connection goes: balancing over the configured upstreams, skipping the
  * ones that failed recently and failing over to the next, and connecting to a host a request
- * names, each within connect_timeout; and which destinations a request may not reach (the
- * proxy's own listeners; local addresses with local_destinations = deny). */
+ * names (its lookup, then its addresses in turn), each within connect_timeout; the dial's state,
+ * which lets a connection leave its worker in the middle of it and go on from there; and which
+ * destinations a request may not reach (the proxy's own listeners; local addresses with
+ * local_destinations = deny). */
 #include "proxy.h"
 
 #include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static _Atomic unsigned next_rr;
 /* The proxy's listeners as bound: written by upstream_own before the workers start, then
@@ -30,43 +35,6 @@ int upstream_at_fault(int err) {
      * it would move the load to the others and take a healthy backend out of service. */
     return !(err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM ||
              err == EADDRNOTAVAIL || err == ECANCELED);
-}
-
-/* Chooses an upstream for c by cfg.balance, skipping ones marked down, failing over in
- * order, and connects. Sets c->chosen; returns the fd, or -1 when every upstream failed. */
-int upstream_open(struct conn *c) {
-    unsigned n = (unsigned)cfg.nup, tried = 0;
-    unsigned start = cfg.balance == BALANCE_SOURCE ? upstream_hash(&c->peer, n)
-                                                   : atomic_fetch_add(&next_rr, 1) % n;
-    uint64_t now = mono_ns();
-    /* First the upstreams that are up, in order from start; only if all of those fail, the
-     * ones marked down, which may have come back. */
-    for (int pass = 0; pass < 2; pass++) {
-        for (unsigned i = 0; i < n; i++) {
-            unsigned k = (start + i) % n;
-            struct upstream *u = &cfg.up[k];
-            uint64_t down_until = atomic_load(&u->down_until);
-            if ((tried & 1u << k) || (pass == 0 && down_until > now)) continue;
-            if (atomic_load(&c->end)) return -1; /* stopped meanwhile: no more tries */
-            tried |= 1u << k;
-            uint64_t deadline = mono_ns() + (uint64_t)cfg.connect_timeout * 1000000000u;
-            int fd = net_connect(&u->addr, deadline, &c->end, TICK_MS);
-            if (fd >= 0) {
-                if (down_until) atomic_store(&u->down_until, 0);
-                atomic_fetch_add(&u->connects, 1);
-                c->chosen = u;
-                return fd;
-            }
-            int e = errno;
-            if (!upstream_at_fault(e)) return -1; /* keep it up; ended: try no other */
-            atomic_fetch_add(&u->failures, 1);
-            atomic_store(&u->down_until, mono_ns() + DOWN_SECONDS * 1000000000ull);
-            if (down_until <= now) /* log the fall, not every failure while down */
-                log_line("upstream %s is down: %s; skipped for %d s", u->name, strerror(e),
-                         DOWN_SECONDS);
-        }
-    }
-    return -1;
 }
 
 /* Tells the dial path the proxy's own listeners (as bound: port 0 resolved, unmapped), which no
@@ -123,30 +91,174 @@ int upstream_allowed(const struct addr *a) {
     return cfg.local_destinations != LOCAL_DENY || !(addr_is_local(&t) || net_owns(&t));
 }
 
-/* Connects c to host:port (a name from a request): its first DIAL_ADDRESSES addresses in
- * turn, all within one connect_timeout, giving up when c ends. Returns the fd, or -1 with
- * errno (EACCES when an address is not allowed, ETIMEDOUT on timeout, ECANCELED when c
- * ended). */
-int upstream_dial(struct conn *c, const char *host, int port) {
-    uint64_t deadline = mono_ns() + (uint64_t)cfg.connect_timeout * 1000000000u;
-    struct addr a[DIAL_ADDRESSES];
-    int n = net_resolve(host, port, a, DIAL_ADDRESSES, deadline, &c->end, TICK_MS);
-    int fd = -1;
-    if (n < 0) return -1;
-    /* One address not allowed refuses the name: which of its addresses happens to be tried
-     * must not decide it. */
-    for (int i = 0; i < n; i++) {
-        if (upstream_allowed(&a[i])) continue;
-        errno = EACCES;
-        return -1;
+/* ---- dialling: a lookup, then connects in turn, which c may leave its worker in ---------- */
+
+/* Lists the configured upstreams in d in the order they are tried: from where cfg.balance
+ * starts c, first those that are up, then those marked down, which may have come back. */
+static void list_upstreams(struct dial *d, const struct conn *c) {
+    unsigned n = (unsigned)cfg.nup;
+    unsigned start = cfg.balance == BALANCE_SOURCE ? upstream_hash(&c->peer, n)
+                                                   : atomic_fetch_add(&next_rr, 1) % n;
+    uint64_t now = mono_ns();
+    for (int down = 0; down < 2; down++)
+        for (unsigned i = 0; i < n; i++) {
+            unsigned k = (start + i) % n;
+            if ((atomic_load(&cfg.up[k].down_until) > now) == down) d->up[d->n++] = (uint8_t)k;
+        }
+}
+
+/* Whether every address of d's name may be dialled: one not allowed refuses the name, for
+ * which of its addresses happens to be tried must not decide it. Returns 0, or -1 with errno
+ * EACCES. */
+static int dial_allowed(const struct dial *d) {
+    for (int i = 0; i < d->n; i++)
+        if (!upstream_allowed(&d->a[i])) {
+            errno = EACCES;
+            return -1;
+        }
+    return 0;
+}
+
+/* The lookup d waited for is done: its addresses become the candidates. Returns 0, or -1 with
+ * errno. */
+static int dial_resolved(struct dial *d) {
+    d->n = net_lookup_take(d->lookup, d->a, DIAL_ADDRESSES);
+    d->lookup = NULL;
+    d->fd = -1;
+    return d->n < 0 ? -1 : dial_allowed(d);
+}
+
+/* Starts d for c: the configured upstreams (host NULL), or host:port's addresses, at once for
+ * an address, else by a lookup that d waits for. Returns 0, or -1 with errno. */
+static int dial_begin(struct dial *d, struct conn *c, const char *host, int port) {
+    d->fd = -1;
+    if (!host) {
+        list_upstreams(d, c);
+        return 0;
     }
-    for (int i = 0; i < n && fd < 0; i++) {
-        /* A black-holed address must not use up the time the next one needs: each gets an
-         * equal share of what is left, the last all of it. */
-        uint64_t now = mono_ns();
-        uint64_t share = now < deadline ? (deadline - now) / (uint64_t)(n - i) : 0;
-        fd = net_connect(&a[i], now + share, &c->end, TICK_MS);
-        if (fd < 0 && errno == ECANCELED) break;
+    snprintf(d->key, sizeof d->key, "%s:%d", host, port);
+    d->deadline = mono_ns() + (uint64_t)cfg.connect_timeout * 1000000000u;
+    d->until = d->deadline;
+    d->n = net_resolve(host, port, d->a, DIAL_ADDRESSES, &d->lookup);
+    if (d->n < 0) return -1;
+    if (!d->lookup) return dial_allowed(d);
+    d->fd = net_lookup_fd(d->lookup);
+    d->out = 0;
+    return 0;
+}
+
+/* Starts a connect to d's next candidate. A configured upstream gets a whole connect_timeout;
+ * a name's addresses share one, so that a black-holed address does not use up the time the
+ * next one needs: each gets an equal share of what is left, the last all of it. Returns 0, or
+ * -1 with errno (the connect failed at once). */
+static int dial_next(struct dial *d) {
+    uint64_t now = mono_ns();
+    const struct addr *to = d->key[0] ? &d->a[d->next] : &cfg.up[d->up[d->next]].addr;
+    if (d->key[0])
+        d->until = now + (d->deadline > now ? (d->deadline - now) / (uint64_t)(d->n - d->next) : 0);
+    else
+        d->until = now + (uint64_t)cfg.connect_timeout * 1000000000u;
+    d->fd = net_connect_start(to);
+    d->out = 1;
+    return d->fd < 0 ? -1 : 0;
+}
+
+/* d's try at its next candidate failed with err. Returns whether to try the one after: not
+ * once c ended, nor past a configured upstream that failed for a reason of our own (fds,
+ * memory: marking it down would move the load to the others for nothing). */
+static int dial_failed(struct dial *d, int err) {
+    d->err = err;
+    if (d->fd >= 0) close(d->fd);
+    d->fd = -1;
+    int i = d->next++;
+    if (err == ECANCELED) return 0;
+    if (d->key[0]) return 1;
+    struct upstream *u = &cfg.up[d->up[i]];
+    if (!upstream_at_fault(err)) return 0;
+    atomic_fetch_add(&u->failures, 1);
+    uint64_t now = mono_ns();
+    if (atomic_exchange(&u->down_until, now + DOWN_SECONDS * 1000000000ull) <= now)
+        log_line("upstream %s is down: %s; skipped for %d s", u->name, strerror(err),
+                 DOWN_SECONDS); /* the fall, not every failure while down */
+    return 1;
+}
+
+/* d's connect succeeded: a configured upstream is up again, and counted. Returns the fd. */
+static int dial_connected(struct dial *d, struct conn *c) {
+    int fd = d->fd;
+    d->fd = -1;
+    if (!d->key[0]) {
+        struct upstream *u = &cfg.up[d->up[d->next]];
+        if (atomic_load(&u->down_until)) atomic_store(&u->down_until, 0);
+        atomic_fetch_add(&u->connects, 1);
+        c->chosen = u;
     }
     return fd;
+}
+
+/* Runs d until it connects, fails, or c leaves its worker (may_leave): the lookup if one is
+ * in progress, then a connect to each candidate in turn, each wait in copy_wait (a worker's
+ * safe point: nothing of c's is in flight). Returns the fd, or -1 with errno (EINPROGRESS: c
+ * leaves, d stays). */
+static int dial_run(struct dial *d, struct conn *c, int may_leave) {
+    for (;;) {
+        if (d->fd < 0) {
+            if (d->next == d->n) break;
+            if (atomic_load(&c->end)) {
+                d->err = ECANCELED;
+                break;
+            }
+            if (dial_next(d) < 0 && dial_failed(d, errno)) continue;
+            if (d->fd < 0) break;
+        }
+        enum wake w = copy_wait(c, UP, d->fd, d->out ? POLLOUT : POLLIN, may_leave);
+        if (w == WAKE_LEAVE) {
+            errno = EINPROGRESS;
+            return -1;
+        }
+        int err = w == WAKE_ENDED ? ECANCELED : ETIMEDOUT;
+        if (d->lookup) { /* a name's lookup: its time is the whole dial's */
+            if (w == WAKE_READY && dial_resolved(d) == 0) continue;
+            d->err = w == WAKE_READY ? errno : err;
+            break;
+        }
+        if (w == WAKE_READY && net_connect_done(d->fd, TICK_MS) == 0) return dial_connected(d, c);
+        if (w == WAKE_READY) err = errno;
+        if (!dial_failed(d, err)) break;
+    }
+    errno = d->err ? d->err : EHOSTUNREACH;
+    return -1;
+}
+
+int upstream_connect(struct conn *c, const char *host, int port, int may_leave) {
+    char key[sizeof c->dial->key] = "";
+    if (host) snprintf(key, sizeof key, "%s:%d", host, port);
+    if (c->dial && strcmp(c->dial->key, key)) upstream_drop(c); /* not this one's: never */
+    if (!c->dial) {
+        if (!(c->dial = calloc(1, sizeof *c->dial))) return -1;
+        if (dial_begin(c->dial, c, host, port) < 0) {
+            int e = errno;
+            upstream_drop(c);
+            errno = e;
+            return -1;
+        }
+    }
+    int fd = dial_run(c->dial, c, may_leave);
+    if (fd >= 0 || errno != EINPROGRESS) {
+        int e = errno;
+        upstream_drop(c);
+        errno = e;
+    }
+    return fd;
+}
+
+void upstream_drop(struct conn *c) {
+    struct dial *d = c->dial;
+    if (!d) return;
+    if (d->lookup)
+        net_lookup_drop(d->lookup); /* its eventfd goes with it */
+    else if (d->fd >= 0)
+        close(d->fd);
+    free(d);
+    c->dial = NULL;
 }

@@ -13,8 +13,8 @@ import subprocess
 import time
 
 from lib import PROXY, TMP, Proxy, Server, blackhole, closed_port, echo_handler, recv_all, write_ini
-from test_http import (ESTABLISHED, Client, assert_error, http_proxy, origin, request,
-                       url)
+from test_http import (ESTABLISHED, Client, Reader, assert_error, http_proxy, origin, request,
+                       url, wait_for)
 
 GRACE_SECONDS = 10  # proxy.h
 
@@ -219,6 +219,87 @@ def test_http_a_slow_name_lookup_ends_at_connect_timeout_and_does_not_hold_sigte
         got = answer(c, 5)
         assert got == b"" or got.startswith(b"HTTP/1.1 5"), got[:80]
         print("     SIGTERM during a 60 s lookup: exit after %.1f s" % took)
+
+
+# ---- dials wait parked while others wait for a worker --------------------------------------
+
+def test_http_black_holed_connects_and_slow_lookups_do_not_pin_the_pool():
+    """Two workers, five requests dialling: two CONNECTs and a GET to a black hole, two GETs to
+    a name whose lookup takes 30 s. A request to a live origin behind them is answered at once:
+    each dial leaves its worker while others wait, and waits parked. Each of the five still gets
+    its 504 at connect_timeout, from the waiting room's deadline. Before, the first two held
+    both workers for the whole connect_timeout."""
+    hole, keep = blackhole()
+    with origin() as o, dial_proxy(connect_timeout=8, workers=2,
+                                   preexec_fn=with_fake_dns(slow=30)) as px:
+        dialling = []
+        for req in (request("CONNECT", hole, "Host: " + hole),
+                    request("GET", "http://%s/" % hole, "Host: h"),
+                    request("CONNECT", hole, "Host: " + hole),
+                    request("GET", "http://slow.test/", "Host: h"),
+                    request("GET", "http://slow.test/x", "Host: h")):
+            c = Client(px, timeout=30)
+            c.send(req)
+            dialling.append(c)
+        start = time.monotonic()
+        busy(px, 2)
+        resp = Client(px).ask(request("GET", url(o, "/live"), "Host: h"))
+        took = time.monotonic() - start
+        assert resp.status == 200 and resp.body == b"origin /live", resp.head
+        assert took < 4, "a live request waited %.1f s behind five dials" % took
+        for c in dialling:
+            assert_error(c.response(), 504, "Gateway Timeout")
+        took = time.monotonic() - start
+        assert took < 8 + 6, "%.1f s for connect_timeout = 8" % took
+        assert "is down" not in px.text(), px.text()
+    for k in keep:
+        k.close()
+
+
+def test_http_a_dial_that_waited_parked_carries_its_request_whole_and_counts_it_once():
+    """One worker. A POST with a body, and a GET pipelined behind it, to a black hole; a request
+    to a live origin makes the dial leave the worker, with the bytes read so far. Then the black
+    hole's queue is emptied and the connect completes in the waiting room: the POST arrives
+    upstream whole, the GET after it on the same connection, both answers come back in order,
+    and the POST is counted and logged once, though it was handled twice."""
+    hole, keep = blackhole()
+    listener = keep[0]
+    body = bytes(range(256)) * 4
+    with origin() as o, dial_proxy(connect_timeout=30, workers=1) as px:
+        a = Client(px, timeout=30)
+        a.send(request("POST", "http://%s/first" % hole, "Host: h",
+                       "Content-Length: %d" % len(body), body=body) +
+               request("GET", "http://%s/second" % hole, "Host: h"))
+        busy(px, 1)
+        resp = Client(px).ask(request("GET", url(o, "/live"), "Host: h", "Connection: close"))
+        assert resp.status == 200, resp.head
+        wait_for("the dial to wait parked", lambda: px.metric("proxy_connections_parked") == 1)
+        for k in keep[1:]:  # the black hole's own clients go; its queue empties
+            k.close()
+        listener.settimeout(20)
+        while True:  # the queued connection first, then the proxy's, at its next SYN
+            up, _ = listener.accept()
+            up.settimeout(10)
+            r = Reader(up)
+            try:
+                head = r.until(b"\r\n\r\n")
+                break
+            except (ConnectionError, AssertionError, EOFError):
+                up.close()
+        assert head.startswith(b"POST /first HTTP/1.1\r\n"), head
+        assert r.exactly(len(body)) == body
+        up.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+        head = r.until(b"\r\n\r\n")
+        assert head.startswith(b"GET /second HTTP/1.1\r\n"), head
+        up.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+        for want in (b"first", b"second"):
+            resp = a.response()
+            assert resp.status == 200 and resp.body == want, (resp.head, resp.body)
+        posts = [l for l in px.text().splitlines() if " POST " in l]
+        assert len(posts) == 1 and " 200 " in posts[0], posts
+        assert px.metric('proxy_http_requests_total{method="POST"}') == 1
+        up.close()
+    listener.close()
 
 
 # ---- never the proxy's own listeners; local destinations ---------------------------------

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 
-from lib import SCALE, Proxy, Server, connect, echo_handler, write_ini
+from lib import SCALE, Proxy, Server, blackhole, connect, echo_handler, write_ini
 from test_http import Client, get, origin, reply, request, wait_for
 from test_park import (StoppingProxy, held_upstream, limit, numbered_origin, readable,
                        run_proxy, tunnel_sections)
@@ -282,6 +282,44 @@ def test_turns_a_trickling_tunnel_does_not_hold_its_worker_while_a_request_waits
                 assert got == sent[i], (got, sent[i])
                 s.close()
             up.release.set()
+
+
+def test_turns_a_tcp_connect_to_a_black_hole_does_not_pin_the_pool():
+    """One worker; upstreams a black hole, then an echo server, in turn (roundrobin). The first
+    client's connect goes to the black hole; the second's to the echo server, and it is served
+    at once: the first leaves its worker while its connect waits, and waits parked. At
+    connect_timeout the parked dial comes back to a worker, marks the black hole down and fails
+    over to the echo server: both clients echo. Before, the first held the only worker for the
+    whole connect_timeout."""
+    hole, keep = blackhole()
+    with Server(echo_handler) as echo:
+        with Proxy("%s, %s" % (hole, echo.addr), mode="tcp", balance="roundrobin", workers=1,
+                   connect_timeout=6) as px:
+            first = connect(px.addr)
+            first.sendall(b"first")
+            wait_for("the first connect to take the worker",
+                     lambda: px.metric("proxy_workers_busy") == 1)
+            start = time.monotonic()
+            second = connect(px.addr)
+            second.sendall(b"second")
+            second.settimeout(10)
+            got2 = second.recv(64)
+            assert got2 == b"second", (got2, px.text())
+            took = time.monotonic() - start
+            assert took < 3, "the second client was echoed after %.1f s" % took
+            assert px.metric("proxy_connections_parked") >= 1  # the dial, and the second
+            first.settimeout(20)
+            got = b""
+            while len(got) < 5:
+                d = first.recv(64)
+                assert d, "the first client was closed: %s" % px.text()
+                got += d
+            assert got == b"first"
+            assert "is down" in px.text(), px.text()
+            first.close()
+            second.close()
+    for k in keep:
+        k.close()
 
 
 # ---- slow heads and bodies ------------------------------------------------------------------
