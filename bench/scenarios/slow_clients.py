@@ -1,9 +1,10 @@
 """bench/scenarios/slow_clients.py — scenario 14, slow clients beside busy ones: wrk -c300
 through ours in http mode with a small pool (32 workers), alone and with 100 clients that
 send half a request head and go silent (bench/slow.py), some of them until header_timeout
-ends them; its run and its report section."""
+ends them, or with 100 CONNECTs to a black hole; its run and its report section."""
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +31,10 @@ NOTE = ("`wrk -t1 -c300 -d{seconds}s` keep-alive on `/index.html` with "
         "silent for a random 0.2–1 s and closes, over and over for the whole wrk run. "
         "**80 slow + 20 stuck**: 20 of the 100 stay silent instead until the proxy's "
         "`header_timeout` (5 s) ends them with a `408`, and start again (wrk runs "
-        "{stuck_seconds} s there, to see them ended). The three one after another on the "
+        "{stuck_seconds} s there, to see them ended). **100 black-holed CONNECTs**: 100 "
+        "clients each send `CONNECT` to a listener whose accept queue is full (SYNs dropped: "
+        "a connect that hangs, as to a firewalled host), with `connect_timeout` a second "
+        "longer than the run, so that their dials last all of it and end (`504`) soon after. The four one after another on the "
         "same instance in each of {rounds} round(s).\n"
         "\n"
         "**÷ alone** is the run's req/s over the alone run's in the same round, median "
@@ -44,7 +48,9 @@ NOTE = ("`wrk -t1 -c300 -d{seconds}s` keep-alive on `/index.html` with "
         "\n"
         "A proxy that does not park a connection in the middle of a request head (ours "
         "before cb3728a) fails here: each slow client holds one of the 32 workers for its "
-        "whole silence, and wrk's connections wait for what is left. Such a drop is the "
+        "whole silence, and wrk's connections wait for what is left; one whose connect holds "
+        "its worker (ours before 31f426d) is pinned by the black-holed CONNECTs and "
+        "completes no request at all. Such a drop is the "
         "finding, reported, not a failure: wrk's errors in the runs with slow clients are "
         "counted and shown, and only the alone run must be clean.")
 
@@ -52,10 +58,12 @@ WORKERS = 32
 HEADER_TIMEOUT = 5      # seconds: the proxy's header_timeout here
 WRK_CONNS = 300
 SLOW = 100              # slow clients
-VARIANTS = [            # (column, slow clients, of which stuck until header_timeout)
-    ("alone", 0, 0),
-    ("100 slow", SLOW, 0),
-    ("80 slow + 20 stuck", SLOW, 20),
+HOLES = 100             # clients whose CONNECT goes to a black hole
+VARIANTS = [            # (column, slow clients, of which stuck until header_timeout, holes)
+    ("alone", 0, 0, 0),
+    ("100 slow", SLOW, 0, 0),
+    ("80 slow + 20 stuck", SLOW, 20, 0),
+    ("100 black-holed CONNECTs", 0, 0, HOLES),
 ]
 
 
@@ -71,14 +79,18 @@ def run(b):
         f"{s.slow_seconds + 0.5}   (started 0.3 s before wrk)",
         f"python3 bench/slow.py PORT --clients {SLOW} --stuck 20 --target {shown} "
         f"--seconds {stuck_seconds(s) + 0.5}",
+        f"{HOLES} x CONNECT 127.0.0.1:HOLE (a listener with listen(0), its queue full)",
         "curl http://127.0.0.1:METRICS/metrics   (before, every 0.2 s during, after)"])
     ours = Ours(b.work, b.backend.port, "splice", mode="http", workers=WORKERS, stats=True,
-                keys={"header_timeout": HEADER_TIMEOUT, "min_rate": 0},
-                name="ours http, workers=32")
+                keys={"header_timeout": HEADER_TIMEOUT, "min_rate": 0,
+                      "connect_timeout": s.slow_seconds + 1},
+                access={"connect_ports": "1-65535"}, name="ours http, workers=32")
+    hole = black_hole()
     with running([ours], b.backend):
         for rnd in range(1, s.rounds + 1):
-            for col, clients, stuck in VARIANTS:
-                r = measure(ours, lambda: one_run(b, ours, clients, stuck, target))
+            for col, clients, stuck, holes in VARIANTS:
+                r = measure(ours, lambda: one_run(b, ours, clients, stuck, target,
+                                                  hole if holes else None))
                 b.results.add(NUMBER, ours.name, col, r)
                 progress(NUMBER, rnd, s.rounds, col, r)
                 if "queue_peak" in r:
@@ -95,7 +107,34 @@ def stuck_seconds(s):
     return max(s.slow_seconds, HEADER_TIMEOUT + 1)
 
 
-def one_run(b, ours, clients, stuck, target):
+def black_hole():
+    """A listener whose accept queue is full, so that new SYNs are dropped and a connect to it
+    hangs until its timeout. Returns (its "host:port", the sockets to keep open)."""
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(0)
+    keep = [lsn]
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(lsn.getsockname())
+        keep.append(c)
+    time.sleep(0.2)
+    return "127.0.0.1:%d" % lsn.getsockname()[1], keep
+
+
+def dial_holes(ours, hole, n):
+    """n clients, each with a CONNECT to the black hole sent: their dials hang."""
+    socks = []
+    for _ in range(n):
+        c = socket.create_connection(("127.0.0.1", ours.port), timeout=5)
+        c.sendall((f"CONNECT {hole} HTTP/1.1\r\nHost: {hole}\r\n"
+                   f"Proxy-Authorization: {AUTH_HEADER}\r\n\r\n").encode())
+        socks.append(c)
+    return socks
+
+
+def one_run(b, ours, clients, stuck, target, hole=None):
     s = b.settings
     seconds = stuck_seconds(s) if stuck else s.slow_seconds
     wait_idle(ours)
@@ -104,8 +143,12 @@ def one_run(b, ours, clients, stuck, target):
     stop = threading.Event()
     sampler = threading.Thread(target=sample_gauges, args=(ours, peaks, stop))
     slow = None
+    holes = []
     err = b.work / f"slow-{ours.port}.log"
     try:
+        if hole:
+            holes = dial_holes(ours, hole[0], HOLES)
+            time.sleep(0.3)     # their dials are under way before wrk's first request
         if clients:
             argv = [sys.executable, str(BENCH / "slow.py"), str(ours.port), "--clients",
                     str(clients), "--stuck", str(stuck), "--target", target, "--seconds",
@@ -116,7 +159,8 @@ def one_run(b, ours, clients, stuck, target):
             time.sleep(0.3)     # the slow clients are in before wrk's first request
         sampler.start()
         r = wrk(ours.port, "/index.html", WRK_CONNS, seconds,
-                headers=[f"Proxy-Authorization: {AUTH_HEADER}"], expect_errors=bool(clients))
+                headers=[f"Proxy-Authorization: {AUTH_HEADER}"],
+                expect_errors=bool(clients or hole))
         if slow:
             try:
                 out, _ = slow.communicate(timeout=seconds + 30)
@@ -131,6 +175,8 @@ def one_run(b, ours, clients, stuck, target):
         if slow and slow.poll() is None:
             slow.kill()
             slow.wait()
+        for c in holes:
+            c.close()
     after = ours.metrics()
     r["queue_peak"] = int(peaks["proxy_queue_length"])
     for key, metric in (("parks", "proxy_parks_total"), ("turns", "proxy_turns_total"),
@@ -150,15 +196,16 @@ def report(rep):
     table = []
     for name in rows:
         alone = r.get(NUMBER, name, "alone")
-        for col, clients, stuck in VARIANTS:
+        for col, clients, stuck, holes in VARIANTS:
             runs = r.get(NUMBER, name, col)
             if not runs:
                 continue
-            vs = round_ratios(runs, alone) if clients else None
+            beside = clients or holes
+            vs = round_ratios(runs, alone) if beside else None
             table.append([
                 col,
-                cell(runs, "rps", fmt_rps), triple(vs, fmt_ratio) if clients else "",
-                met(vs, 0.8) if clients else "", cell(runs, "p50_us", fmt_us),
+                cell(runs, "rps", fmt_rps), triple(vs, fmt_ratio) if beside else "",
+                met(vs, 0.8) if beside else "", cell(runs, "p50_us", fmt_us),
                 cell(runs, "p99_us", fmt_us), errors_cell(runs),
                 cell(runs, "slow_cycles", fmt_int) if clients else "—",
                 (cell(runs, "stuck_ended", fmt_int) + " ("
@@ -168,7 +215,7 @@ def report(rep):
                 cell(runs, "turns", fmt_int), cell(runs, "http_4xx", fmt_int)])
     note = NOTE.format(seconds=s.slow_seconds, stuck_seconds=stuck_seconds(s),
                        rounds=s.rounds)
-    cols = [c for c, _, _ in VARIANTS]
+    cols = [c for c, _, _, _ in VARIANTS]
     name = rows[0] if rows else None
     chart = rep.chart("slow-clients", f"{NUMBER}. wrk -c300 req/s through 32 workers, alone "
                       "and beside slow clients", "requests per second", cols,
