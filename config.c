@@ -379,10 +379,17 @@ static long long pool_fds(const struct config *c) {
     return 2 + (c->copy == COPY_SPLICE ? 4 : 0);
 }
 
-/* File descriptors a full load needs: max_connections' sockets, the workers' pipes, a few to
- * spare. */
+/* File descriptors held besides connections' and workers': the listeners, the acceptor's
+ * epoll set and bells, the log, a few to spare; in http mode one eventfd per name lookup that
+ * may run (a dial waits for it to ring). */
+static long long other_fds(const struct config *c) {
+    return 16 + (c->mode == MODE_HTTP ? LOOKUPS_MAX : 0);
+}
+
+/* File descriptors a full load needs: max_connections' sockets, the workers' pipes, the rest
+ * (other_fds). */
 long long config_fds(const struct config *c) {
-    return (long long)c->max_connections * 2 + (long long)c->workers * pool_fds(c) + 16;
+    return (long long)c->max_connections * 2 + (long long)c->workers * pool_fds(c) + other_fds(c);
 }
 
 /* Prints what -t shows: the pool (threads, stacks, buffers, pipes), the connections
@@ -445,7 +452,7 @@ void config_plan(const struct config *c, FILE *o) {
  * max_connections would fit. */
 void config_fd_warning(const struct config *c, unsigned long long limit, const char *prefix,
                        FILE *out) {
-    long long fit = ((long long)limit - (long long)c->workers * pool_fds(c) - 16) / 2;
+    long long fit = ((long long)limit - (long long)c->workers * pool_fds(c) - other_fds(c)) / 2;
     if ((unsigned long long)config_fds(c) <= limit) return;
     fprintf(out,
             "%swarning: a full load needs %lld fds, the limit is %llu: lower max_connections to "
