@@ -5,12 +5,14 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <ini.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 struct config cfg;
 
@@ -69,20 +71,29 @@ struct loader {
     int indented;          /* it starts with whitespace: a list's continuation */
     int proxy_line;        /* where [proxy] starts, for errors about missing keys */
     int err_line;          /* first error, 0: none */
+    int in_users;          /* the line is in [users], where a value is a password */
+    int read_errno;        /* reading the file failed with this (a directory: EISDIR) */
+    const char *value;     /* the value being set: a '#' in it earns a hint in its error */
     int seen[NKEYS];       /* the line each key was first set on */
     const struct key *key; /* the key being set: list items name it in errors */
     char *err;
     size_t errlen;
 };
 
-/* Records the first error only (later ones are often its consequences); returns -1. */
+/* Records the first error only (later ones are often its consequences); returns -1. A value
+ * with " #" in it gets a hint: '#' starts a comment only at the start of a line, and a reader
+ * who wrote `workers = 8 # eight` should learn that, not only that 8 # eight is no number. */
 static int fail(struct loader *l, int line, const char *fmt, ...) {
     if (l->err_line) return -1;
     va_list ap;
     int n = snprintf(l->err, l->errlen, "%s:%d: ", l->c->file, line);
     va_start(ap, fmt);
-    if (n > 0 && (size_t)n < l->errlen) vsnprintf(l->err + n, l->errlen - n, fmt, ap);
+    if (n > 0 && (size_t)n < l->errlen) n += vsnprintf(l->err + n, l->errlen - n, fmt, ap);
     va_end(ap);
+    if (l->value && strstr(l->value, " #") && n > 0 && (size_t)n < l->errlen)
+        snprintf(l->err + n, l->errlen - n,
+                 " ('#' starts a comment only at the start of a line; after a value, write "
+                 "' ; comment')");
     l->err_line = line;
     return -1;
 }
@@ -206,6 +217,7 @@ static int set(struct loader *l, const struct key *k, const char *name, const ch
     long long v;
     char why[160];
     l->key = k;
+    l->value = value;
     switch (k->kind) {
     case INT:
     case SIZE:
@@ -275,11 +287,36 @@ static int handler(void *user, const char *section, const char *name, const char
     return apply(user, section, name, value) == 0;
 }
 
-/* inih reads lines through this so that we know each line's number and catch lines too long
- * for inih's fixed buffer instead of letting it split them silently. */
+/* Refuses what inih would take in a way the writer did not mean: a ':' between a key and its
+ * value (inih splits at the first ':' as at '=', so `al:ice = secret` would become user "al"
+ * with password "ice = secret"), and in [users] a password with " ;" in it (inih cuts an
+ * inline comment there, silently). Continuation lines (indented) and comments pass. Returns
+ * 0 or -1 (recorded by fail). */
+static int check_line(struct loader *l, const char *s) {
+    if (*s == '[') {
+        l->in_users = !strncmp(s, "[users]", 7);
+        return 0;
+    }
+    if (l->indented || !*s || strchr(";#\r\n", *s)) return 0;
+    const char *eq = strchr(s, '='), *colon = strchr(s, ':');
+    if (colon && (!eq || colon < eq))
+        return fail(l, l->line,
+                    "expected 'key = value': a ':' cannot separate them, nor be part "
+                    "of a key or a user name");
+    if (l->in_users && eq && (strstr(eq, " ;") || strstr(eq, "\t;")))
+        return fail(l, l->line, "a password cannot contain ' ;' (it starts an inline comment)");
+    return 0;
+}
+
+/* inih reads lines through this so that we know each line's number, catch lines too long
+ * for inih's fixed buffer instead of letting it split them silently, see a read that fails (a
+ * directory) and check what inih would misread (check_line). */
 static char *reader(char *buf, int size, void *user) {
     struct loader *l = user;
-    if (!fgets(buf, size, l->f)) return NULL;
+    if (!fgets(buf, size, l->f)) {
+        if (ferror(l->f)) l->read_errno = errno;
+        return NULL;
+    }
     l->line++;
     size_t n = strlen(buf);
     if (n == (size_t)size - 1 && buf[n - 1] != '\n' && !feof(l->f)) {
@@ -293,6 +330,7 @@ static char *reader(char *buf, int size, void *user) {
     const char *s = buf + strspn(buf, " \t");
     l->indented = s != buf;
     if (!strncmp(s, "[proxy]", 7)) l->proxy_line = l->line;
+    if (check_line(l, s) < 0) buf[0] = 0; /* the error is recorded; inih sees a blank line */
     return buf;
 }
 
@@ -335,11 +373,17 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
     c->file = file;
     l.f = fopen(file, "r");
     if (!l.f) {
-        snprintf(err, errlen, "%s: cannot open: %s", file, strerror(errno));
+        snprintf(err, errlen, "proxy: %s: cannot open: %s (name the file with -c FILE)", file,
+                 strerror(errno));
         return -1;
     }
     int bad = ini_parse_stream(reader, &l, handler, &l);
     fclose(l.f);
+    l.value = NULL;
+    if (l.read_errno) { /* a directory opens, then fails to read: never "configuration ok" */
+        snprintf(err, errlen, "proxy: %s: cannot read: %s", file, strerror(l.read_errno));
+        return -1;
+    }
     if (bad > 0) fail(&l, bad, "expected 'key = value' or '[section]'");
     if (bad < 0) fail(&l, l.line, "out of memory");
     if (bad || l.err_line) return -1;
@@ -347,14 +391,17 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
      * list the file gives replaces the default instead of adding to it. */
     for (size_t i = 0; i < NKEYS; i++)
         if (keys[i].def && !l.seen[i]) set(&l, &keys[i], keys[i].name, keys[i].def);
+    l.value = NULL;
 
     /* Checks across keys: fail() keeps the first error only. */
     int where = l.proxy_line ? l.proxy_line : 1;
     if (c->mode == MODE_TCP && c->nup == 0)
         fail(&l, where, "[proxy] needs 'upstream = host:port' in tcp mode");
     if (c->mode == MODE_TCP && c->nusers)
-        fail(&l, where, "[users] needs mode = http: tcp mode has no way to ask");
-    if (c->mode == MODE_HTTP && c->send_proxy) fail(&l, where, "send_proxy works in tcp mode only");
+        fail(&l, line_of(&l, "users", "*", where),
+             "[users] needs mode = http: tcp mode has no way to ask");
+    if (c->mode == MODE_HTTP && c->send_proxy)
+        fail(&l, line_of(&l, "proxy", "send_proxy", where), "send_proxy works in tcp mode only");
     for (int i = 0; i < c->nup; i++)
         if (same_listener(&c->listen, &c->up[i].addr))
             fail(&l, line_of(&l, "proxy", "upstream", where),
@@ -366,6 +413,7 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
      * anyway; on any other address, clients from elsewhere could reach them through it. */
     /* Our own pacing must not make a body look slow. */
     if (c->rate_limit && c->min_rate > c->rate_limit / 2) c->min_rate = c->rate_limit / 2;
+    c->log_line = line_of(&l, "proxy", "log", where);
     c->local_auto = c->local_destinations == LOCAL_AUTO;
     if (c->local_auto) c->local_destinations = loopback(&c->listen) ? LOCAL_ALLOW : LOCAL_DENY;
     return l.err_line ? -1 : 0;
@@ -392,9 +440,64 @@ long long config_fds(const struct config *c) {
     return (long long)c->max_connections * 2 + (long long)c->workers * pool_fds(c) + other_fds(c);
 }
 
+/* Warns on out (each line after prefix) when limit fds cannot hold a full load, saying what
+ * max_connections would fit. Returns 0, or -1 when not even the workers and one connection
+ * fit: then start-up fails, and lowering max_connections cannot help. */
+int config_fd_warning(const struct config *c, unsigned long long limit, const char *prefix,
+                      FILE *out) {
+    long long pool = (long long)c->workers * pool_fds(c) + other_fds(c);
+    long long fit = ((long long)limit - pool) / 2;
+    if ((unsigned long long)config_fds(c) <= limit) return 0;
+    if (fit < 1) {
+        fprintf(out,
+                "%serror: before any connection the %d workers need %lld fds (%lld each%s, and "
+                "%lld for the rest), the limit is %llu: lower workers%s or raise the limit "
+                "(LimitNOFILE=, ulimit -n)\n",
+                prefix, c->workers, pool, pool_fds(c),
+                c->copy == COPY_SPLICE ? " with their pipes" : "", other_fds(c), limit,
+                c->copy == COPY_SPLICE ? ", use copy = buffer (no pipes)," : "");
+        return -1;
+    }
+    fprintf(out,
+            "%swarning: a full load needs %lld fds, the limit is %llu: lower max_connections to "
+            "%lld or raise the limit (LimitNOFILE=, ulimit -n)\n",
+            prefix, config_fds(c), limit, fit);
+    return 0;
+}
+
+/* Whether the log can be opened as start-up will open it (appending, created if missing),
+ * without creating it: an existing file must open for writing, a new one's directory must
+ * take it. Returns 0, or -1 with "FILE:LINE: why" in err. */
+static int check_log(const struct config *c, char *err, size_t errlen) {
+    if (!strcmp(c->log, "-") || !strcmp(c->log, "off")) return 0;
+    int fd = open(c->log, O_WRONLY | O_APPEND | O_CLOEXEC);
+    if (fd >= 0) {
+        close(fd);
+        return 0;
+    }
+    int e = errno;
+    if (e == ENOENT) {
+        char dir[sizeof c->log];
+        snprintf(dir, sizeof dir, "%s", c->log);
+        char *slash = strrchr(dir, '/');
+        if (slash == dir)
+            slash[1] = 0; /* a file in / */
+        else if (slash)
+            *slash = 0;
+        if (access(slash ? dir : ".", W_OK | X_OK) == 0) return 0;
+        e = errno;
+    }
+    snprintf(err, errlen, "%s:%d: log = %s: cannot open: %s", c->file, c->log_line, c->log,
+             strerror(e));
+    return -1;
+}
+
 /* Prints what -t shows: the pool (threads, stacks, buffers, pipes), the connections
- * (records, sockets), and whether the fd limit holds them. */
-void config_plan(const struct config *c, FILE *o) {
+ * (records, sockets), and whether the fd limit holds them; and opens what start-up opens
+ * (the log; not the sockets). Returns 0, or -1 where start-up would fail (said on o, or in
+ * err). */
+int config_plan(const struct config *c, FILE *o, char *err, size_t errlen) {
+    if (check_log(c, err, errlen) < 0) return -1;
     static const char *modes[] = {"tcp", "http"}, *copies[] = {"splice", "buffer"};
     char listen[64], admin[64] = "off";
     double w = c->workers, mib = 1 << 20, n = c->max_connections;
@@ -445,17 +548,5 @@ void config_plan(const struct config *c, FILE *o) {
             c->idle_timeout);
     fprintf(o, "fds at full load: %lld (limit %llu)\n", config_fds(c),
             (unsigned long long)rl.rlim_max);
-    config_fd_warning(c, (unsigned long long)rl.rlim_max, "", o);
-}
-
-/* Warns on out (each line after prefix) when limit fds cannot hold a full load, saying what
- * max_connections would fit. */
-void config_fd_warning(const struct config *c, unsigned long long limit, const char *prefix,
-                       FILE *out) {
-    long long fit = ((long long)limit - (long long)c->workers * pool_fds(c) - other_fds(c)) / 2;
-    if ((unsigned long long)config_fds(c) <= limit) return;
-    fprintf(out,
-            "%swarning: a full load needs %lld fds, the limit is %llu: lower max_connections to "
-            "%lld or raise the limit (LimitNOFILE=, ulimit -n)\n",
-            prefix, config_fds(c), limit, fit > 0 ? fit : 0);
+    return config_fd_warning(c, (unsigned long long)rl.rlim_max, "", o);
 }

@@ -41,25 +41,28 @@ static int options(int argc, char **argv, const char **file, int *check) {
         }
     }
     if (optind == argc) return -1;
+    fprintf(stderr, "proxy: unexpected argument '%s' (the config file goes after -c)\n",
+            argv[optind]);
     usage(stderr);
     return 2;
 }
 
-/* Raises the soft fd limit to the hard one and warns when even that is below a full load. */
+/* Raises the soft fd limit to the hard one and warns when even that is below a full load;
+ * exits when not even the workers fit (the same words as -t). */
 static void fd_limit(void) {
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) < 0) return;
     rl.rlim_cur = rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);
-    config_fd_warning(&cfg, (unsigned long long)rl.rlim_cur, "proxy: ", stderr);
+    if (config_fd_warning(&cfg, (unsigned long long)rl.rlim_cur, "proxy: ", stderr) < 0) exit(1);
 }
 
-/* Opens a listener on a or exits, naming the address. */
-static int listen_or_die(const struct addr *a, int reuse_port) {
+/* Opens a listener on a (the key what names it) or exits, naming the key and the address. */
+static int listen_or_die(const struct addr *a, int reuse_port, const char *what) {
     int fd = net_listen(a, reuse_port);
     if (fd < 0) {
         char where[64];
-        err(1, "cannot listen on %s", addr_format(a, where, sizeof where));
+        err(1, "cannot listen on %s (%s)", addr_format(a, where, sizeof where), what);
     }
     return fd;
 }
@@ -79,12 +82,13 @@ static void start(sigset_t *set) {
     pthread_sigmask(SIG_BLOCK, set, NULL);
     fd_limit();
 
-    listen_fd = listen_or_die(&cfg.listen, cfg.reuse_port);
+    listen_fd = listen_or_die(&cfg.listen, cfg.reuse_port, "[proxy] listen");
     /* Set once on the listener, these are inherited by every accepted socket: no calls per
      * client. */
     net_prepare(listen_fd);
     net_set_tick(listen_fd, TICK_MS);
-    int admin_fd = cfg.stats_listen.len ? listen_or_die(&cfg.stats_listen, 0) : -1;
+    int admin_fd =
+        cfg.stats_listen.len ? listen_or_die(&cfg.stats_listen, 0, "[stats] listen") : -1;
     /* The listeners as bound (port 0 chosen by now), which no request may be dialled to; told
      * before any worker runs, so they need no lock. */
     struct addr own[2];
@@ -148,8 +152,10 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (check) {
-        config_plan(&cfg, stdout);
-        return 0;
+        msg[0] = 0;
+        if (config_plan(&cfg, stdout, msg, sizeof msg) == 0) return 0;
+        if (msg[0]) fprintf(stderr, "%s\n", msg);
+        return 2;
     }
     mode = cfg.mode == MODE_HTTP ? &http_mode : &tcp_mode;
     sigset_t set;

@@ -166,6 +166,7 @@ struct config {
     int head_buffers; /* http: request heads read in part that may wait parked */
     int rate_limit;   /* bytes/s per direction, 0 = unlimited */
     char log[256];    /* "-", "off" or a path */
+    int log_line;     /* the line that set log: where an error about the file points */
     struct cidr allow[MAX_ALLOW];
     int nallow;
     uint8_t connect_ports[65536 / 8]; /* a bit per port CONNECT may reach */
@@ -182,15 +183,18 @@ extern struct config cfg;
 /* Loads and validates FILE into *c (then defaults for the keys it left out). Returns 0, or -1
  * with "FILE:LINE: what is wrong" in err. Names in upstream and listen are resolved here. */
 int config_load(struct config *c, const char *file, char *err, size_t errlen);
-/* File descriptors a full load needs: max_connections' sockets, the workers' pipes, a few to
- * spare. */
+/* File descriptors a full load needs: max_connections' sockets, the workers' pipes and bells,
+ * the lookups' eventfds (http), a few to spare. */
 long long config_fds(const struct config *c);
 /* Warns on out (each line after prefix) when limit fds cannot hold a full load, saying what
- * max_connections would fit. */
-void config_fd_warning(const struct config *c, unsigned long long limit, const char *prefix,
-                       FILE *out);
-/* Prints what -t shows: threads, stacks, buffers, pipes, descriptors, connection records. */
-void config_plan(const struct config *c, FILE *out);
+ * max_connections would fit. Returns 0, or -1 (said as an error) when not even the workers
+ * fit: start-up would fail. */
+int config_fd_warning(const struct config *c, unsigned long long limit, const char *prefix,
+                      FILE *out);
+/* Prints what -t shows: threads, stacks, buffers, pipes, descriptors, connection records; and
+ * opens what start-up opens (the log). Returns 0, or -1 where start-up would fail (said on
+ * out, or in err). */
+int config_plan(const struct config *c, FILE *out, char *err, size_t errlen);
 
 /* ==== a connection: the record every layer from stats.c up works on ==================== */
 

@@ -1,0 +1,127 @@
+"""tests/test_truth.py — what the proxy says about itself must be true: the config loader and -t
+refuse what start-up would refuse, and say what is wrong and where.
+
+What is checked: a directory, or any file that cannot be read, is an error naming it, never
+"configuration ok"; a ':' between a key and its value (inih would split `al:ice = secret` into
+user "al" with password "ice = secret") and a password with " ;" in it (inih would cut an
+inline comment there) are refused at their line; an error about [users] in tcp mode points at
+[users]; the first messages a newcomer meets say what to do (a config file not found: -c FILE;
+a stray argument; a '#' comment after a value; which listener could not listen); -t opens the
+log as start-up does and fails where start-up fails, also when the fd limit cannot hold even
+the workers, saying so instead of advising max_connections = 0. Every test name starts with
+test_truth_ (run.py -k test_truth_)."""
+import os
+import re
+import resource
+import socket
+import subprocess
+
+from lib import PROXY, TMP, write_ini
+
+
+def run_proxy(*args, cwd=None, preexec_fn=None):
+    return subprocess.run([os.path.abspath(PROXY), *args], capture_output=True, text=True,
+                          timeout=10, cwd=cwd, preexec_fn=preexec_fn)
+
+
+def write(name, text):
+    path = os.path.join(TMP, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def test_truth_config_errors_name_the_file_and_line_of_what_inih_would_misread():
+    """Each case exits 2 from -t and from start-up, naming FILE:LINE and what is wrong. Before:
+    the directory, the colon and the ' ;' cases printed "configuration ok"; [users] in tcp mode
+    pointed at the [proxy] line; the '#' case did not say why."""
+    cases = [
+        ("[proxy]\nmode = http\n\n[users]\nal:ice = secret\n",
+         r":5: expected 'key = value': a ':' cannot separate them"),
+        ("[proxy]\nworkers: 8\n", r":2: expected 'key = value': a ':' cannot separate them"),
+        ("[proxy]\nmode = http\n[users]\nalice = pass ;xyzzy\n",
+         r":4: a password cannot contain ' ;'"),
+        ("[proxy]\nmode = tcp\nupstream = 127.0.0.1:80\n\n[users]\nalice = secret\n",
+         r":6: \[users\] needs mode = http"),
+        ("[proxy]\nmode = http\nsend_proxy = v1\n", r":3: send_proxy works in tcp mode only"),
+        ("[proxy]\nworkers = 8 # eight\n",
+         r":2: workers = '8 # eight': expected a whole number .*'#' starts a comment only at "
+         r"the start of a line"),
+    ]
+    for text, want in cases:
+        path = write("truth.ini", text)
+        for args in (["-t", "-c", path], ["-c", path]):
+            r = run_proxy(*args)
+            assert r.returncode == 2, (text, r)
+            assert re.match(re.escape(path) + want, r.stderr), (text, r.stderr, want)
+            assert "secret" not in r.stderr and "xyzzy" not in r.stderr, r.stderr
+    # What inih is right to take stays taken: an inline comment after a value, a ':' in a
+    # value, a ';' in a password with no space before it.
+    path = write("truth-ok.ini", "[proxy]\nmode = http\nlisten = 127.0.0.1:0 ; any port\n"
+                 "[users]\nalice = pa;ss:word\n")
+    r = run_proxy("-t", "-c", path)
+    assert r.returncode == 0 and "configuration ok" in r.stdout, r
+
+
+def test_truth_a_config_that_cannot_be_read_and_a_stray_argument_say_what_to_do():
+    """A directory given as the config: exit 2 naming it (before: "configuration ok", and the
+    proxy ran on the defaults). No proxy.ini where it is run from: the message says proxy: and
+    -c FILE. A stray argument is named before the usage."""
+    d = os.path.join(TMP, "truth-dir")
+    os.makedirs(d, exist_ok=True)
+    for args in (["-t", "-c", d], ["-c", d]):
+        r = run_proxy(*args)
+        assert r.returncode == 2, r
+        assert r.stderr.startswith("proxy: %s: cannot read: Is a directory" % d), r.stderr
+        assert "configuration ok" not in r.stdout, r.stdout
+    r = run_proxy(cwd=d)
+    assert r.returncode == 2, r
+    assert r.stderr.startswith("proxy: proxy.ini: cannot open: No such file or directory"), r
+    assert "-c FILE" in r.stderr, r.stderr
+    r = run_proxy("foo")
+    assert r.returncode == 2 and r.stderr.startswith("proxy: unexpected argument 'foo'"), r
+
+
+def test_truth_a_listener_that_cannot_listen_is_named_by_its_key():
+    """The admin listener's port is taken: start-up exits 1 naming [stats] listen, not only an
+    address a newcomer may not recognize."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    path = write_ini({"proxy": {"listen": "127.0.0.1:0", "mode": "http", "log": "-"},
+                      "stats": {"listen": "127.0.0.1:%d" % port}}, "truth-stats.ini")
+    r = run_proxy("-c", path)
+    taken.close()
+    assert r.returncode == 1, r
+    assert "cannot listen on 127.0.0.1:%d ([stats] listen)" % port in r.stderr, r.stderr
+
+
+def test_truth_t_fails_where_start_up_fails_the_log_and_the_fd_limit():
+    """-t opens the log as start-up does, without creating it: a log in a directory that does
+    not exist is an error at its line (before: "configuration ok", then start-up failed). A
+    hard fd limit below what the workers alone need: -t and start-up say to lower workers or
+    use copy = buffer, and fail (before: "lower max_connections to 0", exit 0)."""
+    log = os.path.join(TMP, "no-such-dir", "access.log")
+    path = write("truth-log.ini", "[proxy]\nmode = http\nlog = %s\n" % log)
+    r = run_proxy("-t", "-c", path)
+    assert r.returncode == 2, r
+    assert r.stderr.startswith("%s:3: log = %s: cannot open: No such file" % (path, log)), r
+    fine = os.path.join(TMP, "truth-new.log")
+    if os.path.exists(fine):
+        os.unlink(fine)
+    path = write("truth-log-ok.ini", "[proxy]\nmode = http\nlog = %s\n" % fine)
+    r = run_proxy("-t", "-c", path)
+    assert r.returncode == 0, r
+    assert not os.path.exists(fine), "-t created the log file"
+
+    low = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+    path = write("truth-fds.ini", "[proxy]\nmode = http\nlisten = 127.0.0.1:0\n[stats]\n"
+                 "listen =\n")
+    want = r"error: before any connection the 64 workers need \d+ fds .* lower workers, use " \
+           r"copy = buffer"
+    r = run_proxy("-t", "-c", path, preexec_fn=low)
+    assert r.returncode == 2 and re.search(want, r.stdout), r
+    assert "max_connections to 0" not in r.stdout, r.stdout
+    r = run_proxy("-c", path, preexec_fn=low)
+    assert r.returncode == 1 and re.search("proxy: " + want, r.stderr), r
