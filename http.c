@@ -106,7 +106,7 @@ static void count_method(const char *method) {
 
 /* Counts the status the client got and writes the request's access log line: every request
  * gets one, and its status is "-" when no status line reached the client. */
-static void log_request(const struct conn *c) {
+static void write_log(const struct conn *c) {
     char peer[64], status[8] = "-";
     if (c->req.status >= 100 && c->req.status < 600) {
         atomic_fetch_add(&counts.classes[c->req.status / 100], 1);
@@ -117,6 +117,18 @@ static void log_request(const struct conn *c) {
              (unsigned long long)(c->bytes[UP] - c->req.bytes0[UP]),
              (unsigned long long)(c->bytes[DOWN] - c->req.bytes0[DOWN]),
              (double)(mono_ns() - c->req.start_ns) / 1e6);
+}
+
+/* Logs the request c serves (write_log), once. */
+static void log_request(struct conn *c) {
+    write_log(c);
+    c->req.logged = 1;
+}
+
+/* The connection is closed: a tunnel or upgrade that was still open (closed in the waiting
+ * room by idle_timeout or a stop, or never back from the queue) gets its line now. */
+static void http_done(const struct conn *c) {
+    if (c->relay && !c->req.logged) write_log(c);
 }
 
 /* The acceptor's last word to a client the queue has no room for: 503, never blocking. */
@@ -659,6 +671,7 @@ static void http_free(struct worker *w) {
 const struct mode http_mode = {
     .name = "http",
     .serve = http_serve,
+    .done = http_done,
     .init = http_init,
     .free = http_free,
     .refuse = http_refuse,

@@ -219,6 +219,7 @@ struct request_log {
     uint64_t start_ns;
     uint64_t bytes0[2]; /* c->bytes when it began: what it moved is counted from there */
     int status;         /* the last status line the client got; 0: none (logged "-") */
+    int logged;         /* its access log line is written */
     char method[16], target[128], user[64];
 };
 

@@ -8,15 +8,18 @@ inline comment there) are refused at their line; an error about [users] in tcp m
 [users]; the first messages a newcomer meets say what to do (a config file not found: -c FILE;
 a stray argument; a '#' comment after a value; which listener could not listen); -t opens the
 log as start-up does and fails where start-up fails, also when the fd limit cannot hold even
-the workers, saying so instead of advising max_connections = 0. Every test name starts with
-test_truth_ (run.py -k test_truth_)."""
+the workers, saying so instead of advising max_connections = 0; a tunnel closed while parked
+(idle_timeout, a stop) still gets its access log line. Every test name starts with test_truth_
+(run.py -k test_truth_)."""
 import os
 import re
 import resource
 import socket
 import subprocess
 
-from lib import PROXY, TMP, write_ini
+from lib import PROXY, TMP, Proxy, write_ini
+from test_http import ESTABLISHED, Client, request, wait_for
+from test_park import held_upstream, tunnel_sections
 
 
 def run_proxy(*args, cwd=None, preexec_fn=None):
@@ -125,3 +128,47 @@ def test_truth_t_fails_where_start_up_fails_the_log_and_the_fd_limit():
     assert "max_connections to 0" not in r.stdout, r.stdout
     r = run_proxy("-c", path, preexec_fn=low)
     assert r.returncode == 1 and re.search("proxy: " + want, r.stderr), r
+
+
+# ---- logs: every request gets its line --------------------------------------------------------
+
+def open_tunnel(px, up):
+    """A CONNECT tunnel through px to held_upstream up, a byte each way: (client, upstream)."""
+    c = Client(px, timeout=10)
+    c.send(request("CONNECT", up.addr, "Host: " + up.addr))
+    assert c.r.exactly(len(ESTABLISHED)) == ESTABLISHED, c.r.buf
+    u = up.socks.get(timeout=5)
+    c.send(b"u")
+    assert u.recv(1) == b"u"
+    u.sendall(b"d")
+    assert c.r.exactly(1) == b"d"
+    return c, u
+
+
+def tunnel_lines(px, up):
+    return [l for l in px.text().splitlines() if " CONNECT %s 200 " % up.addr in l]
+
+
+def test_truth_a_tunnel_closed_while_parked_gets_its_log_line():
+    """A CONNECT tunnel that goes quiet parks; closed there by idle_timeout, and another by
+    SIGTERM, each still gets its access log line with its 200 and its bytes, and its 200 is
+    counted. Before, neither got a line (tcp mode logged these)."""
+    with held_upstream() as up:
+        px = Proxy(mode="http", idle_timeout=2, sections=tunnel_sections(up.port))
+        c, u = open_tunnel(px, up)
+        wait_for("the tunnel to park", lambda: px.metric("proxy_connections_parked") == 1)
+        c.sock.settimeout(10)
+        assert c.sock.recv(1) == b"", "idle_timeout did not close the parked tunnel"
+        wait_for("its log line", lambda: tunnel_lines(px, up), timeout=5)
+        want = " up=1 down=%d " % (len(ESTABLISHED) + 1)  # the 200 and a byte
+        assert want in tunnel_lines(px, up)[0], tunnel_lines(px, up)
+        assert px.metric('proxy_http_responses_total{code="2xx"}') == 1
+        assert px.stop() == 0
+        assert len(tunnel_lines(px, up)) == 1, px.text()
+
+        px = Proxy(mode="http", sections=tunnel_sections(up.port))
+        c, u = open_tunnel(px, up)
+        wait_for("the tunnel to park", lambda: px.metric("proxy_connections_parked") == 1)
+        assert px.stop() == 0
+        assert len(tunnel_lines(px, up)) == 1, px.text()
+        up.release.set()
