@@ -139,7 +139,7 @@ install: $(BIN)
 	install -d $(DESTDIR)$(PREFIX)/share/doc/proxy/examples
 	install -m644 README.md $(DESTDIR)$(PREFIX)/share/doc/proxy/
 	install -m644 examples/*.ini $(DESTDIR)$(PREFIX)/share/doc/proxy/examples/
-	test -e $(DESTDIR)/etc/proxy/proxy.ini || install -Dm644 proxy.ini $(DESTDIR)/etc/proxy/proxy.ini
+	test -e $(DESTDIR)/etc/proxy/proxy.ini || install -Dm600 proxy.ini $(DESTDIR)/etc/proxy/proxy.ini
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/proxy $(DESTDIR)$(PREFIX)/share/man/man1/proxy.1 \

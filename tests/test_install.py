@@ -51,6 +51,27 @@ def test_the_reference_names_every_key_and_every_metric():
         assert "`%s" % m in readme, "README.md does not name the metric %s" % m
 
 
+def test_the_docs_link_only_to_code_that_exists():
+    """Every [`name`](file.c) link in the READMEs names something the file defines or uses
+    outside its comments, so that a rename fails here instead of a reader (the README linked
+    to http.c's send_request long after it was gone)."""
+    def code_of(path):
+        with open(path) as f:
+            text = f.read()
+        return re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S)
+    links = 0
+    for doc in ("README.md", "bench/README.md"):
+        with open(os.path.join(ROOT, doc)) as f:
+            text = f.read()
+        for name, target in re.findall(r"\[`([A-Za-z_]\w*)(?:\(\))?`\]\(([\w./-]+\.[ch])\)", text):
+            path = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), target))
+            assert os.path.exists(path), "%s links to %s, which does not exist" % (doc, target)
+            assert re.search(r"\b%s\b" % name, code_of(path)), \
+                "%s links to %s in %s, which has no such name" % (doc, name, target)
+            links += 1
+    assert links > 30, links
+
+
 def test_make_install_into_destdir():
     dest = os.path.join(TMP, "destdir")
     shutil.rmtree(dest, ignore_errors=True)
@@ -64,9 +85,11 @@ def test_make_install_into_destdir():
     installed = os.path.join(usr, "bin", "proxy")
     assert subprocess.run([installed, "-V"], capture_output=True, text=True).stdout.startswith(
         "proxy ")
-    r = subprocess.run([installed, "-t", "-c", os.path.join(dest, "etc/proxy/proxy.ini")],
-                       capture_output=True, text=True)
+    config = os.path.join(dest, "etc/proxy/proxy.ini")
+    r = subprocess.run([installed, "-t", "-c", config], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    mode = os.stat(config).st_mode & 0o777
+    assert mode == 0o600, "the config holds passwords, but is installed %o" % mode
     unit = os.path.join(usr, "lib/systemd/system/proxy.service")
     with open(unit) as f:
         text = f.read()
