@@ -261,6 +261,14 @@ static enum leave due(struct conn *c, uint64_t now, int last, uint64_t *until) {
     int others = atomic_load(&stats.waiting) > 0;
     uint64_t last_ns = atomic_load(&c->last_ns), quiet = (uint64_t)cfg.park_after;
     if (c->dial) return others ? LEAVE_PARK : LEAVE_NO;
+    /* The stop: an http connection with no request begun, quiet for QUIET_MS (a client that
+     * sends its requests back to back is not idle between them), ends here: the room is
+     * closed, so it is closed, as nginx and haproxy close idle keep-alive connections. */
+    if (atomic_load(&stats.stopping) && !c->relay && !c->head_first) {
+        uint64_t at = last_ns + QUIET_MS * 1000000u;
+        if (now >= at) return LEAVE_PARK;
+        *until = earlier(*until, at);
+    }
     if (others && cfg.time_slice && now >= c->slice_end) return LEAVE_TURN;
     if (!last) return LEAVE_NO;
     if (others && last_ns == c->start_ns) return LEAVE_PARK;

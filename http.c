@@ -212,7 +212,7 @@ static int dial(struct worker *w, struct conn *c, const char *host, int port) {
     char *spare = cfg.park_after ? pool_head_take() : NULL;
     int fd = upstream_connect(c, host, port, spare != NULL);
     if (fd < 0 && errno == EINPROGRESS && spare) { /* it may leave only with a spare */
-        memcpy(spare, in->buf, in->len); /* the head starts the buffer: http_read_head */
+        memcpy(spare, in->buf, in->len);           /* the head starts the buffer: http_read_head */
         c->stash = spare;
         c->stash_len = in->len;
         return -1;
@@ -385,7 +385,8 @@ static enum answer relay_response(struct worker *w, struct conn *c, const struct
         /* A body still streaming from the client when the answer comes cannot be finished
          * for sure (the upstream may have stopped reading): the client connection ends. */
         x->close_client =
-            final && (req->close || ends_at_close(&r, x) || (x->streaming && body_pending(w)));
+            final && (req->close || ends_at_close(&r, x) || (x->streaming && body_pending(w)) ||
+                      atomic_load(&stats.stopping)); /* the last one: we stop */
         long n = http_rewrite_response(h->out[DOWN], s->buf, &r, req, x->close_client);
         if (n < 0) return c->req.status ? ANSWER_CUT : ANSWER_BAD;
         s->off = r.size;

@@ -390,11 +390,17 @@ void pool_close_parked(struct conn *c, enum end why) {
     retire(c);
 }
 
-/* From now on a connection that would park is closed instead (the stop). Returns those that
- * parked since the last pool_take_parked, as that does. */
+/* From now on a connection that would park is closed instead (the stop), and http connections
+ * end at their next request boundary (stats.stopping): every thread that sleeps with an eye on
+ * it is rung to look. Returns those that parked since the last pool_take_parked, as that
+ * does. */
 struct conn *pool_room_close(void) {
     pthread_mutex_lock(&q.mu);
     q.room_closed = 1;
+    atomic_store(&stats.stopping, 1);
+    for (int i = 0; i < started; i++) /* as publish_waiting: set first, then read sleeping */
+        for (int t = 0; t < 2; t++)
+            if (atomic_load(&workers[i].seat[t].sleeping)) copy_ring(&workers[i].seat[t]);
     publish_waiting(); /* 0 from now on: no turns in the grace period */
     struct conn *list = take_mail();
     pthread_mutex_unlock(&q.mu);

@@ -300,8 +300,10 @@ struct histogram {
  * (pool.c: queued, waiting, busy, parked), so that reading them calls nothing above. */
 struct stats {
     _Atomic uint64_t accepted, active, busy, queued, parked, accept_errors;
-    _Atomic uint64_t waiting; /* pool.c: queued connections no idle worker is about to take:
-                                 while it is above 0, connections take turns (copy_wait) */
+    _Atomic uint64_t waiting;  /* pool.c: queued connections no idle worker is about to take:
+                                  while it is above 0, connections take turns (copy_wait) */
+    _Atomic uint64_t stopping; /* pool.c: the stop has begun: http connections end at their
+                                  next request boundary (copy_wait, http.c) */
     _Atomic uint64_t parks, wakeups, room_timeouts; /* the waiting room's traffic */
     _Atomic uint64_t turns; /* connections that left their worker because their slice was over */
     _Atomic uint64_t refused[REFUSED_MAX]; /* by enum refusal */

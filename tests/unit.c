@@ -106,8 +106,8 @@ static void test_config_golden_errors(void) {
         {"; comment\n\n[proxy]\nmode = tcp\n",
          "3: [proxy] needs 'upstream = host:port' in tcp mode"},
         {"[proxy]\nmode = tcp\nupstream = 127.0.0.1:80\n[users]\na = b\n",
-         "1: [users] needs mode = http: tcp mode has no way to ask"},
-        {"[proxy]\nsend_proxy = v1\n", "1: send_proxy works in tcp mode only"},
+         "5: [users] needs mode = http: tcp mode has no way to ask"}, /* the [users] line */
+        {"[proxy]\nsend_proxy = v1\n", "2: send_proxy works in tcp mode only"},
         {"[users]\nalice = x\nalice = y\n", "3: user 'alice' is listed twice"},
         {"[access]\nconnect_ports = 443, 70000\n",
          "2: connect_ports: '70000' is not a port (1-65535), a range like 8000-8999, or *"},
@@ -155,7 +155,8 @@ static void test_config_golden_errors(void) {
     CHECK(load(big, err, sizeof err) == -1);
     CHECK(strstr(err, ":3: line longer than 198 characters") != NULL);
     CHECK(config_load(&c, "/nonexistent/proxy.ini", err, sizeof err) == -1);
-    STR_EQ(err, "/nonexistent/proxy.ini: cannot open: No such file or directory");
+    STR_EQ(err, "proxy: /nonexistent/proxy.ini: cannot open: No such file or directory (name "
+                "the file with -c FILE)");
 }
 
 static void test_config_values(void) {
