@@ -265,7 +265,7 @@ static enum leave due(struct conn *c, uint64_t now, int last, uint64_t *until) {
      * sends its requests back to back is not idle between them), ends here: the room is
      * closed, so it is closed, as nginx and haproxy close idle keep-alive connections. */
     if (atomic_load(&stats.stopping) && !c->relay && !c->head_first) {
-        uint64_t at = last_ns + QUIET_MS * 1000000u;
+        uint64_t at = last_ns + (uint64_t)QUIET_MS * 1000000u;
         if (now >= at) return LEAVE_PARK;
         *until = earlier(*until, at);
     }
