@@ -8,7 +8,8 @@ in tcp mode points at [users]; the first messages a newcomer meets say what to d
 a stray argument; a '#' comment after a value; which listener could not listen); -t opens the
 log as start-up does and fails where start-up fails, also when the fd limit cannot hold even
 the workers, saying so instead of advising max_connections = 0; a tunnel closed while parked
-(idle_timeout, a stop) still gets its access log line; on SIGTERM, http keep-alive
+(idle_timeout, a stop) still gets its access log line; refusals are counted under their real
+reason; an idle proxy stops at once; on SIGTERM, http keep-alive
 connections end at a response boundary (the last response says Connection: close) and the
 process exits as soon as nothing is left. Every test name starts with test_truth_ (run.py -k
 test_truth_)."""
@@ -21,7 +22,7 @@ import subprocess
 import threading
 import time
 
-from lib import PROXY, TMP, Proxy, write_ini
+from lib import PROXY, TMP, Proxy, Server, connect, echo_handler, write_ini
 from test_http import ESTABLISHED, Client, ok_answer, origin, request, wait_for
 from test_park import held_upstream, tunnel_sections
 
@@ -228,3 +229,52 @@ def test_truth_sigterm_ends_http_keep_alive_at_a_response_boundary_and_exits_whe
         assert px.p.wait(15) == 0
         took = time.monotonic() - start
         assert took < 5, "the stop took %.1f s with nothing left to serve" % took
+
+
+def test_truth_an_idle_proxy_stops_at_once():
+    """SIGTERM to an idle proxy: it exits at once (the stop rings the acceptor's eventfd),
+    not at the acceptor's next look at a clock (before: 0.5-1.0 s, a tick of TICK_MS)."""
+    took = []
+    for _ in range(3):
+        px = Proxy(mode="http", listen="127.0.0.1:0")
+        time.sleep(0.2)
+        start = time.monotonic()
+        assert px.stop() == 0
+        took.append(time.monotonic() - start)
+    took.sort()
+    assert took[1] < 0.4, "an idle proxy took %s s to stop" % ["%.2f" % t for t in took]
+
+
+def test_truth_refusals_are_counted_under_their_real_reason():
+    """max_connections = 1 (tcp) and four clients opening one connection after another, each
+    sending a byte and waiting for its echo: those refused are closed at once, and every
+    refusal the metrics count is one a client saw, under max_connections alone. Before,
+    some were counted queue_full with the queue empty (17 of about 1,000 here), because the
+    count of active connections dropped before the record went back."""
+    with Server(echo_handler) as e:
+        px = Proxy(e.addr, mode="tcp", max_connections=1)
+        seen = []
+
+        def churn():
+            got = {"echoed": 0, "refused": 0}
+            for _ in range(300):
+                s = connect(px.addr)
+                try:
+                    s.sendall(b"x")
+                    got["echoed" if s.recv(1) == b"x" else "refused"] += 1
+                except ConnectionError:
+                    got["refused"] += 1
+                s.close()
+            seen.append(got)
+
+        threads = [threading.Thread(target=churn) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(seen) == 4 and sum(g["echoed"] for g in seen) > 0, seen
+        refused = sum(g["refused"] for g in seen)
+        counted = {k: v for k, v in px.metrics().items()
+                   if k.startswith("proxy_connections_refused_total") and v}
+        want = {'proxy_connections_refused_total{reason="max_connections"}': refused}
+        assert counted == (want if refused else {}), (counted, refused)
