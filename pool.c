@@ -53,6 +53,14 @@ static void ring_acceptor(void) {
     (void)n; /* it fails only when the counter is full, and then it is readable anyway */
 }
 
+/* Rings every worker thread that waits for bytes with an eye on what pool.c publishes
+ * (stats.waiting, stats.stopping): it must look again now. The caller has published first. */
+static void ring_sleepers(void) {
+    for (int i = 0; i < started; i++)
+        for (int t = 0; t < 2; t++)
+            if (atomic_load(&workers[i].seat[t].sleeping)) copy_ring(&workers[i].seat[t]);
+}
+
 /* Publishes how many queued connections no idle worker is about to take (stats.waiting): while
  * there are any, connections take turns. When the number leaves 0, rings every thread that
  * waits for bytes with no eye on its time slice (copy_wait): it must look again now. A thread
@@ -62,9 +70,7 @@ static void ring_acceptor(void) {
 static void publish_waiting(void) {
     int n = q.len > q.idle && !q.room_closed ? q.len - q.idle : 0;
     if (atomic_exchange(&stats.waiting, (uint64_t)n) || !n) return;
-    for (int i = 0; i < started; i++)
-        for (int t = 0; t < 2; t++)
-            if (atomic_load(&workers[i].seat[t].sleeping)) copy_ring(&workers[i].seat[t]);
+    ring_sleepers();
 }
 
 /* Puts c at the tail of the queue. Under q.mu. */
@@ -398,9 +404,7 @@ struct conn *pool_room_close(void) {
     pthread_mutex_lock(&q.mu);
     q.room_closed = 1;
     atomic_store(&stats.stopping, 1);
-    for (int i = 0; i < started; i++) /* as publish_waiting: set first, then read sleeping */
-        for (int t = 0; t < 2; t++)
-            if (atomic_load(&workers[i].seat[t].sleeping)) copy_ring(&workers[i].seat[t]);
+    ring_sleepers();
     publish_waiting(); /* 0 from now on: no turns in the grace period */
     struct conn *list = take_mail();
     pthread_mutex_unlock(&q.mu);

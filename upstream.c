@@ -128,15 +128,16 @@ static int dial_resolved(struct dial *d) {
     return d->n < 0 ? -1 : dial_allowed(d);
 }
 
-/* Starts d for c: the configured upstreams (host NULL), or host:port's addresses, at once for
- * an address, else by a lookup that d waits for. Returns 0, or -1 with errno. */
-static int dial_begin(struct dial *d, struct conn *c, const char *host, int port) {
+/* Starts d for c: the configured upstreams (host NULL), or host:port's (key: "host:port")
+ * addresses, at once for an address, else by a lookup that d waits for. Returns 0, or -1 with
+ * errno. */
+static int dial_begin(struct dial *d, struct conn *c, const char *key, const char *host, int port) {
     d->fd = -1;
     if (!host) {
         list_upstreams(d, c);
         return 0;
     }
-    snprintf(d->key, sizeof d->key, "%s:%d", host, port);
+    snprintf(d->key, sizeof d->key, "%s", key);
     d->deadline = mono_ns() + (uint64_t)cfg.connect_timeout * 1000000000u;
     d->until = d->deadline;
     d->n = net_resolve(host, port, d->a, DIAL_ADDRESSES, &d->lookup);
@@ -232,19 +233,14 @@ static int dial_run(struct dial *d, struct conn *c, int may_leave) {
 
 int upstream_connect(struct conn *c, const char *host, int port, int may_leave) {
     char key[sizeof c->dial->key] = "";
+    int fd = -1;
     if (host) snprintf(key, sizeof key, "%s:%d", host, port);
     if (c->dial && strcmp(c->dial->key, key)) upstream_drop(c); /* not this one's: never */
-    if (!c->dial) {
-        if (!(c->dial = calloc(1, sizeof *c->dial))) return -1;
-        if (dial_begin(c->dial, c, host, port) < 0) {
-            int e = errno;
-            upstream_drop(c);
-            errno = e;
-            return -1;
-        }
-    }
-    int fd = dial_run(c->dial, c, may_leave);
-    if (fd >= 0 || errno != EINPROGRESS) {
+    if (c->dial)
+        fd = dial_run(c->dial, c, may_leave); /* back from the waiting room */
+    else if ((c->dial = calloc(1, sizeof *c->dial)) && dial_begin(c->dial, c, key, host, port) == 0)
+        fd = dial_run(c->dial, c, may_leave);
+    if (fd >= 0 || errno != EINPROGRESS) { /* done, or failed: the record goes */
         int e = errno;
         upstream_drop(c);
         errno = e;
