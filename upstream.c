@@ -236,11 +236,11 @@ int upstream_connect(struct conn *c, const char *host, int port, int may_leave) 
     int fd = -1;
     if (host) snprintf(key, sizeof key, "%s:%d", host, port);
     if (c->dial && strcmp(c->dial->key, key)) upstream_drop(c); /* not this one's: never */
-    if (c->dial)
-        fd = dial_run(c->dial, c, may_leave); /* back from the waiting room */
-    else if ((c->dial = calloc(1, sizeof *c->dial)) && dial_begin(c->dial, c, key, host, port) == 0)
-        fd = dial_run(c->dial, c, may_leave);
-    if (fd >= 0 || errno != EINPROGRESS) { /* done, or failed: the record goes */
+    int ready = c->dial != NULL; /* back from the waiting room, in the middle of it */
+    if (!ready && (c->dial = calloc(1, sizeof *c->dial)))
+        ready = dial_begin(c->dial, c, key, host, port) == 0;
+    if (ready) fd = dial_run(c->dial, c, may_leave);
+    if (fd >= 0 || !ready || errno != EINPROGRESS) { /* done, or failed: the record goes */
         int e = errno;
         upstream_drop(c);
         errno = e;
