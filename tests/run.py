@@ -40,6 +40,7 @@ def main():
     import lib
 
     passed = failed = 0
+    failures = []  # repeated above the last line, which is what a cut CI log still shows
     if not args.k:
         out = subprocess.run([args.unit], capture_output=True, text=True, timeout=120)
         sys.stdout.write(out.stdout + out.stderr)
@@ -78,8 +79,12 @@ def main():
                 print("FAIL %s (%.1fs): %s" % (name, time.monotonic() - start, e), flush=True)
                 tb = traceback.format_exc().strip().splitlines()
                 print("     " + "\n     ".join(tb[-8:]))
+                failures.append("FAIL %s: %s" % (name, str(e).splitlines()[0][:300] if str(e)
+                                                  else type(e).__name__))
             finally:
                 lib.finish()
+    for line in failures:
+        print(line)
     print("%d passed, %d failed" % (passed, failed))
     return 1 if failed else 0
 
