@@ -17,13 +17,14 @@
 #define EVENTS       256 /* events taken from epoll per wait */
 #define ACCEPT_BATCH 64  /* clients accepted per wait, so that wake-ups are not kept waiting */
 
-/* All of it belongs to the acceptor thread; acceptor_start and acceptor_stop run before and
+/* All of it belongs to the acceptor thread; acceptor_start and acceptor_end run before and
  * after it. */
 static struct {
     const struct mode *mode;
     pthread_t thread;
     int listen_fd, ep, stop_fd;
     int listening;         /* the listener is watched: 0 while it rests */
+    int stopped;           /* the stop: the listener is no longer watched, ever */
     uint64_t paused_until; /* accept failed for want of fds: the listener rests until then */
     int intake_closed;     /* the queue had no room for a new one: it rests until it has */
     /* Every parked connection, in a binary min-heap by deadline (those with none last), each
@@ -33,7 +34,18 @@ static struct {
     int nheap;
 } a;
 
-static _Atomic int stopping; /* set by acceptor_stop, which also rings stop_fd */
+/* The stop, in two steps, each set by its function, which rings stop_fd: no more clients
+ * (acceptor_stop); then the waiting room closes too (acceptor_end). */
+static _Atomic int stopping, ending;
+
+/* acceptor_stop waits here until the acceptor has taken in the backlog and let the listener
+ * go: only then may the listener close. */
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done;        /* the acceptor no longer touches the listener */
+    uint64_t closed; /* connections between requests it closed then */
+} step = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
 /* Tags in epoll's data for the sockets that are not connections'. */
 static struct watch listener_tag, mailbox_tag, stop_tag;
@@ -128,25 +140,12 @@ static void accept_some(void) {
 /* The listener's rest is over (its time, and room in the queue): it is watched again. */
 static void accept_again(uint64_t now) {
     struct epoll_event on = {.events = EPOLLIN, .data.ptr = &listener_tag};
-    if (a.listening || (a.paused_until && now < a.paused_until)) return;
+    if (a.listening || a.stopped || (a.paused_until && now < a.paused_until)) return;
     if (a.intake_closed && !pool_intake_open()) return;
     a.paused_until = 0;
     a.intake_closed = 0;
     a.listening = 1;
     epoll_ctl(a.ep, EPOLL_CTL_MOD, a.listen_fd, &on);
-}
-
-/* Once stopping: takes what is already in the listener's backlog (those clients are connected,
- * and closing the listener would reset them), at most max_connections of them, so that a
- * flood cannot keep the acceptor from ending. */
-static void drain_backlog(void) {
-    int left = cfg.max_connections;
-    while (left > 0) {
-        if (accept_one() == 0)
-            left--;
-        else if (errno != EINTR && errno != ECONNABORTED)
-            break; /* EAGAIN: the backlog is empty */
-    }
 }
 
 /* ---- the waiting room ------------------------------------------------------------------- */
@@ -286,21 +285,88 @@ static int next_wait(uint64_t now) {
     return ms > 86400000u ? 86400000 : (int)ms;
 }
 
+/* ---- the stop ------------------------------------------------------------------------ */
+
+/* Takes what is already in the listener's backlog (those clients are connected, and closing
+ * the listener would reset them), at most max_connections of them, so that a flood cannot keep
+ * the stop from going on. */
+static void drain_backlog(void) {
+    int left = cfg.max_connections;
+    while (left > 0) {
+        if (accept_one() == 0)
+            left--;
+        else if (errno != EINTR && errno != ECONNABORTED)
+            break; /* EAGAIN: the backlog is empty */
+    }
+}
+
+/* The stop's first step: the backlog is taken in and the listener let go; of the parked
+ * connections, those between http requests are closed (or served, if a request came), and the
+ * rest (tunnels, relays, dials, heads begun) stay in the room for the grace period, where
+ * their bytes wake them as before. Tells acceptor_stop. */
+static void stop_accepting(void) {
+    uint64_t closed = 0;
+    drain_backlog();
+    epoll_ctl(a.ep, EPOLL_CTL_DEL, a.listen_fd, NULL);
+    a.stopped = 1;
+    a.listening = 0;
+    /* From here on the pool closes, instead of parking, a connection between requests; those
+     * that parked before are in the mail or the room. */
+    for (struct conn *c = pool_stop_begin(), *next; c; c = next) {
+        next = c->next;
+        enter(c);
+    }
+    struct conn *idle = NULL;
+    for (int i = 0; i < a.nheap; i++)
+        if (copy_between_requests(a.heap[i])) {
+            a.heap[i]->next = idle;
+            idle = a.heap[i];
+        }
+    for (struct conn *c = idle, *next; c; c = next) {
+        next = c->next;
+        leave_room(c);
+        closed += pool_stop_idle(c);
+    }
+    pthread_mutex_lock(&step.mu);
+    step.done = 1;
+    step.closed = closed;
+    pthread_cond_signal(&step.cv);
+    pthread_mutex_unlock(&step.mu);
+}
+
+/* The stop's last step, the grace period over: every connection still parked is closed. */
+static void close_room(void) {
+    for (struct conn *c = pool_room_close(), *next; c; c = next) {
+        next = c->next;
+        pool_close_parked(c, END_STOPPED);
+    }
+    while (a.nheap) {
+        struct conn *c = a.heap[0];
+        leave_room(c);
+        pool_close_parked(c, END_STOPPED);
+    }
+}
+
 /* The acceptor thread: waits on the listener, its bell, every parked socket and the nearest
- * deadline, until the stop rings; then drains the backlog. */
+ * deadline. Once the stop rings it takes no more clients, but keeps the room for the grace
+ * period, until the stop rings again. */
 static void *acceptor_main(void *arg) {
     struct epoll_event ev[EVENTS];
     (void)arg;
-    while (!atomic_load(&stopping)) {
+    while (!atomic_load(&ending)) {
+        if (!a.stopped && atomic_load(&stopping)) stop_accepting();
         int n = epoll_wait(a.ep, ev, EVENTS, next_wait(mono_ns())), mail = 0;
         for (int i = 0; i < n; i++) {
             struct watch *w = ev[i].data.ptr;
+            uint64_t rang;
             if (w == &listener_tag)
                 accept_some();
             else if (w == &mailbox_tag)
                 mail = 1;
             else if (w != &stop_tag)
                 woken(w);
+            else if (read(a.stop_fd, &rang, sizeof rang) < 0) { /* EAGAIN: taken already */
+            }
         }
         /* The mailbox last: a connection woken in this batch may have parked again already,
          * and its watches must not be set before the batch's stale events for it are past. */
@@ -312,7 +378,7 @@ static void *acceptor_main(void *arg) {
         expire(now);
         accept_again(now);
     }
-    drain_backlog();
+    close_room();
     return NULL;
 }
 
@@ -345,25 +411,33 @@ int acceptor_start(int listen_fd, const struct mode *mode) {
     return 0;
 }
 
-/* Stops accepting (the backlog is taken in first), and closes every parked connection: only
- * connections with work in progress get the grace period. Returns how many were closed. */
+/* Rings the acceptor's stop bell. */
+static void ring_stop(void) {
+    uint64_t one = 1;
+    if (write(a.stop_fd, &one, sizeof one) < 0) { /* full: it is readable anyway */
+    }
+}
+
+/* Stops accepting: returns once the backlog is taken in and the listener may close, with how
+ * many connections between requests were closed (parked ones: nothing of theirs was in
+ * progress). Connections with work in progress go on, parked or not, until acceptor_end. */
 uint64_t acceptor_stop(void) {
-    uint64_t closed = 0, one = 1;
     atomic_store(&stopping, 1);
-    if (write(a.stop_fd, &one, sizeof one) < 0) { /* cannot fail: a fresh counter */
-    }
+    ring_stop();
+    pthread_mutex_lock(&step.mu);
+    while (!step.done) pthread_cond_wait(&step.cv, &step.mu);
+    uint64_t closed = step.closed;
+    pthread_mutex_unlock(&step.mu);
+    return closed;
+}
+
+/* Closes every connection still parked (the grace period is over, or nothing is left) and ends
+ * the acceptor thread. */
+void acceptor_end(void) {
+    atomic_store(&ending, 1);
+    ring_stop();
     pthread_join(a.thread, NULL);
-    for (struct conn *c = pool_room_close(), *next; c; c = next, closed++) {
-        next = c->next;
-        pool_close_parked(c, END_STOPPED);
-    }
-    for (struct conn *c; a.nheap; closed++) {
-        c = a.heap[0];
-        leave_room(c);
-        pool_close_parked(c, END_STOPPED);
-    }
     close(a.ep);
     close(a.stop_fd);
     free(a.heap);
-    return closed;
 }

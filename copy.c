@@ -236,6 +236,14 @@ uint64_t copy_deadline(struct conn *c) {
     return s ? atomic_load(&c->last_ns) + (uint64_t)s * 1000000000u : 0;
 }
 
+/* Whether c is an http connection between requests (none begun, nor a tunnel): at the stop
+ * nothing of it is in progress, so it is closed instead of kept (as nginx and haproxy close
+ * idle keep-alive connections), unless a request is waiting already. A tcp connection is
+ * always a relay or a dial when it can wait. */
+int copy_between_requests(const struct conn *c) {
+    return cfg.mode == MODE_HTTP && !c->relay && !c->dial && !c->head_first;
+}
+
 /* The earlier of two deadlines, 0 meaning none. */
 static uint64_t earlier(uint64_t a, uint64_t b) {
     return !a || (b && b < a) ? b : a;
@@ -261,10 +269,9 @@ static enum leave due(struct conn *c, uint64_t now, int last, uint64_t *until) {
     int others = atomic_load(&stats.waiting) > 0;
     uint64_t last_ns = atomic_load(&c->last_ns), quiet = (uint64_t)cfg.park_after;
     if (c->dial) return others ? LEAVE_PARK : LEAVE_NO;
-    /* The stop: an http connection with no request begun, quiet for QUIET_MS (a client that
-     * sends its requests back to back is not idle between them), ends here: the room is
-     * closed, so it is closed, as nginx and haproxy close idle keep-alive connections. */
-    if (atomic_load(&stats.stopping) && !c->relay && !c->head_first) {
+    /* The stop: an http connection between requests, quiet for QUIET_MS (a client that sends
+     * its requests back to back is not idle between them), leaves here to be closed (park). */
+    if (atomic_load(&stats.stopping) && copy_between_requests(c)) {
         uint64_t at = last_ns + (uint64_t)QUIET_MS * 1000000u;
         if (now >= at) return LEAVE_PARK;
         *until = earlier(*until, at);

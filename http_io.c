@@ -25,11 +25,13 @@ static const char *reason(int status) {
     }
 }
 
-/* Writes the proxy's own response for status into buf (the reason as a text body; for 407 the
- * Basic challenge, for 503 Retry-After; Connection: close unless keep) and returns its length. */
-int http_error(char *buf, size_t cap, int status, int keep) {
-    char body[64], extra[128] = "";
-    int blen = snprintf(body, sizeof body, "%d %s\n", status, reason(status));
+/* Writes the proxy's own response for status into buf (a text body: the reason, and why if
+ * given; for 407 the Basic challenge, for 503 Retry-After; Connection: close unless keep) and
+ * returns its length. */
+int http_error(char *buf, size_t cap, int status, int keep, const char *why) {
+    char body[320], extra[128] = "";
+    int blen = snprintf(body, sizeof body, "%d %s%s%s\n", status, reason(status), why ? ": " : "",
+                        why ? why : "");
     if (status == 407)
         snprintf(extra, sizeof extra, "Proxy-Authenticate: Basic realm=\"%s\"\r\n", cfg.realm);
     if (status == 503) snprintf(extra, sizeof extra, "Retry-After: 1\r\n");
@@ -61,8 +63,10 @@ static void head_came(struct conn *c, size_t len) {
     if (rate < c->head_deadline) c->head_deadline = rate;
 }
 
-/* A request head is whole (or refused): no deadline runs until the next one's first byte. */
+/* A request head is whole (or refused): no deadline runs until the next one's first byte. The
+ * request began with its first byte, unless it was known to be there earlier (head_since). */
 static void head_done(struct conn *c) {
+    if (!c->head_since) c->head_since = c->head_first ? c->head_first : mono_ns();
     c->head_deadline = c->head_cap = c->head_first = 0;
 }
 
@@ -100,6 +104,7 @@ static enum head wait_request(struct conn *c, struct stream *s, int fd) {
 enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
                          int *status) {
     size_t scanned = 0, end, got;
+    int looked = 0; /* its time is up, and the socket was read once more */
     compact(s);
     *status = request ? 400 : 502;
     for (;;) {
@@ -116,11 +121,17 @@ enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m
         }
         if (request && s->len && !c->head_first) /* its first bytes: read now, or pipelined */
             head_came(c, s->len);
+        /* Its time is up; but bytes that came in time and waited for a worker (in the queue,
+         * or behind another connection) are the client's due: one more read of what is there,
+         * never a wait, before the 408. */
         if (request && c->head_deadline && mono_ns() >= c->head_deadline) {
-            *status = 408;
-            return HEAD_BAD;
-        }
-        if (request && cfg.park_after) { /* waiting for a request, or the rest of one */
+            struct pollfd p = {.fd = fd, .events = POLLIN};
+            if (looked || poll(&p, 1, 0) != 1) {
+                *status = 408;
+                return HEAD_BAD;
+            }
+            looked = 1;
+        } else if (request && cfg.park_after) { /* waiting for a request, or the rest of one */
             enum head h = wait_request(c, s, fd);
             if (h != HEAD_OK) return h;
             if (c->head_deadline && mono_ns() >= c->head_deadline) continue; /* 408 above */

@@ -119,8 +119,8 @@ struct lookup {
 
 static _Atomic int lookups; /* resolver threads running, abandoned ones included */
 
-/* Copies up to max of res's addresses into out. Returns how many, or -1 with errno
- * EHOSTUNREACH when there was none. */
+/* Copies up to max of res's addresses into out. Returns how many, or -1 with errno E_LOOKUP
+ * when there was none. */
 static int copy_addrs(const struct addrinfo *res, struct addr *out, int max) {
     int n = 0;
     for (const struct addrinfo *ai = res; ai && n < max; ai = ai->ai_next) {
@@ -129,7 +129,7 @@ static int copy_addrs(const struct addrinfo *res, struct addr *out, int max) {
         out[n].len = ai->ai_addrlen;
         n++;
     }
-    if (n == 0) errno = EHOSTUNREACH;
+    if (n == 0) errno = E_LOOKUP;
     return n ? n : -1;
 }
 
@@ -210,11 +210,11 @@ int net_lookup_fd(const struct lookup *l) {
 }
 
 /* Takes the addresses of l, which is done (its fd was readable): at most max into out, and
- * lets go of l. Returns how many, or -1 with errno (EHOSTUNREACH: the name did not resolve). */
+ * lets go of l. Returns how many, or -1 with errno (E_LOOKUP: the name did not resolve). */
 int net_lookup_take(struct lookup *l, struct addr *out, int max) {
     pthread_mutex_lock(&l->mu);
     int n = -1;
-    errno = EHOSTUNREACH;
+    errno = E_LOOKUP;
     if (l->done && !l->rc) n = copy_addrs(l->res, out, max); /* sets errno if it fails */
     int e = errno;
     pthread_mutex_unlock(&l->mu);
@@ -226,7 +226,7 @@ int net_lookup_take(struct lookup *l, struct addr *out, int max) {
 /* Resolves host:port into at most max addresses, in the resolver's order. An address needs no
  * lookup: returns how many at once. A name is looked up on a thread of its own: returns 0
  * with *l set, a lookup to wait for (net_lookup_fd) and take (net_lookup_take) or drop
- * (net_lookup_drop). Or -1 with errno (EHOSTUNREACH when it cannot resolve; EAGAIN: too many
+ * (net_lookup_drop). Or -1 with errno (E_LOOKUP when it cannot resolve; EAGAIN: too many
  * lookups at once). */
 int net_resolve(const char *host, int port, struct addr *out, int max, struct lookup **l) {
     struct addrinfo hints = {.ai_socktype = SOCK_STREAM,
@@ -242,7 +242,7 @@ int net_resolve(const char *host, int port, struct addr *out, int max, struct lo
         return n;
     }
     if (rc != EAI_NONAME) {
-        errno = EHOSTUNREACH;
+        errno = E_LOOKUP;
         return -1;
     }
     if (!(*l = lookup_new(host, service))) return -1;

@@ -8,6 +8,7 @@
  * http.c); where a parked connection waits is acceptor.c's. */
 #include "proxy.h"
 
+#include <errno.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
@@ -20,6 +21,8 @@
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t cv, all_idle; /* cv: a connection or the stop; all_idle: for pool_start */
+    pthread_cond_t drained;      /* the stop: no connection is left (pool_drain); on the
+                                    monotonic clock, set up by pool_start */
     struct conn **ring;          /* queued connections: len of them from first on */
     int size, first, len;
     int fresh;           /* of them, new ones (never served): what cfg.queue bounds */
@@ -30,10 +33,11 @@ static struct {
     char *heads;       /* cfg.head_buffers head buffers of HEAD_MAX bytes, allocated once */
     char **spare_head; /* those not carrying a parked head: a stack of nspare_head */
     int nspare_head;
-    int idle;     /* front threads waiting in take() */
-    int stopping; /* SIGTERM: the acceptor has stopped; drain what is queued, then exit */
+    int idle;                 /* front threads waiting in take() */
+    int stopping;             /* the stop's end: workers take what is still queued, then exit */
     struct conn *mail, *last; /* parked, not yet taken by the acceptor: a list through next */
-    int room_closed;          /* the stop: a connection that would park is closed instead */
+    int stop_begun;           /* the stop: one between requests that would park is closed */
+    int room_closed;          /* the stop's end: any that would park is closed instead */
     int parked_fd;            /* eventfd, the acceptor's bell: mail, or room for new ones */
 } q = {.mu = PTHREAD_MUTEX_INITIALIZER,
        .cv = PTHREAD_COND_INITIALIZER,
@@ -65,10 +69,9 @@ static void ring_sleepers(void) {
  * there are any, connections take turns. When the number leaves 0, rings every thread that
  * waits for bytes with no eye on its time slice (copy_wait): it must look again now. A thread
  * says it sleeps before it reads stats.waiting, and this sets stats.waiting before it reads
- * that, so no thread misses the news. Once the stop has begun nobody takes turns: the room is
- * closed. Under q.mu. */
+ * that, so no thread misses the news. Under q.mu. */
 static void publish_waiting(void) {
-    int n = q.len > q.idle && !q.room_closed ? q.len - q.idle : 0;
+    int n = q.len > q.idle ? q.len - q.idle : 0;
     if (atomic_exchange(&stats.waiting, (uint64_t)n) || !n) return;
     ring_sleepers();
 }
@@ -102,7 +105,11 @@ int pool_submit(int fd, const struct addr *peer) {
     int ok = !q.stopping && q.nspare > 0;
     if (ok) {
         struct conn *c = q.spare[--q.nspare];
-        *c = (struct conn){.client = fd, .upstream = -1, .peer = *peer, .slot = -1};
+        /* Its clocks start now: the time it waits for a worker is part of what its client
+         * sees (the log, header_timeout, the duration histogram). */
+        *c = (struct conn){
+            .client = fd, .upstream = -1, .peer = *peer, .slot = -1, .start_ns = mono_ns()};
+        atomic_store(&c->last_ns, c->start_ns);
         q.fresh++;
         enqueue(c);
     }
@@ -130,7 +137,7 @@ static struct conn *take(void) {
         q.first = (q.first + 1) % q.size;
         q.len--;
         atomic_fetch_sub(&stats.queued, 1);
-        if (!c->start_ns) q.fresh--;
+        if (!c->turns) q.fresh--;
     }
     publish_waiting();
     pthread_mutex_unlock(&q.mu);
@@ -155,12 +162,12 @@ void pool_head_give(char *buf) {
 
 /* Returns a closed connection's record to the slab; only then does it stop counting as
  * active, so that the acceptor, which admits up to max_connections active ones, always finds a
- * record for the next. */
+ * record for the next. The last one out in the stop says so. */
 static void release(struct conn *c) {
     pthread_mutex_lock(&q.mu);
     q.spare[q.nspare++] = c;
+    if (atomic_fetch_sub(&stats.active, 1) == 1 && q.stop_begun) pthread_cond_broadcast(&q.drained);
     pthread_mutex_unlock(&q.mu);
-    atomic_fetch_sub(&stats.active, 1);
 }
 
 /* ---- a worker's two threads ----------------------------------------------------------- */
@@ -219,14 +226,10 @@ static void *back_main(void *arg) {
     return NULL;
 }
 
-/* The front thread takes c: a new connection's clocks start, its time in the queue is counted,
- * its turn begins, and a forced stop can now find it. */
+/* The front thread takes c: its time in the queue is counted, its turn begins, and a forced
+ * stop can now find it. */
 static void begin(struct worker *w, struct conn *c) {
     uint64_t now = mono_ns();
-    if (!c->start_ns) {
-        c->start_ns = now;
-        atomic_store(&c->last_ns, c->start_ns);
-    }
     stats_observe(&stats.queue_wait, now - c->queued_ns);
     c->turns++;
     c->slice_end = now + (uint64_t)cfg.time_slice * 1000000u;
@@ -265,10 +268,11 @@ static void retire(struct conn *c) {
 }
 
 /* Hands quiet c to the waiting room, through the mailbox. Returns 0, or -1 when the room is
- * closed (the stop): the caller closes c. */
+ * closed to it (the stop: to every connection once the grace period is over, before that to
+ * one between requests): the caller closes c. */
 static int park(struct conn *c) {
     pthread_mutex_lock(&q.mu);
-    int closed = q.room_closed, wake = !q.mail;
+    int closed = q.room_closed || (q.stop_begun && copy_between_requests(c)), wake = !q.mail;
     if (!closed) {
         c->next = NULL;
         if (q.mail)
@@ -317,14 +321,17 @@ static void *front_main(void *arg) {
         begin(w, c);
         enum served s = mode->serve(w, c);
         leave(w);
-        if (s == SERVED_PARK && atomic_load(&c->leave) == LEAVE_TURN) {
-            atomic_fetch_add(&stats.turns, 1);
-            if (has_bytes(c)) {
+        if (s == SERVED_PARK) {
+            int turn = atomic_load(&c->leave) == LEAVE_TURN;
+            if (turn) atomic_fetch_add(&stats.turns, 1);
+            /* In the stop, one between requests that has a request waiting is served, not
+             * closed by park. */
+            if ((turn || atomic_load(&stats.stopping)) && has_bytes(c)) {
                 requeue(c);
                 continue;
             }
+            if (park(c) == 0) continue;
         }
-        if (s == SERVED_PARK && park(c) == 0) continue;
         retire(c);
     }
     pthread_mutex_lock(&w->mu);
@@ -396,16 +403,37 @@ void pool_close_parked(struct conn *c, enum end why) {
     retire(c);
 }
 
-/* From now on a connection that would park is closed instead (the stop), and http connections
- * end at their next request boundary (stats.stopping): every thread that sleeps with an eye on
- * it is rung to look. Returns those that parked since the last pool_take_parked, as that
- * does. */
+/* The stop begins: from now on a connection between http requests that would park is closed
+ * instead (park), and http connections end at their next request boundary (stats.stopping):
+ * every thread that sleeps with an eye on it is rung to look. Tunnels, relays, dials and heads
+ * begun still park: the room keeps them through the grace period. Returns those that parked
+ * since the last pool_take_parked, as that does. */
+struct conn *pool_stop_begin(void) {
+    pthread_mutex_lock(&q.mu);
+    q.stop_begun = 1;
+    atomic_store(&stats.stopping, 1);
+    ring_sleepers();
+    struct conn *list = take_mail();
+    pthread_mutex_unlock(&q.mu);
+    return list;
+}
+
+/* The stop meets parked c between requests: a request (or a hang-up) that came already is
+ * served, with the stop's Connection: close; else c is closed. Returns 1 if it closed c. */
+int pool_stop_idle(struct conn *c) {
+    if (has_bytes(c)) {
+        pool_resume(c);
+        return 0;
+    }
+    pool_close_parked(c, END_STOPPED);
+    return 1;
+}
+
+/* The grace period is over: from now on any connection that would park is closed instead.
+ * Returns those that parked since the last pool_take_parked, as that does. */
 struct conn *pool_room_close(void) {
     pthread_mutex_lock(&q.mu);
     q.room_closed = 1;
-    atomic_store(&stats.stopping, 1);
-    ring_sleepers();
-    publish_waiting(); /* 0 from now on: no turns in the grace period */
     struct conn *list = take_mail();
     pthread_mutex_unlock(&q.mu);
     return list;
@@ -431,6 +459,11 @@ static int start_worker(struct worker *w, const pthread_attr_t *attr) {
 int pool_start(const struct mode *m) {
     int records = cfg.max_connections;
     mode = m;
+    pthread_condattr_t monotonic;
+    pthread_condattr_init(&monotonic);
+    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
+    pthread_cond_init(&q.drained, &monotonic);
+    pthread_condattr_destroy(&monotonic);
     q.parked_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (q.parked_fd < 0) return -1;
     q.size = records;
@@ -471,14 +504,13 @@ static void force_stop(void) {
             left[n] = q.ring[q.first];
             q.first = (q.first + 1) % q.size;
             q.len--;
-            if (!left[n]->start_ns) q.fresh--;
+            if (!left[n]->turns) q.fresh--;
         }
         atomic_fetch_sub(&stats.queued, (uint64_t)n);
         publish_waiting();
         pthread_mutex_unlock(&q.mu);
         for (int i = 0; i < n; i++) {
             atomic_store(&left[i]->end, END_STOPPED);
-            if (!left[i]->start_ns) left[i]->start_ns = mono_ns(); /* never served */
             retire(left[i]);
         }
     } while (n);
@@ -490,17 +522,27 @@ static void force_stop(void) {
     }
 }
 
-/* Stops taking connections, lets active ones finish for GRACE_SECONDS, ends the rest, joins
- * every thread. */
+/* The stop: waits until no connection is left (the last one out rings) or seconds have
+ * passed, whichever comes first. */
+void pool_drain(int seconds) {
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_sec += seconds;
+    pthread_mutex_lock(&q.mu);
+    while (atomic_load(&stats.active) > 0 &&
+           pthread_cond_timedwait(&q.drained, &q.mu, &until) != ETIMEDOUT) {
+    }
+    pthread_mutex_unlock(&q.mu);
+}
+
+/* The stop's end (the waiting room is closed already): ends what is still queued or served,
+ * lets the workers take what is left in the queue (each ends at once), joins every thread. */
 void pool_stop(void) {
+    force_stop();
     pthread_mutex_lock(&q.mu);
     q.stopping = 1;
     pthread_cond_broadcast(&q.cv);
     pthread_mutex_unlock(&q.mu);
-
-    uint64_t deadline = mono_ns() + GRACE_SECONDS * 1000000000ull;
-    while (atomic_load(&stats.active) > 0 && mono_ns() < deadline) usleep(20000);
-    force_stop();
     for (int i = 0; i < started; i++) {
         struct worker *w = &workers[i];
         pthread_join(w->front, NULL);

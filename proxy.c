@@ -125,16 +125,20 @@ static void wait_for_stop(const sigset_t *set) {
     }
 }
 
-/* The graceful stop: the acceptor ends and closes the parked connections, the pool gives the
- * busy ones GRACE_SECONDS, the admin thread ends. */
+/* The graceful stop: the acceptor takes no more clients and closes the parked connections
+ * between requests; the rest (served, or parked with work in progress) get up to
+ * GRACE_SECONDS, and the process exits as soon as none is left; then the waiting room closes,
+ * the pool ends what is left, the admin thread ends. */
 static void stop(void) {
     /* No shutdown() of the listener, which would reset the connections still waiting in its
      * backlog: the acceptor takes them in first. */
-    uint64_t parked = acceptor_stop();
+    uint64_t idle = acceptor_stop();
     close(listen_fd);
-    log_line("stopping: %llu connections open get up to %d s to finish (%llu parked ones closed)",
+    log_line("stopping: %llu connections open get up to %d s to finish (%llu idle ones closed)",
              (unsigned long long)atomic_load(&stats.active), GRACE_SECONDS,
-             (unsigned long long)parked);
+             (unsigned long long)idle);
+    pool_drain(GRACE_SECONDS);
+    acceptor_end();
     pool_stop();
     admin_stop();
     log_line("stopped");

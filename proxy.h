@@ -93,14 +93,17 @@ int net_connect_start(const struct addr *a);
 int net_connect_done(int fd, int tick_ms);
 /* A name lookup running on a thread of its own (net.c). */
 struct lookup;
+/* errno when a name did not resolve: one no connect returns, so that an answer can tell a
+ * failed lookup from an unreachable host. */
+#define E_LOOKUP ENXIO
 /* Resolves host:port into at most max addresses: an address at once (returns how many); a name
  * on a thread of its own (returns 0 with *l set: wait for net_lookup_fd, then net_lookup_take,
- * or net_lookup_drop). -1 with errno (EHOSTUNREACH, EAGAIN: too many lookups at once). */
+ * or net_lookup_drop). -1 with errno (E_LOOKUP, EAGAIN: too many lookups at once). */
 int net_resolve(const char *host, int port, struct addr *out, int max, struct lookup **l);
 /* The fd that becomes readable once l is done. */
 int net_lookup_fd(const struct lookup *l);
 /* Takes the addresses of l, which is done, and lets go of it. Returns how many, or -1 with
- * errno (EHOSTUNREACH: the name did not resolve). */
+ * errno (E_LOOKUP: the name did not resolve). */
 int net_lookup_take(struct lookup *l, struct addr *out, int max);
 /* Lets go of l, done or not: its thread frees it if it still runs. */
 void net_lookup_drop(struct lookup *l);
@@ -206,7 +209,8 @@ enum end {
     END_CLIENT,      /* read or write error on the client socket */
     END_UPSTREAM,    /* read or write error on the upstream socket */
     END_NO_UPSTREAM, /* every upstream refused or timed out */
-    END_STOPPED,     /* still open when the graceful stop ran out of time */
+    END_STOPPED,     /* closed by the graceful stop: idle between http requests when it
+                        began, or still open when it ran out of time */
     END_SLOW,        /* a request head or a body came slower than min_rate */
     END_MAX
 };
@@ -220,6 +224,7 @@ struct request_log {
     uint64_t bytes0[2]; /* c->bytes when it began: what it moved is counted from there */
     int status;         /* the last status line the client got; 0: none (logged "-") */
     int logged;         /* its access log line is written */
+    const char *error;  /* why the proxy answered it itself (a word of http.c's); NULL: not */
     char method[16], target[128], user[64];
 };
 
@@ -234,7 +239,7 @@ struct conn {
                                       room while parked; -1: none */
     struct addr peer;              /* pool_submit, then read-only */
     const struct upstream *chosen; /* the front thread: the configured upstream; NULL: none */
-    uint64_t start_ns;             /* the front thread, when it first takes the connection */
+    uint64_t start_ns;             /* pool_submit: when it was accepted */
     _Atomic uint64_t last_ns;      /* either thread: the last byte moved, the idle clock */
     _Atomic int last_dir;          /* either thread: which way the last byte sent went (enum
                                       dir): whom a relay waits for (copy_wait) */
@@ -259,6 +264,10 @@ struct conn {
                                progress. The waiting room reads it too: copy_deadline */
     uint64_t head_cap;      /* http, the front thread: header_timeout's bound for this head */
     uint64_t head_first;    /* http, the front thread: when its first byte came; 0: none yet */
+    uint64_t head_since;    /* http, the front thread: when the next request began, for its
+                               log line: accept for the first; for the first of a later turn,
+                               when c went back to the queue (its bytes woke it); else its
+                               first byte (head_done); 0: not known yet */
     char *stash;            /* http, the front thread: a head read in part, or a request whose
                                dial left its worker, carried while c is parked (a buffer of
                                pool.c's; retire gives it back); NULL: none */
@@ -418,6 +427,9 @@ enum wake copy_wait(struct conn *c, enum dir d, int fd, short events, int may_le
  * last byte + idle_timeout; an http connection's between requests, last byte +
  * keepalive_timeout. */
 uint64_t copy_deadline(struct conn *c);
+/* Whether c is an http connection between requests (none begun): at the stop nothing of it is
+ * in progress, so it is closed instead of kept, unless a request is waiting. */
+int copy_between_requests(const struct conn *c);
 /* Starts timing the body read in direction d against min_rate: read slower, it ends c
  * (END_SLOW). */
 void copy_rate_start(struct conn *c, enum dir d);
@@ -547,8 +559,9 @@ void pool_copy_down(struct worker *w, struct conn *c);
  * SERVED_DONE once both reached EOF or c ended; SERVED_PARK once both loops left their worker
  * (c->leave says why). */
 enum served pool_relay(struct worker *w, struct conn *c, job_fn down);
-/* Stops taking connections, lets active ones finish for GRACE_SECONDS, ends the rest,
- * joins every thread. */
+/* The stop: waits until no connection is left or seconds have passed. */
+void pool_drain(int seconds);
+/* The stop's end: ends what is still queued or served, joins every thread. */
 void pool_stop(void);
 
 /* The waiting room's side (acceptor.c): a connection a worker parked comes out here, goes back
@@ -564,8 +577,15 @@ struct conn *pool_take_parked(void);
 void pool_resume(struct conn *c);
 /* Closes a parked connection for why: its sockets, its counts, its log line, its record. */
 void pool_close_parked(struct conn *c, enum end why);
-/* From now on a connection that would park is closed instead (the stop). Returns those that
- * parked since the last pool_take_parked, as that does. */
+/* The stop begins: from now on a connection between http requests that would park is closed
+ * instead, and http connections end at their next request boundary. Returns those that parked
+ * since the last pool_take_parked, as that does. */
+struct conn *pool_stop_begin(void);
+/* The stop meets parked c between requests: served if a request (or a hang-up) came already,
+ * else closed. Returns 1 if it closed c. */
+int pool_stop_idle(struct conn *c);
+/* The room closes for good: from now on any connection that would park is closed instead.
+ * Returns those that parked since the last pool_take_parked. */
 struct conn *pool_room_close(void);
 
 /* ==== http_parse.c: strict HTTP/1.1 heads, targets and chunk sizes ===================== */
@@ -657,9 +677,10 @@ int http_relay_n(struct conn *c, struct copier *k, struct stream *s, int from, i
 /* Relays a chunked body from s (what is buffered, then the socket from) to `to`, checking
  * every size line and trailer; the bytes go on exactly as they came. Returns 0 or -1. */
 int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to);
-/* Writes the proxy's own response for status into buf (the reason as a text body; for 407 the
- * Basic challenge, for 503 Retry-After; Connection: close unless keep) and returns its length. */
-int http_error(char *buf, size_t cap, int status, int keep);
+/* Writes the proxy's own response for status into buf (a text body: the reason, and why if
+ * given; for 407 the Basic challenge, for 503 Retry-After; Connection: close unless keep) and
+ * returns its length. */
+int http_error(char *buf, size_t cap, int status, int keep, const char *why);
 
 /* ==== http_head.c: the heads forwarded and relayed ===================================== */
 
@@ -706,8 +727,11 @@ extern const struct mode http_mode;
 /* Starts the acceptor thread on the listening socket fd (made non-blocking here), handing
  * clients to the pool, which runs mode. Returns 0 or -1. */
 int acceptor_start(int listen_fd, const struct mode *mode);
-/* Stops accepting (the backlog is taken in first), and closes every parked connection: only
- * connections with work in progress get the grace period. Returns how many were closed. */
+/* Stops accepting: returns once the backlog is taken in and the listener may close, with how
+ * many parked connections between requests were closed. Connections with work in progress go
+ * on, parked or not, until acceptor_end. */
 uint64_t acceptor_stop(void);
+/* Closes every connection still parked and ends the acceptor thread. */
+void acceptor_end(void);
 
 #endif

@@ -20,7 +20,7 @@ from test_http import (Client, Message, Reader, assert_error, curl, early_handle
                        http_proxy, origin, read_body, reply, request, url, via, wait_for)
 
 # TIME PEER USER METHOD TARGET STATUS up=N down=N ms=F
-LOG = re.compile(r"^\S+ \S+ (\S+) (\S+) (\S+) (\S+) up=(\d+) down=(\d+) ms=\S+$")
+LOG = re.compile(r"^\S+ \S+ (\S+) (\S+) (\S+) (\S+) up=(\d+) down=(\d+) ms=\S+ error=\S+$")
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def wait_log(px, method, count, timeout=5):
 def assert_bad_gateway(resp):
     """The proxy's own 502 page (Connection: close is not required of it here)."""
     assert resp.status == 502, "want our 502, got %r" % resp.head
-    assert resp.body == b"502 Bad Gateway\n", "not our error page: %r" % resp.body
+    assert resp.body.startswith(b"502 Bad Gateway: "), "not our error page: %r" % resp.body
     assert resp.get("content-length") == [str(len(resp.body))], resp.head
 
 

@@ -11,18 +11,23 @@ the workers, saying so instead of advising max_connections = 0; a tunnel closed 
 (idle_timeout, a stop) still gets its access log line; refusals are counted under their real
 reason; an idle proxy stops at once; on SIGTERM, http keep-alive
 connections end at a response boundary (the last response says Connection: close) and the
-process exits as soon as nothing is left. Every test name starts with test_truth_ (run.py -k
+process exits as soon as nothing is left; a connection's clock (its log line, header_timeout)
+starts at accept, and a request that came in time is never refused 408 for the proxy's own
+delay; every 502 and 504 (and a 400 for a path with no upstream) says why, in its body and in
+the log's error= field. Every test name starts with test_truth_ (run.py -k
 test_truth_)."""
 import os
 import re
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
 
-from lib import PROXY, TMP, Proxy, Server, connect, echo_handler, write_ini
+from lib import (PROXY, TMP, Proxy, Server, blackhole, closed_port, connect, echo_handler,
+                 recv_all, write_ini)
 from test_http import ESTABLISHED, Client, ok_answer, origin, request, wait_for
 from test_park import held_upstream, tunnel_sections
 
@@ -278,3 +283,123 @@ def test_truth_refusals_are_counted_under_their_real_reason():
                    if k.startswith("proxy_connections_refused_total") and v}
         want = {'proxy_connections_refused_total{reason="max_connections"}': refused}
         assert counted == (want if refused else {}), (counted, refused)
+
+
+# ---- clocks -----------------------------------------------------------------------------------
+
+def slower_answer(server, req, r):
+    """/slow is answered after 1.5 s; anything else at once."""
+    if req.target == "/slow":
+        time.sleep(1.5)
+    return ok_answer(server, req, r)
+
+
+def line_ms(line):
+    return float(re.search(r" ms=([0-9.]+)", line).group(1))
+
+
+def test_truth_a_connections_clock_starts_at_accept():
+    """One worker, held for 1.5 s by a request waiting for its answer (http) or by a relay
+    that never leaves it (tcp, park_after = 0): a client accepted meanwhile waits in the queue,
+    and that wait is part of what it saw. Its request's log line counts from accept (before:
+    from when a worker took it, a few ms). header_timeout (1 s) counts from accept too: a
+    silent client is answered 408 as soon as a worker is free, not 1 s after that (before:
+    about 2.5 s after accept); and one whose request came in time is served, though a worker
+    reads it after the second is over."""
+    with origin(answer=slower_answer) as o:
+        px = Proxy(o.addr, mode="http", workers=1, header_timeout=1)
+        holder = Client(px, timeout=10)
+        holder.send(request("GET", "/slow", "Host: h"))
+        wait_for("the worker to be busy", lambda: px.metric("proxy_workers_busy") == 1)
+        start = time.monotonic()
+        waiting = Client(px, timeout=10)
+        waiting.send(request("GET", "/waited", "Host: h"))
+        silent = connect(px.addr, timeout=10)
+        assert holder.response().status == 200
+        assert waiting.response().status == 200
+        got = silent.recv(4096)  # 408, or the close alone
+        took = time.monotonic() - start
+        assert got == b"" or got.startswith(b"HTTP/1.1 408 "), got[:60]
+        assert 0.9 < took < 2.2, "header_timeout = 1 ended it %.1f s after accept" % took
+        lines = [ln for ln in px.text().splitlines() if " GET " in ln]  # the holder's first
+        assert len(lines) == 2 and line_ms(lines[1]) > 1000, lines
+        assert px.stop() == 0
+    with Server(echo_handler) as e:
+        px = Proxy(e.addr, mode="tcp", workers=1, park_after=0, time_slice=0)
+        holder = connect(px.addr, timeout=10)
+        holder.sendall(b"x")
+        assert holder.recv(1) == b"x"
+        waiting = connect(px.addr, timeout=10)
+        waiting.sendall(b"yy")
+        time.sleep(1.5)
+        holder.close()
+        got = b""
+        while len(got) < 2:
+            got += waiting.recv(2)
+        waiting.close()
+        line = px.wait_line(r" up=2 down=2 .*").group(0)
+        assert line_ms(line) > 1400, line
+        assert px.stop() == 0
+
+
+# ---- why an error -----------------------------------------------------------------------------
+
+def test_truth_a_502_or_504_says_why_in_its_body_and_the_log():
+    """Each way an upstream can fail gets its reason in the reply's body and an error= word in
+    the access log: a name that does not resolve, a refused connection, a black hole, an
+    upstream that closes or resets the connection before answering, or answers nonsense; and a
+    path asked of a proxy with no upstream gets a 400 that says so. Before: a bare
+    '502 Bad Gateway' for all of them."""
+    from test_http_dial import dial_proxy
+
+    def closes(c, server):
+        c.recv(65536)
+
+    def resets(c, server):
+        c.recv(65536)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def nonsense(c, server):
+        c.recv(65536)
+        c.sendall(b"HELLO THERE\r\n\r\n")
+
+    hole, keep = blackhole()
+    with Server(closes) as a, Server(resets) as b, Server(nonsense) as n:
+        cases = [
+            (b"GET http://nonexistent.invalid/ HTTP/1.1\r\nHost: nonexistent.invalid\r\n\r\n",
+             502, "dns", "the upstream's name did not resolve"),
+            (b"CONNECT nonexistent.invalid:443 HTTP/1.1\r\nHost: nonexistent.invalid\r\n\r\n",
+             502, "dns", "the upstream's name did not resolve"),
+            (b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: h\r\n\r\n" % closed_port(),
+             502, "refused", "the upstream refused the connection"),
+            (b"GET http://%s/ HTTP/1.1\r\nHost: h\r\n\r\n" % hole.encode(),
+             504, "connect_timeout", "the upstream did not accept a connection in time"),
+            (b"GET http://%s/ HTTP/1.1\r\nHost: h\r\n\r\n" % a.addr.encode(),
+             502, "closed", "the upstream closed the connection without a response"),
+            (b"GET http://%s/ HTTP/1.1\r\nHost: h\r\n\r\n" % b.addr.encode(),
+             502, "reset", "the upstream reset the connection before a response"),
+            (b"GET http://%s/ HTTP/1.1\r\nHost: h\r\n\r\n" % n.addr.encode(),
+             502, "bad_response", "the upstream's response was not valid HTTP/1.1"),
+            (b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", 400, "no_upstream",
+             "the request names a path, not a URL, and this proxy has no upstream to send it "
+             "to: ask for the whole URL (http://host/path)"),
+        ]
+        with dial_proxy(connect_timeout=1, local="allow") as px:
+            for req, status, word, text in cases:
+                s = connect(px.addr)
+                s.sendall(req)
+                got = recv_all(s)
+                s.close()
+                head, _, body = got.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 %d " % status), (req, got[:80])
+                reason = head.split(b"\r\n")[0].split(b" ", 2)[2]
+                assert body == b"%d %s: %s\n" % (status, reason, text.encode()), (req, body)
+            want = [w for _, _, w, _ in cases]
+            wait_for("the log lines", lambda: len(errors(px)) == len(want))
+            assert errors(px) == want, px.text()
+    for k in keep:
+        k.close()
+
+
+def errors(px):
+    return re.findall(r" error=(\S+)$", px.text(), re.M)
