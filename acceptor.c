@@ -77,24 +77,24 @@ static void refuse(int fd, const struct addr *peer, enum refusal why, const char
     close(fd);
 }
 
-/* Lets one accepted client in: it must be in [access] allow, and fewer than max_connections may
- * be open. Only this thread adds to stats.active, so the check and the count cannot race past
- * the limit. */
+/* Lets one accepted client in: it must be in the newest config's [access] allow, and fewer
+ * than max_connections may be open. Only this thread adds to stats.active, so the check and the
+ * count cannot race past the limit. */
 static void admit_client(int fd, struct addr *peer) {
+    struct config *now = config_hold(); /* what it is served by, if it is let in */
     addr_unmap(peer); /* a dual-stack listener's IPv4 clients are IPv4 from here on */
     atomic_fetch_add(&stats.accepted, 1);
-    if (!cidr_match(cfg.allow, cfg.nallow, peer)) {
+    if (!cidr_match(now->allow, now->nallow, peer)) {
         refuse(fd, peer, REFUSED_NOT_ALLOWED, "not in [access] allow");
-        return;
-    }
-    if (atomic_load(&stats.active) >= (uint64_t)cfg.max_connections) {
+    } else if (atomic_load(&stats.active) >= (uint64_t)cfg.max_connections) {
         refuse(fd, peer, REFUSED_MAX_CONNECTIONS, "max_connections open");
-        return;
+    } else {
+        atomic_fetch_add(&stats.active, 1);
+        if (pool_submit(fd, peer, now) == 0) return;
+        atomic_fetch_sub(&stats.active, 1); /* the pool is stopping */
+        close(fd);
     }
-    atomic_fetch_add(&stats.active, 1);
-    if (pool_submit(fd, peer) == 0) return;
-    atomic_fetch_sub(&stats.active, 1); /* the pool is stopping */
-    close(fd);
+    config_drop(now);
 }
 
 /* Accepts one client and admits it. Returns 0, or -1 with accept's errno (EAGAIN: the backlog

@@ -56,12 +56,12 @@ static unsigned same_secret(const unsigned char *guess, size_t glen, const char 
     return diff == 0;
 }
 
-/* Checks the request's Proxy-Authorization against [users] (AUTH_OK when there are none) and
- * copies the user name into user. Compares with every user in constant time. */
-enum auth auth_check(const struct msg *m, char *user, size_t cap) {
+/* Checks the request's Proxy-Authorization against cf's [users] (AUTH_OK when there are none)
+ * and copies the user name into user. Compares with every user in constant time. */
+enum auth auth_check(const struct config *cf, const struct msg *m, char *user, size_t cap) {
     unsigned char cred[256];
     user[0] = 0;
-    if (!cfg.nusers) return AUTH_OK;
+    if (!cf->nusers) return AUTH_OK;
     if (!m->nauth) return AUTH_MISSING;
     const struct field *f = m->auth;
     if (m->nauth > 1 || f->vlen < 7 || strncasecmp(f->value, "basic ", 6)) return AUTH_MALFORMED;
@@ -76,14 +76,14 @@ enum auth auth_check(const struct msg *m, char *user, size_t cap) {
      * stored names and passwords, not on whether the guessed name exists or how much of the
      * guess was right. Names are unique, so at most one user matches. */
     unsigned found = 0; /* the matching user's index + 1; 0: none */
-    for (int i = 0; i < cfg.nusers; i++) {
-        const struct user *u = &cfg.users[i];
+    for (int i = 0; i < cf->nusers; i++) {
+        const struct user *u = &cf->users[i];
         unsigned match = same_secret(cred, ulen, u->name) & same_secret(pass, plen, u->pass);
         found |= match * (unsigned)(i + 1);
     }
     explicit_bzero(cred, sizeof cred); /* not left on the stack; memset may be optimised out */
     if (!found) return AUTH_BAD;
-    snprintf(user, cap, "%s", cfg.users[found - 1].name);
+    snprintf(user, cap, "%s", cf->users[found - 1].name);
     return AUTH_OK;
 }
 
@@ -96,8 +96,8 @@ int auth_may_retry(struct conn *c) {
     return c->auth_failures < AUTH_FAILURES_MAX;
 }
 
-/* Whether port is in ports, a bitmap of the config's (cfg.connect_ports for CONNECT,
- * cfg.forward_ports for absolute-form requests). */
+/* Whether port is in ports, a bitmap of a config's (connect_ports for CONNECT, forward_ports
+ * for absolute-form requests). */
 int auth_port_allowed(const uint8_t *ports, int port) {
     return port > 0 && port < 65536 && (ports[port / 8] >> (port % 8) & 1);
 }

@@ -1,12 +1,15 @@
 /* config.c — reads proxy.ini with inih into `cfg`, checking every key against one table (its
- * type, range and default), and prints the memory plan for -t. It owns no runtime state: after
- * start-up the config is only read. Every error is "FILE:LINE: what is wrong". */
+ * type, range, default, and whether only a restart changes it), and prints the memory plan for
+ * -t. It owns the config in force: the snapshots a reload publishes, the rule for freeing
+ * them, and the upstreams' health, which outlives a snapshot. Every error is "FILE:LINE: what
+ * is wrong". */
 #include "proxy.h"
 
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ini.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -23,34 +26,38 @@ enum kind { INT, SIZE, ENUM, TEXT, ADDR, UPSTREAMS, CIDRS, PORTS, USER };
 struct key {
     const char *section, *name; /* name "*": any key (a user name) */
     enum kind kind;
-    size_t off;        /* into struct config */
+    int restart;       /* only a restart changes it: a reload keeps the running value */
+    size_t off, size;  /* the field in struct config (F: the initializers skip restart) */
     const char *def;   /* the default, parsed like a value in the file; NULL: none */
     int min, max;      /* INT and SIZE: the range; TEXT: max is the field's size */
     const char *enums; /* ENUM: the words, in the order of the enum's values */
 };
 
-#define F(field) offsetof(struct config, field)
+/* The pool, the listeners and the mode are made once, at start: their keys are restart-only
+ * (R). Every other key is read per connection or per request, from a snapshot. */
+#define F(field) .off = offsetof(struct config, field), .size = sizeof(((struct config *)0)->field)
+#define R        .restart = 1
 static const struct key keys[] = {
-    {"proxy", "listen", ADDR, F(listen), "127.0.0.1:8888"},
-    {"proxy", "mode", ENUM, F(mode), "http", .enums = "tcp http"},
+    {"proxy", "listen", ADDR, F(listen), "127.0.0.1:8888", R},
+    {"proxy", "mode", ENUM, F(mode), "http", .enums = "tcp http", R},
     {"proxy", "upstream", UPSTREAMS, F(up)},
     {"proxy", "balance", ENUM, F(balance), "source", .enums = "source roundrobin"},
-    {"proxy", "workers", INT, F(workers), "64", 1, 50000},
-    {"proxy", "queue", INT, F(queue), "1024", 0, 1000000},
-    {"proxy", "max_connections", INT, F(max_connections), "8192", 1, 10000000},
-    {"proxy", "park_after", INT, F(park_after), "200", 0, 60000}, /* ms; 0: never */
-    {"proxy", "time_slice", INT, F(time_slice), "50", 0, 60000},  /* ms; 0: no turns */
-    {"proxy", "buffer_size", SIZE, F(buffer_size), "64k", 1024, 64 << 20},
-    {"proxy", "copy", ENUM, F(copy), "splice", .enums = "splice buffer"},
+    {"proxy", "workers", INT, F(workers), "64", 1, 50000, R},
+    {"proxy", "queue", INT, F(queue), "1024", 0, 1000000, R},
+    {"proxy", "max_connections", INT, F(max_connections), "8192", 1, 10000000, R},
+    {"proxy", "park_after", INT, F(park_after), "200", 0, 60000, R}, /* ms; 0: never */
+    {"proxy", "time_slice", INT, F(time_slice), "50", 0, 60000, R},  /* ms; 0: no turns */
+    {"proxy", "buffer_size", SIZE, F(buffer_size), "64k", 1024, 64 << 20, R},
+    {"proxy", "copy", ENUM, F(copy), "splice", .enums = "splice buffer", R},
     {"proxy", "connect_timeout", INT, F(connect_timeout), "5", 1, 600},
     {"proxy", "idle_timeout", INT, F(idle_timeout), "300", 0, 604800},
     {"proxy", "keepalive_timeout", INT, F(keepalive_timeout), "60", 0, 604800},
     {"proxy", "header_timeout", INT, F(header_timeout), "10", 1, 3600},
     {"proxy", "min_rate", SIZE, F(min_rate), "500", 0, 0x7fffffff}, /* bytes/s; 0: none */
-    {"proxy", "head_buffers", INT, F(head_buffers), "1024", 0, 1000000},
+    {"proxy", "head_buffers", INT, F(head_buffers), "1024", 0, 1000000, R},
     {"proxy", "rate_limit", SIZE, F(rate_limit), "0", 0, 0x7fffffff},
     {"proxy", "send_proxy", ENUM, F(send_proxy), "off", .enums = "off v1 v2"},
-    {"proxy", "reuse_port", ENUM, F(reuse_port), "no", .enums = "no yes"},
+    {"proxy", "reuse_port", ENUM, F(reuse_port), "no", .enums = "no yes", R},
     {"proxy", "log", TEXT, F(log), "-", 0, sizeof cfg.log},
     {"access", "allow", CIDRS, F(allow), "127.0.0.0/8, ::1"}, /* loopback only */
     {"access", "connect_ports", PORTS, F(connect_ports), "443"},
@@ -59,7 +66,7 @@ static const struct key keys[] = {
      .enums = "auto allow deny"},
     {"auth", "realm", TEXT, F(realm), "proxy", 0, sizeof cfg.realm},
     {"users", "*", USER, F(users)}, /* none: auth is off */
-    {"stats", "listen", ADDR, F(stats_listen), "127.0.0.1:9100"},
+    {"stats", "listen", ADDR, F(stats_listen), "127.0.0.1:9100", R},
 };
 #define NKEYS (sizeof keys / sizeof keys[0])
 
@@ -359,9 +366,34 @@ static int line_of(const struct loader *l, const char *section, const char *name
     return def;
 }
 
-/* Loads and validates FILE into *c (then defaults for the keys it left out). Returns 0, or -1
- * with "FILE:LINE: what is wrong" in err. Names in upstream and listen are resolved here. */
-int config_load(struct config *c, const char *file, char *err, size_t errlen) {
+/* Gives c the running value of each restart-only key (keep's), naming in note, comma-separated,
+ * those whose value the file changed. A changed mode fails: other keys' checks depend on it. */
+static int keep_restart_keys(struct loader *l, const struct config *keep, char *note,
+                             size_t notelen) {
+    struct config *c = l->c;
+    size_t used = 0;
+    if (c->mode != keep->mode)
+        return fail(l, line_of(l, "proxy", "mode", 1), "mode: a change of mode needs a restart");
+    note[0] = 0;
+    for (size_t i = 0; i < NKEYS; i++) {
+        const struct key *k = &keys[i];
+        char *field = (char *)c + k->off;
+        const char *running = (const char *)keep + k->off;
+        if (!k->restart || !memcmp(field, running, k->size)) continue;
+        if (used < notelen)
+            used += (size_t)snprintf(note + used, notelen - used, "%s[%s] %s", used ? ", " : "",
+                                     k->section, k->name);
+        memcpy(field, running, k->size);
+    }
+    return 0;
+}
+
+/* Loads and validates FILE into *c (then defaults for the keys it left out); with keep (a
+ * reload), the restart-only keys keep keep's values, and those the file changed are named in
+ * note. Returns 0, or -1 with "FILE:LINE: what is wrong" in err. Names in upstream and listen
+ * are resolved here. */
+static int load(struct config *c, const char *file, const struct config *keep, char *note,
+                size_t notelen, char *err, size_t errlen) {
     struct loader l = {.c = c, .err = err, .errlen = errlen};
     memset(c, 0, sizeof *c);
     c->file = file;
@@ -386,6 +418,7 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
     for (size_t i = 0; i < NKEYS; i++)
         if (keys[i].def && !l.seen[i]) set(&l, &keys[i], keys[i].name, keys[i].def);
     l.value = NULL;
+    if (keep && keep_restart_keys(&l, keep, note, notelen) < 0) return -1;
 
     /* Checks across keys: fail() keeps the first error only. */
     int where = l.proxy_line ? l.proxy_line : 1;
@@ -411,6 +444,10 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
     c->local_auto = c->local_destinations == LOCAL_AUTO;
     if (c->local_auto) c->local_destinations = loopback(&c->listen) ? LOCAL_ALLOW : LOCAL_DENY;
     return l.err_line ? -1 : 0;
+}
+
+int config_load(struct config *c, const char *file, char *err, size_t errlen) {
+    return load(c, file, NULL, NULL, 0, err, errlen);
 }
 
 /* ---- the memory plan (-t) ------------------------------------------------------------- */
@@ -543,4 +580,111 @@ int config_plan(const struct config *c, FILE *o, char *err, size_t errlen) {
     fprintf(o, "fds at full load: %lld (limit %llu)\n", config_fds(c),
             (unsigned long long)rl.rlim_max);
     return config_fd_warning(c, (unsigned long long)rl.rlim_max, "", o);
+}
+
+/* ---- the config in force: snapshots, and the upstreams' health ------------------------ */
+
+#define STATES (4 * MAX_UPSTREAMS) /* upstream names listed by the snapshots alive at once */
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* newest, and states' holders */
+static struct config *newest = &cfg;
+static _Atomic uint64_t generation = 1; /* newest's, to be read without the lock */
+static struct upstream_state states[STATES];
+
+/* Lets go of the health of c's upstreams: a state no snapshot lists is free. Under mu. */
+static void let_go_states(struct config *c, int n) {
+    for (int i = 0; i < n; i++) c->up[i].st->holders--;
+}
+
+/* Gives each upstream of c its health: the state of the same name if a snapshot alive lists
+ * it (so a reload keeps it), else a free one, fresh. Returns 0, or -1 when none is free. Under
+ * mu. */
+static int adopt_states(struct config *c) {
+    for (int i = 0; i < c->nup; i++) {
+        struct upstream_state *same = NULL, *spare = NULL;
+        for (int k = 0; k < STATES && !same; k++) {
+            if (states[k].holders && !strcmp(states[k].name, c->up[i].name)) same = &states[k];
+            if (!states[k].holders && !spare) spare = &states[k];
+        }
+        if (!same && !spare) {
+            let_go_states(c, i);
+            return -1;
+        }
+        if (!same) {
+            same = spare;
+            snprintf(same->name, sizeof same->name, "%s", c->up[i].name);
+            atomic_store(&same->down_until, 0);
+            atomic_store(&same->connects, 0);
+            atomic_store(&same->failures, 0);
+        }
+        same->holders++;
+        c->up[i].st = same;
+    }
+    return 0;
+}
+
+void config_start(void) {
+    pthread_mutex_lock(&mu);
+    adopt_states(&cfg); /* cannot fail: MAX_UPSTREAMS < STATES */
+    cfg.generation = 1;
+    atomic_store(&cfg.refs, 2); /* newest's, and one nobody drops: cfg is not on the heap */
+    pthread_mutex_unlock(&mu);
+}
+
+struct config *config_hold(void) {
+    pthread_mutex_lock(&mu);
+    struct config *c = newest;
+    atomic_fetch_add(&c->refs, 1);
+    pthread_mutex_unlock(&mu);
+    return c;
+}
+
+void config_drop(struct config *c) {
+    if (atomic_fetch_sub(&c->refs, 1) != 1) return;
+    pthread_mutex_lock(&mu);
+    let_go_states(c, c->nup);
+    pthread_mutex_unlock(&mu);
+    free(c);
+}
+
+void config_refresh(struct config **c) {
+    if ((*c)->generation == atomic_load(&generation)) return;
+    struct config *now = config_hold();
+    config_drop(*c);
+    *c = now;
+}
+
+uint64_t config_generation(void) {
+    return atomic_load(&generation);
+}
+
+int config_reload(char *err, size_t errlen, char *note, size_t notelen) {
+    struct config *c = malloc(sizeof *c);
+    note[0] = 0;
+    if (!c) {
+        snprintf(err, errlen, "%s: cannot reload: out of memory", cfg.file);
+        return -1;
+    }
+    if (load(c, cfg.file, &cfg, note, notelen, err, errlen) < 0 || check_log(c, err, errlen) < 0) {
+        free(c);
+        return -1;
+    }
+    pthread_mutex_lock(&mu);
+    if (adopt_states(c) < 0) {
+        pthread_mutex_unlock(&mu);
+        snprintf(err, errlen,
+                 "%s: cannot reload: connections still hold configs listing %d upstreams in all;"
+                 " try again once they close",
+                 cfg.file, STATES);
+        free(c);
+        return -1;
+    }
+    struct config *old = newest;
+    c->generation = old->generation + 1;
+    atomic_store(&c->refs, 1); /* newest's */
+    newest = c;
+    atomic_store(&generation, c->generation);
+    pthread_mutex_unlock(&mu);
+    config_drop(old);
+    return 0;
 }

@@ -77,9 +77,9 @@ static void touch(struct conn *c) {
  * only one that stops. */
 static int too_slow(struct conn *c, enum dir d, size_t n) {
     struct rate *r = &c->rate[d];
-    if (!r->from) return 0;
+    uint64_t rate = (uint64_t)c->cfg->min_rate, sec = 1000000000u;
+    if (!r->from || !rate) return 0;
     r->bytes += n;
-    uint64_t rate = (uint64_t)cfg.min_rate, sec = 1000000000u;
     if (mono_ns() <= r->from + sec + r->bytes / rate * sec + r->bytes % rate * sec / rate) return 0;
     conn_end(c, END_SLOW);
     return 1;
@@ -88,7 +88,7 @@ static int too_slow(struct conn *c, enum dir d, size_t n) {
 /* Starts timing the body read in direction d against min_rate: read slower, it ends c
  * (END_SLOW). */
 void copy_rate_start(struct conn *c, enum dir d) {
-    c->rate[d] = (struct rate){.from = cfg.min_rate ? mono_ns() : 0};
+    c->rate[d] = (struct rate){.from = c->cfg->min_rate ? mono_ns() : 0};
 }
 
 /* Stops timing the body read in direction d. */
@@ -100,7 +100,7 @@ void copy_rate_stop(struct conn *c, enum dir d) {
  * connection goes on (idle_timeout, min_rate). */
 static int still_alive(struct conn *c, enum dir d) {
     if (atomic_load(&c->end)) return 0;
-    if (copy_idle_for(c, (uint64_t)cfg.idle_timeout * 1000)) {
+    if (copy_idle_for(c, (uint64_t)c->cfg->idle_timeout * 1000)) {
         conn_end(c, END_IDLE);
         return 0;
     }
@@ -232,7 +232,7 @@ void copy_loop_done(struct conn *c, enum dir d) {
 uint64_t copy_deadline(struct conn *c) {
     if (c->dial) return c->dial->until;
     if (c->head_deadline) return c->head_deadline;
-    int s = c->relay ? cfg.idle_timeout : cfg.keepalive_timeout;
+    int s = c->relay ? c->cfg->idle_timeout : c->cfg->keepalive_timeout;
     return s ? atomic_load(&c->last_ns) + (uint64_t)s * 1000000000u : 0;
 }
 
@@ -343,11 +343,12 @@ static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t
                     enum dir d) {
     uint64_t moved = 0;
     size_t chunk = (size_t)cfg.buffer_size;
-    if (cfg.rate_limit && chunk > (size_t)cfg.rate_limit / 8) /* ~8 reads a second when paced */
-        chunk = cfg.rate_limit >= 8 ? (size_t)cfg.rate_limit / 8 : 1;
+    int rate = c->cfg->rate_limit;
+    if (rate && chunk > (size_t)rate / 8) /* ~8 reads a second when paced */
+        chunk = rate >= 8 ? (size_t)rate / 8 : 1;
     while (moved < limit) {
         size_t want = limit - moved < chunk ? (size_t)(limit - moved) : chunk;
-        if (cfg.rate_limit) {
+        if (rate) {
             uint64_t pause = copy_pace_wait(k, mono_ns());
             struct timespec ts = {(time_t)(pause / 1000000000u), (long)(pause % 1000000000u)};
             if (pause) nanosleep(&ts, NULL);
@@ -386,7 +387,7 @@ static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t
         if (piped ? drain_pipe(c, k, to, (size_t)n) : copy_send(c, to, k->buf, (size_t)n))
             return -1;
         moved += (uint64_t)n;
-        if (cfg.rate_limit) copy_pace_spend(k, mono_ns(), (size_t)n, cfg.rate_limit);
+        if (rate) copy_pace_spend(k, mono_ns(), (size_t)n, rate);
     }
     return (int64_t)moved;
 }

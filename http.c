@@ -207,7 +207,7 @@ static void http_done(const struct conn *c) {
 /* The acceptor's last word to a client the queue has no room for: 503, never blocking. */
 static void http_refuse(int fd) {
     char busy[256];
-    int n = http_error(busy, sizeof busy, 503, 0, "the proxy is busy: try again in a moment");
+    int n = http_error(busy, sizeof busy, 503, 0, "the proxy is busy: try again in a moment", NULL);
     send(fd, busy, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
@@ -256,7 +256,7 @@ static int reply(struct conn *c, int status, enum why why, int keep) {
     char buf[768];
     if (!status) status = whys[why].status;
     c->req.error = whys[why].word;
-    int n = http_error(buf, sizeof buf, status, keep, whys[why].text);
+    int n = http_error(buf, sizeof buf, status, keep, whys[why].text, c->cfg->realm);
     if (copy_send(c, c->client, buf, (size_t)n) < 0) return -1;
     c->req.status = status;
     return 0;
@@ -604,7 +604,7 @@ static enum next tunnel(struct worker *w, struct conn *c, const struct msg *m) {
     if (http_authority(m->target, m->tlen, host, sizeof host, &port, 0) < 0 || m->chunked ||
         m->length > 0)
         return refuse(c, 0, WHY_BAD_REQUEST, 0);
-    if (!auth_port_allowed(cfg.connect_ports, port)) return refuse(c, 0, WHY_PORT, 0);
+    if (!auth_port_allowed(c->cfg->connect_ports, port)) return refuse(c, 0, WHY_PORT, 0);
     end_upstream(w, c);
     int fd = dial(w, c, host, port);
     if (fd < 0 && errno == EINPROGRESS) return NEXT_PARK; /* it comes back to this request */
@@ -647,7 +647,7 @@ static int admit_request(struct conn *c, const struct msg *m) {
         if (http_is(m->field[i].name, m->field[i].nlen, "via") &&
             http_list_has(m->field[i].value, m->field[i].vlen, http_via(), strlen(http_via())))
             return 508; /* it came through us before */
-    enum auth a = auth_check(m, c->req.user, sizeof c->req.user);
+    enum auth a = auth_check(c->cfg, m, c->req.user, sizeof c->req.user);
     if (a == AUTH_OK) return 0;
     atomic_fetch_add(&counts.auth_failures[a], 1);
     return 407;
@@ -661,6 +661,15 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     struct exchange x = {0};
     struct target t;
     int again = c->dial != NULL;
+    /* Each request is served by the newest config (a reload since the last one counts: a
+     * revoked user is refused now). Its upstream connection, made under the one before, goes;
+     * a request back from its dial keeps the config it dials by. */
+    struct config *was = c->cfg;
+    if (!again) config_refresh(&c->cfg);
+    if (c->cfg != was) {
+        end_upstream(w, c);
+        c->chosen = NULL;
+    }
     h->in[UP].off = m->size; /* the head is read; what follows is body or the next request */
     c->req = (struct request_log){.start_ns = again ? c->req.start_ns : request_began(c),
                                   .bytes0 = {c->bytes[UP], c->bytes[DOWN]},
@@ -680,9 +689,9 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     if (status) return refuse(c, status, why_of(status), 0);
     if (!strcmp(c->req.method, "CONNECT")) return tunnel(w, c, m);
     /* Any host, not any port: else a body could speak to SMTP on 25 or SSH on 22. */
-    if (t.authority && !auth_port_allowed(cfg.forward_ports, t.port))
+    if (t.authority && !auth_port_allowed(c->cfg->forward_ports, t.port))
         return refuse(c, 0, WHY_PORT, 0);
-    if (!t.authority && !cfg.nup) return refuse(c, 0, WHY_NO_UPSTREAM, 0);
+    if (!t.authority && !c->cfg->nup) return refuse(c, 0, WHY_NO_UPSTREAM, 0);
     if (!t.authority && m->version && !m->host) return refuse(c, 0, WHY_BAD_REQUEST, 0);
     return forward(w, c, m, &x, &t);
 }
@@ -701,7 +710,8 @@ static enum served http_serve(struct worker *w, struct conn *c) {
     stream_clear(&h->in[DOWN]);
     /* The first head counts from accept (RFC 9112 leaves it to us; Apache does the same). */
     if (c->turns == 1)
-        c->head_deadline = c->head_cap = c->start_ns + (uint64_t)cfg.header_timeout * 1000000000u;
+        c->head_deadline = c->head_cap =
+            c->start_ns + (uint64_t)c->cfg->header_timeout * 1000000000u;
     /* A turn between requests began because its client's bytes came (or it is new): the next
      * request was there by the time c went into the queue, and its wait for a worker is part
      * of what its client saw. */

@@ -26,14 +26,14 @@ static const char *reason(int status) {
 }
 
 /* Writes the proxy's own response for status into buf (a text body: the reason, and why if
- * given; for 407 the Basic challenge, for 503 Retry-After; Connection: close unless keep) and
- * returns its length. */
-int http_error(char *buf, size_t cap, int status, int keep, const char *why) {
+ * given; for 407 the Basic challenge in realm, for 503 Retry-After; Connection: close unless
+ * keep) and returns its length. */
+int http_error(char *buf, size_t cap, int status, int keep, const char *why, const char *realm) {
     char body[320], extra[128] = "";
     int blen = snprintf(body, sizeof body, "%d %s%s%s\n", status, reason(status), why ? ": " : "",
                         why ? why : "");
     if (status == 407)
-        snprintf(extra, sizeof extra, "Proxy-Authenticate: Basic realm=\"%s\"\r\n", cfg.realm);
+        snprintf(extra, sizeof extra, "Proxy-Authenticate: Basic realm=\"%s\"\r\n", realm);
     if (status == 503) snprintf(extra, sizeof extra, "Retry-After: 1\r\n");
     return snprintf(
         buf, cap, "HTTP/1.1 %d %s\r\n%sContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s",
@@ -55,11 +55,11 @@ static void head_came(struct conn *c, size_t len) {
     uint64_t now = mono_ns(), sec = 1000000000u;
     if (!c->head_first) {
         c->head_first = now;
-        if (!c->head_cap) c->head_cap = now + (uint64_t)cfg.header_timeout * sec;
+        if (!c->head_cap) c->head_cap = now + (uint64_t)c->cfg->header_timeout * sec;
     }
     c->head_deadline = c->head_cap;
-    if (!cfg.min_rate) return;
-    uint64_t rate = c->head_first + sec + len * sec / (uint64_t)cfg.min_rate;
+    if (!c->cfg->min_rate) return;
+    uint64_t rate = c->head_first + sec + len * sec / (uint64_t)c->cfg->min_rate;
     if (rate < c->head_deadline) c->head_deadline = rate;
 }
 
@@ -138,7 +138,7 @@ enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m
         }
         enum recv r = copy_recv(c, fd, s->buf + s->len, HEAD_MAX - s->len, &got);
         if (r == RECV_TICK && request && !c->head_deadline && !s->len && /* between requests */
-            copy_idle_for(c, (uint64_t)cfg.keepalive_timeout * 1000)) {
+            copy_idle_for(c, (uint64_t)c->cfg->keepalive_timeout * 1000)) {
             conn_end(c, END_IDLE);
             return HEAD_NONE;
         }

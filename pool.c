@@ -96,19 +96,24 @@ int pool_intake_open(void) {
     return open;
 }
 
-/* Hands an accepted socket to the pool. Returns 0, or -1 when the pool is stopping (the caller
- * closes fd). The ring has a place and the slab a record for every connection that may be open
+/* Hands an accepted socket to the pool, served by config cf (held: the connection keeps the
+ * reference). Returns 0, or -1 when the pool is stopping (the caller closes fd and drops cf).
+ * The ring has a place and the slab a record for every connection that may be open
  * (the acceptor admits at most max_connections, and a record is back before it stops counting
  * as active). */
-int pool_submit(int fd, const struct addr *peer) {
+int pool_submit(int fd, const struct addr *peer, struct config *cf) {
     pthread_mutex_lock(&q.mu);
     int ok = !q.stopping && q.nspare > 0;
     if (ok) {
         struct conn *c = q.spare[--q.nspare];
         /* Its clocks start now: the time it waits for a worker is part of what its client
          * sees (the log, header_timeout, the duration histogram). */
-        *c = (struct conn){
-            .client = fd, .upstream = -1, .peer = *peer, .slot = -1, .start_ns = mono_ns()};
+        *c = (struct conn){.client = fd,
+                           .upstream = -1,
+                           .peer = *peer,
+                           .cfg = cf,
+                           .slot = -1,
+                           .start_ns = mono_ns()};
         atomic_store(&c->last_ns, c->start_ns);
         q.fresh++;
         enqueue(c);
@@ -264,6 +269,7 @@ static void retire(struct conn *c) {
     upstream_drop(c);
     stats_conn_done(c);
     if (mode->done) mode->done(c);
+    config_drop(c->cfg);
     release(c);
 }
 

@@ -23,8 +23,8 @@ static void usage(FILE *out) {
                  "  -t       check the configuration, print the memory plan, exit\n"
                  "  -h       this help\n"
                  "  -V       version\n"
-                 "Signals: TERM/INT stop gracefully, HUP reopens the log, USR1 logs the "
-                 "metrics.\n");
+                 "Signals: TERM/INT stop gracefully, HUP reloads the config and reopens the log, "
+                 "USR1 logs the metrics.\n");
 }
 
 /* Reads the command line into *file and *check. Returns the exit status when there is nothing
@@ -107,15 +107,32 @@ static void start(sigset_t *set) {
             addr_format(&own[0], where, sizeof where), mode->name, cfg.workers, admin);
 }
 
-/* Waits for signals until SIGTERM or SIGINT: SIGHUP reopens the log, SIGUSR1 logs the
- * metrics. */
+/* SIGHUP: loads the config file again and puts it in force, or keeps the running one and says
+ * why; and reopens the log either way (logrotate sends SIGHUP too), the new config's if it
+ * names another. */
+static void reload(void) {
+    char why[600], note[600];
+    int ok = config_reload(why, sizeof why, note, sizeof note) == 0;
+    struct config *now = config_hold();
+    if (log_open(now->log) < 0) log_line("cannot reopen log %s: %s", now->log, strerror(errno));
+    config_drop(now);
+    atomic_fetch_add(&stats.reloads[!ok], 1);
+    if (!ok)
+        log_line("reload failed, the config before stays in force: %s", why);
+    else
+        log_line("reloaded %s: generation %llu%s%s", cfg.file,
+                 (unsigned long long)config_generation(),
+                 note[0] ? "; changed, but in force only after a restart: " : "", note);
+}
+
+/* Waits for signals until SIGTERM or SIGINT: SIGHUP reloads the config and reopens the log,
+ * SIGUSR1 logs the metrics. */
 static void wait_for_stop(const sigset_t *set) {
     for (;;) {
         int sig;
         if (sigwait(set, &sig)) continue;
         if (sig == SIGTERM || sig == SIGINT) return;
-        if (sig == SIGHUP && log_open(cfg.log) < 0)
-            log_line("cannot reopen log: %s", strerror(errno));
+        if (sig == SIGHUP) reload();
         if (sig == SIGUSR1) {
             size_t len;
             char *text = stats_render(mode->metrics, &len);
@@ -162,6 +179,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     mode = cfg.mode == MODE_HTTP ? &http_mode : &tcp_mode;
+    config_start();
     sigset_t set;
     start(&set);
     wait_for_stop(&set);

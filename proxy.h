@@ -130,12 +130,20 @@ int cidr_match(const struct cidr *list, int count, const struct addr *a);
 
 /* ==== config.c: proxy.ini ============================================================== */
 
-/* One configured upstream and its health. */
+/* What belongs to an upstream and not to a config: its health and its counters. A reload keeps
+ * them for every upstream it still lists (by name); config.c hands them out. */
+struct upstream_state {
+    char name[272];
+    int holders;                 /* (config.c's lock) snapshots that list it; 0: free */
+    _Atomic uint64_t down_until; /* monotonic ns; skipped until then unless all are down */
+    _Atomic uint64_t connects, failures;
+};
+
+/* One configured upstream. */
 struct upstream {
     char name[272]; /* "host:port" as configured: log lines and metric labels */
     struct addr addr;
-    _Atomic uint64_t down_until; /* monotonic ns; skipped until then unless all are down */
-    _Atomic uint64_t connects, failures;
+    struct upstream_state *st; /* its health: set once the config is in force */
 };
 
 enum mode_name { MODE_TCP, MODE_HTTP };
@@ -148,10 +156,14 @@ struct user {
     char name[64], pass[128];
 };
 
-/* Everything proxy.ini says; filled once by config_load, read-only while serving
- * (except the health counters inside each upstream). */
+/* Everything proxy.ini says; filled by config_load, read-only once in force. cfg is the config
+ * loaded at start: the keys only a restart changes (the pool, the listeners, the mode) are read
+ * there, always. Every other key is read from a snapshot (config_hold): the one a connection
+ * holds (c->cfg), or the newest. */
 struct config {
     const char *file;
+    _Atomic int refs;                 /* holders of this snapshot: config_hold, config_drop */
+    uint64_t generation;              /* 1: the config loaded at start; each reload, one more */
     struct addr listen, stats_listen; /* stats_listen.len == 0: no admin listener */
     int mode, balance, copy, send_proxy, reuse_port;
     struct upstream up[MAX_UPSTREAMS];
@@ -183,6 +195,25 @@ struct config {
 
 extern struct config cfg;
 
+/* A reload publishes a new snapshot; one is never changed once published. The rule for
+ * freeing one: each holder has a reference (the pointer to the newest, and each connection,
+ * from accept to close; an http connection moves to the newest at each request), and the last
+ * to drop it frees it. cfg has a reference nobody drops. */
+
+/* The newest snapshot, held: the caller drops it. */
+struct config *config_hold(void);
+/* Drops a reference to c; the last one frees it. */
+void config_drop(struct config *c);
+/* *c, or the newest if a reload came since: held in its place (the old one dropped). */
+void config_refresh(struct config **c);
+/* Puts cfg in force (its upstreams' health); before any thread reads it. */
+void config_start(void);
+/* Loads cfg.file again, validates it as -t does, and puts it in force. Keys only a restart
+ * changes keep their running values: those the file changes are named in note. Returns 0, or
+ * -1 with what is wrong in err (the running config stays). */
+int config_reload(char *err, size_t errlen, char *note, size_t notelen);
+/* The generation in force: 1 at start, one more for each reload. */
+uint64_t config_generation(void);
 /* Loads and validates FILE into *c (then defaults for the keys it left out). Returns 0, or -1
  * with "FILE:LINE: what is wrong" in err. Names in upstream and listen are resolved here. */
 int config_load(struct config *c, const char *file, char *err, size_t errlen);
@@ -238,6 +269,10 @@ struct conn {
     int upstream;                  /* pool_set_upstream, under the worker's mu; or the waiting
                                       room while parked; -1: none */
     struct addr peer;              /* pool_submit, then read-only */
+    struct config *cfg;            /* the config it is served by, held (config_hold) from
+                                      pool_submit to retire; an http connection's front thread
+                                      moves it to the newest at a request's start. The waiting
+                                      room reads it while c is parked */
     const struct upstream *chosen; /* the front thread: the configured upstream; NULL: none */
     uint64_t start_ns;             /* pool_submit: when it was accepted */
     _Atomic uint64_t last_ns;      /* either thread: the last byte moved, the idle clock */
@@ -318,6 +353,7 @@ struct stats {
     _Atomic uint64_t refused[REFUSED_MAX]; /* by enum refusal */
     _Atomic uint64_t bytes[2];             /* by enum dir */
     _Atomic uint64_t ended[END_MAX];
+    _Atomic uint64_t reloads[2]; /* proxy.c: SIGHUP reloads, put in force [0] or refused [1] */
     struct histogram duration;   /* accept to close */
     struct histogram queue_wait; /* into the queue (accepted or woken) to a worker */
 };
@@ -464,13 +500,14 @@ void upstream_own(const struct addr *listeners, int n);
 /* Whether a request may be dialled to a: never to one of the proxy's own listeners; with
  * local_destinations = deny, not to a loopback, link-local or unspecified address, nor to any
  * address this host owns. */
-int upstream_allowed(const struct addr *a);
+int upstream_allowed(const struct config *cf, const struct addr *a);
 /* A dial in progress: a name's lookup, then connects to its candidates in turn. It is c's own
  * (c->dial), allocated when it starts, so that c may leave its worker in the middle of it; the
  * waiting room then watches fd until the step in progress is done or its time (until) is up.
  * Whoever has c owns it: the front thread of its worker, or the waiting room, which only reads
  * fd, out and until (copy_deadline). */
 struct dial {
+    const struct config *cf;   /* its connection's (c->cfg, which stays while it dials) */
     char key[272];             /* where it goes: "host:port", or "" for the configured upstreams */
     int fd;                    /* what the step in progress waits on: the lookup's eventfd (out 0)
                                   or the socket connecting (out 1); -1: none */
@@ -480,7 +517,7 @@ struct dial {
     uint64_t until;            /* the step in progress is given up on then */
     int n, next;               /* candidates, and the next to try */
     int err;                   /* why the last try failed (an errno) */
-    uint8_t up[MAX_UPSTREAMS]; /* the configured upstreams: indexes into cfg.up, in turn */
+    uint8_t up[MAX_UPSTREAMS]; /* the configured upstreams: indexes into cf->up, in turn */
     struct addr a[DIAL_ADDRESSES]; /* a name's addresses, in the resolver's order */
 };
 /* Connects c to where it goes: host:port from a request (its first DIAL_ADDRESSES addresses in
@@ -542,9 +579,9 @@ int pool_intake_open(void);
 char *pool_head_take(void);
 /* Gives a head buffer back. */
 void pool_head_give(char *buf);
-/* Hands an accepted socket to the pool. Returns 0, or -1 when the pool is stopping (the caller
- * closes fd). */
-int pool_submit(int fd, const struct addr *peer);
+/* Hands an accepted socket to the pool, served by config cf (held: the connection keeps the
+ * reference). Returns 0, or -1 when the pool is stopping (the caller closes fd and drops cf). */
+int pool_submit(int fd, const struct addr *peer, struct config *cf);
 /* Makes fd the upstream socket of w's connection (closing the one before, if any). Only
  * through here, so that a forced stop never shuts down an fd number already reused. */
 void pool_set_upstream(struct worker *w, int fd);
@@ -638,17 +675,17 @@ int http_list_has(const char *list, size_t len, const char *item, size_t ilen);
 enum auth { AUTH_OK, AUTH_MISSING, AUTH_MALFORMED, AUTH_BAD, AUTH_MAX };
 extern const char *const auth_names[AUTH_MAX];
 
-/* Checks the request's Proxy-Authorization against [users] (AUTH_OK when there are none)
+/* Checks the request's Proxy-Authorization against cf's [users] (AUTH_OK when there are none)
  * and copies the user name into user. Compares with every user in constant time. */
-enum auth auth_check(const struct msg *m, char *user, size_t cap);
+enum auth auth_check(const struct config *cf, const struct msg *m, char *user, size_t cap);
 /* Counts a failed authentication (a 407) on c. Returns whether c may stay open for another
  * try: 0 once it has had AUTH_FAILURES_MAX. */
 int auth_may_retry(struct conn *c);
 /* Decodes strict base64 (padding required, no whitespace, zero pad bits) into out. Returns
  * the decoded length, or -1. */
 int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap);
-/* Whether port is in ports, a bitmap of the config's (cfg.connect_ports for CONNECT,
- * cfg.forward_ports for absolute-form requests). */
+/* Whether port is in ports, a bitmap of a config's (connect_ports for CONNECT, forward_ports
+ * for absolute-form requests). */
 int auth_port_allowed(const uint8_t *ports, int port);
 
 /* ==== http_io.c: HTTP messages between sockets ========================================= */
@@ -678,9 +715,9 @@ int http_relay_n(struct conn *c, struct copier *k, struct stream *s, int from, i
  * every size line and trailer; the bytes go on exactly as they came. Returns 0 or -1. */
 int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to);
 /* Writes the proxy's own response for status into buf (a text body: the reason, and why if
- * given; for 407 the Basic challenge, for 503 Retry-After; Connection: close unless keep) and
- * returns its length. */
-int http_error(char *buf, size_t cap, int status, int keep, const char *why);
+ * given; for 407 the Basic challenge in realm, for 503 Retry-After; Connection: close unless
+ * keep) and returns its length. */
+int http_error(char *buf, size_t cap, int status, int keep, const char *why, const char *realm);
 
 /* ==== http_head.c: the heads forwarded and relayed ===================================== */
 

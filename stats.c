@@ -130,7 +130,7 @@ static void metric_histogram(FILE *f, const char *name, const char *help, struct
  * them: malloc'd, the caller frees; NULL on failure. */
 char *stats_render(render_fn more, size_t *len) {
     static const char *const refusals[] = {"not_allowed", "max_connections"},
-                             *dirs[] = {"up", "down"};
+                             *dirs[] = {"up", "down"}, *reload_results[] = {"ok", "failed"};
     char *out = NULL;
     FILE *f = open_memstream(&out, len);
     if (!f) return NULL;
@@ -169,19 +169,29 @@ char *stats_render(render_fn more, size_t *len) {
     metric_family(f, "proxy_bytes_total", "counter",
                   "Bytes relayed: up is client to upstream, down is upstream to client.",
                   "direction", dirs, stats.bytes, 2);
+    /* The upstreams the newest config lists: their health outlives a reload. */
+    struct config *now = config_hold();
+    const struct upstream *up = now->up;
     metric_head(f, "proxy_upstream_connects_total", "counter", "Successful connects, by upstream.");
-    for (int i = 0; i < cfg.nup; i++)
-        fprintf(f, "proxy_upstream_connects_total{upstream=\"%s\"} %llu\n", cfg.up[i].name,
-                (unsigned long long)atomic_load(&cfg.up[i].connects));
+    for (int i = 0; i < now->nup; i++)
+        fprintf(f, "proxy_upstream_connects_total{upstream=\"%s\"} %llu\n", up[i].name,
+                (unsigned long long)atomic_load(&up[i].st->connects));
     metric_head(f, "proxy_upstream_connect_failures_total", "counter",
                 "Failed connects, by upstream.");
-    for (int i = 0; i < cfg.nup; i++)
-        fprintf(f, "proxy_upstream_connect_failures_total{upstream=\"%s\"} %llu\n", cfg.up[i].name,
-                (unsigned long long)atomic_load(&cfg.up[i].failures));
+    for (int i = 0; i < now->nup; i++)
+        fprintf(f, "proxy_upstream_connect_failures_total{upstream=\"%s\"} %llu\n", up[i].name,
+                (unsigned long long)atomic_load(&up[i].st->failures));
     metric_head(f, "proxy_upstream_up", "gauge", "0 while an upstream is skipped after a failure.");
-    for (int i = 0; i < cfg.nup; i++)
-        fprintf(f, "proxy_upstream_up{upstream=\"%s\"} %d\n", cfg.up[i].name,
-                atomic_load(&cfg.up[i].down_until) <= mono_ns());
+    for (int i = 0; i < now->nup; i++)
+        fprintf(f, "proxy_upstream_up{upstream=\"%s\"} %d\n", up[i].name,
+                atomic_load(&up[i].st->down_until) <= mono_ns());
+    config_drop(now);
+    metric_family(f, "proxy_config_reloads_total", "counter",
+                  "SIGHUP reloads of the config file, by result.", "result", reload_results,
+                  stats.reloads, 2);
+    metric_one(f, "proxy_config_generation", "gauge",
+               "The config in force: 1 as loaded at start, one more for each reload.",
+               config_generation());
     if (more) more(f); /* the mode's families */
     metric_histogram(f, "proxy_connection_duration_seconds",
                      "How long connections lasted, from accept to close.", &stats.duration);

@@ -18,11 +18,11 @@ static enum served tcp_serve(struct worker *w, struct conn *c) {
         return SERVED_DONE;
     }
     pool_set_upstream(w, fd);
-    if (cfg.send_proxy != SEND_PROXY_OFF) {
+    if (c->cfg->send_proxy != SEND_PROXY_OFF) {
         char hdr[128];
         struct addr local = {0}; /* if getsockname fails: families differ, PROXY UNKNOWN */
         net_local(c->client, &local);
-        int n = tcp_proxy_header(cfg.send_proxy, &c->peer, &local, hdr);
+        int n = tcp_proxy_header(c->cfg->send_proxy, &c->peer, &local, hdr);
         if (copy_send(c, c->upstream, hdr, (size_t)n) < 0) return SERVED_DONE;
     }
     c->relay = 1;

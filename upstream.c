@@ -85,25 +85,26 @@ static int own_listener(const struct addr *a) {
 /* Whether a request may be dialled to a: never to one of the proxy's own listeners; with
  * local_destinations = deny, not to a loopback, link-local or unspecified address, nor to any
  * address this host owns. */
-int upstream_allowed(const struct addr *a) {
+int upstream_allowed(const struct config *cf, const struct addr *a) {
     struct addr t = reached(a);
     if (own_listener(&t)) return 0;
-    return cfg.local_destinations != LOCAL_DENY || !(addr_is_local(&t) || net_owns(&t));
+    return cf->local_destinations != LOCAL_DENY || !(addr_is_local(&t) || net_owns(&t));
 }
 
 /* ---- dialling: a lookup, then connects in turn, which c may leave its worker in ---------- */
 
-/* Lists the configured upstreams in d in the order they are tried: from where cfg.balance
- * starts c, first those that are up, then those marked down, which may have come back. */
+/* Lists the configured upstreams in d in the order they are tried: from where balance starts
+ * c, first those that are up, then those marked down, which may have come back. */
 static void list_upstreams(struct dial *d, const struct conn *c) {
-    unsigned n = (unsigned)cfg.nup;
-    unsigned start = cfg.balance == BALANCE_SOURCE ? upstream_hash(&c->peer, n)
-                                                   : atomic_fetch_add(&next_rr, 1) % n;
+    unsigned n = (unsigned)d->cf->nup;
+    unsigned start = d->cf->balance == BALANCE_SOURCE ? upstream_hash(&c->peer, n)
+                                                      : atomic_fetch_add(&next_rr, 1) % n;
     uint64_t now = mono_ns();
     for (int down = 0; down < 2; down++)
         for (unsigned i = 0; i < n; i++) {
             unsigned k = (start + i) % n;
-            if ((atomic_load(&cfg.up[k].down_until) > now) == down) d->up[d->n++] = (uint8_t)k;
+            if ((atomic_load(&d->cf->up[k].st->down_until) > now) == down)
+                d->up[d->n++] = (uint8_t)k;
         }
 }
 
@@ -112,7 +113,7 @@ static void list_upstreams(struct dial *d, const struct conn *c) {
  * EACCES. */
 static int dial_allowed(const struct dial *d) {
     for (int i = 0; i < d->n; i++)
-        if (!upstream_allowed(&d->a[i])) {
+        if (!upstream_allowed(d->cf, &d->a[i])) {
             errno = EACCES;
             return -1;
         }
@@ -133,12 +134,13 @@ static int dial_resolved(struct dial *d) {
  * errno. */
 static int dial_begin(struct dial *d, struct conn *c, const char *key, const char *host, int port) {
     d->fd = -1;
+    d->cf = c->cfg;
     if (!host) {
         list_upstreams(d, c);
         return 0;
     }
     snprintf(d->key, sizeof d->key, "%s", key);
-    d->deadline = mono_ns() + (uint64_t)cfg.connect_timeout * 1000000000u;
+    d->deadline = mono_ns() + (uint64_t)d->cf->connect_timeout * 1000000000u;
     d->until = d->deadline;
     d->n = net_resolve(host, port, d->a, DIAL_ADDRESSES, &d->lookup);
     if (d->n < 0) return -1;
@@ -154,11 +156,11 @@ static int dial_begin(struct dial *d, struct conn *c, const char *key, const cha
  * -1 with errno (the connect failed at once). */
 static int dial_next(struct dial *d) {
     uint64_t now = mono_ns();
-    const struct addr *to = d->key[0] ? &d->a[d->next] : &cfg.up[d->up[d->next]].addr;
+    const struct addr *to = d->key[0] ? &d->a[d->next] : &d->cf->up[d->up[d->next]].addr;
     if (d->key[0])
         d->until = now + (d->deadline > now ? (d->deadline - now) / (uint64_t)(d->n - d->next) : 0);
     else
-        d->until = now + (uint64_t)cfg.connect_timeout * 1000000000u;
+        d->until = now + (uint64_t)d->cf->connect_timeout * 1000000000u;
     d->fd = net_connect_start(to);
     d->out = 1;
     return d->fd < 0 ? -1 : 0;
@@ -174,11 +176,11 @@ static int dial_failed(struct dial *d, int err) {
     int i = d->next++;
     if (err == ECANCELED) return 0;
     if (d->key[0]) return 1;
-    struct upstream *u = &cfg.up[d->up[i]];
+    const struct upstream *u = &d->cf->up[d->up[i]];
     if (!upstream_at_fault(err)) return 0;
-    atomic_fetch_add(&u->failures, 1);
+    atomic_fetch_add(&u->st->failures, 1);
     uint64_t now = mono_ns();
-    if (atomic_exchange(&u->down_until, now + DOWN_SECONDS * 1000000000ull) <= now)
+    if (atomic_exchange(&u->st->down_until, now + DOWN_SECONDS * 1000000000ull) <= now)
         log_line("upstream %s is down: %s; skipped for %d s", u->name, strerror(err),
                  DOWN_SECONDS); /* the fall, not every failure while down */
     return 1;
@@ -189,9 +191,9 @@ static int dial_connected(struct dial *d, struct conn *c) {
     int fd = d->fd;
     d->fd = -1;
     if (!d->key[0]) {
-        struct upstream *u = &cfg.up[d->up[d->next]];
-        if (atomic_load(&u->down_until)) atomic_store(&u->down_until, 0);
-        atomic_fetch_add(&u->connects, 1);
+        const struct upstream *u = &d->cf->up[d->up[d->next]];
+        if (atomic_load(&u->st->down_until)) atomic_store(&u->st->down_until, 0);
+        atomic_fetch_add(&u->st->connects, 1);
         c->chosen = u;
     }
     return fd;

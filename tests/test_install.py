@@ -93,10 +93,27 @@ def test_make_install_into_destdir():
     unit = os.path.join(usr, "lib/systemd/system/proxy.service")
     with open(unit) as f:
         text = f.read()
-    assert "ExecStart=/usr/bin/proxy -c ${CREDENTIALS_DIRECTORY}/proxy.ini" in text
+    assert "ExecStart=/usr/bin/proxy -c /run/proxy/proxy.ini" in text
     for hardening in ("DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                      "LimitNOFILE=", "LoadCredential=proxy.ini:/etc/proxy/proxy.ini"):
+                      "LimitNOFILE=", "RuntimeDirectoryMode=0700"):
         assert hardening in text, hardening
+    # A start and a reload each check the file the operator edits, then copy it for the
+    # service; a reload signals only after both succeeded.
+    for step in ("ExecStartPre", "ExecReload"):
+        lines = re.findall(r"^%s=(.*)$" % step, text, re.M)
+        assert lines[0] == "+/usr/bin/proxy -t -c /etc/proxy/proxy.ini", lines
+        assert lines[1].startswith("+/bin/sh -c '") and lines[1].endswith("'"), lines
+    assert re.findall(r"^ExecReload=(.*)$", text, re.M)[2] == "/bin/kill -HUP $MAINPID"
+    # The copy, run here with our paths: the service's user (the directory's owner) alone
+    # reads it, and a reader never sees it half-written.
+    script = re.search(r"^ExecReload=\+/bin/sh -c '(.*)'$", text, re.M).group(1)
+    run_dir = os.path.join(dest, "run-proxy")
+    os.makedirs(run_dir, exist_ok=True)
+    script = script.replace("/etc/proxy/proxy.ini", config).replace("/run/proxy", run_dir)
+    subprocess.run(["sh", "-c", script], check=True, timeout=10)
+    copy = os.path.join(run_dir, "proxy.ini")
+    assert os.stat(copy).st_mode & 0o777 == 0o600 and open(copy).read() == open(config).read()
+    assert os.stat(copy).st_uid == os.stat(run_dir).st_uid
     assert len(glob.glob(os.path.join(usr, "share/doc/proxy/examples/*.ini"))) >= 3
     page = os.path.join(usr, "share/man/man1/proxy.1")
     if shutil.which("man"):

@@ -403,7 +403,8 @@ def test_access_log_file_sighup_reopens_and_sigusr1_dumps_metrics():
         time.sleep(0.3)
         assert exchange(px.addr, b"hello") == (sha(b"hello"), 5)
         text = lines(log)
-        assert len(text.splitlines()) == 1, text  # the new file holds only the new line
+        # the new file holds only what came after: the reload's line and the new access line
+        assert len(text.splitlines()) == 2 and " reloaded " in text.splitlines()[0], text
         px.signal(signal.SIGUSR1)
         time.sleep(0.3)
         with open(log) as f:

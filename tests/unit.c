@@ -382,13 +382,13 @@ static void test_own_listeners(void) {
                                          "127.0.0.1:9100", "10.0.0.1:8888",  "0.0.0.0:9100"};
     for (size_t i = 0; i < sizeof us / sizeof us[0]; i++) {
         struct addr a = at(us[i]);
-        if (upstream_allowed(&a)) printf("  allowed: %s\n", us[i]);
-        CHECK(!upstream_allowed(&a));
+        if (upstream_allowed(&cfg, &a)) printf("  allowed: %s\n", us[i]);
+        CHECK(!upstream_allowed(&cfg, &a));
     }
     for (size_t i = 0; i < sizeof others / sizeof others[0]; i++) {
         struct addr a = at(others[i]);
-        if (!upstream_allowed(&a)) printf("  refused: %s\n", others[i]);
-        CHECK(upstream_allowed(&a));
+        if (!upstream_allowed(&cfg, &a)) printf("  refused: %s\n", others[i]);
+        CHECK(upstream_allowed(&cfg, &a));
     }
     /* A wildcard listener is every address this host owns, on its port, in its families. */
     own[0] = at("0.0.0.0:8888");
@@ -400,18 +400,18 @@ static void test_own_listeners(void) {
                                               "198.51.100.77:9100", "127.0.0.1:8887"};
     for (size_t i = 0; i < sizeof wild_us / sizeof wild_us[0]; i++) {
         struct addr a = at(wild_us[i]);
-        if (upstream_allowed(&a)) printf("  allowed: %s\n", wild_us[i]);
-        CHECK(!upstream_allowed(&a));
+        if (upstream_allowed(&cfg, &a)) printf("  allowed: %s\n", wild_us[i]);
+        CHECK(!upstream_allowed(&cfg, &a));
     }
     for (size_t i = 0; i < sizeof wild_others / sizeof wild_others[0]; i++) {
         struct addr a = at(wild_others[i]);
-        if (!upstream_allowed(&a)) printf("  refused: %s\n", wild_others[i]);
-        CHECK(upstream_allowed(&a));
+        if (!upstream_allowed(&cfg, &a)) printf("  refused: %s\n", wild_others[i]);
+        CHECK(upstream_allowed(&cfg, &a));
     }
     /* deny: no local address, whatever the port; a remote one still goes. */
     cfg.local_destinations = LOCAL_DENY;
     struct addr a = at("127.0.0.1:80"), b = at("[fe80::1]:80"), d = at("198.51.100.77:80");
-    CHECK(!upstream_allowed(&a) && !upstream_allowed(&b) && upstream_allowed(&d));
+    CHECK(!upstream_allowed(&cfg, &a) && !upstream_allowed(&cfg, &b) && upstream_allowed(&cfg, &d));
     upstream_own(own, 0);
 }
 
@@ -688,7 +688,7 @@ static void test_base64_and_credentials(void) {
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         snprintf(head, sizeof head, "GET / HTTP/1.1\r\n%s\r\n\r\n", cases[i].field);
         CHECK(parse(head, 1) == 0);
-        enum auth got = auth_check(&m, user, sizeof user);
+        enum auth got = auth_check(&cfg, &m, user, sizeof user);
         if (got != cases[i].want) printf("  case %zu: got %s\n", i, auth_names[got]);
         CHECK(got == cases[i].want);
         if (got == AUTH_OK) CHECK(!strcmp(user, "alice") || !strcmp(user, "bob"));
@@ -697,9 +697,9 @@ static void test_base64_and_credentials(void) {
     CHECK(parse("GET / HTTP/1.1\r\nProxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n"
                 "Proxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n\r\n",
                 1) == 0);
-    CHECK(auth_check(&m, user, sizeof user) == AUTH_MALFORMED); /* sent twice */
+    CHECK(auth_check(&cfg, &m, user, sizeof user) == AUTH_MALFORMED); /* sent twice */
     cfg.nusers = 0;
-    CHECK(parse("GET / HTTP/1.1\r\n\r\n", 1) == 0 && auth_check(&m, user, sizeof user) == AUTH_OK);
+    CHECK(parse("GET / HTTP/1.1\r\n\r\n", 1) == 0 && auth_check(&cfg, &m, user, sizeof user) == AUTH_OK);
 }
 
 /* Writes "Proxy-Authorization: Basic BASE64(cred)" into out. */
@@ -752,7 +752,7 @@ static void test_credentials_against_every_user(void) {
         basic_field(cases[i].cred, field, sizeof field);
         snprintf(head, sizeof head, "GET / HTTP/1.1\r\n%s\r\n\r\n", field);
         CHECK(parse(head, 1) == 0);
-        enum auth got = auth_check(&m, user, sizeof user);
+        enum auth got = auth_check(&cfg, &m, user, sizeof user);
         enum auth want = cases[i].user ? AUTH_OK : AUTH_BAD;
         if (got != want) printf("  '%s': got %s\n", cases[i].cred, auth_names[got]);
         CHECK(got == want);
