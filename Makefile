@@ -59,9 +59,11 @@ help:
 deps:
 	@pkg-config --exists inih 2>/dev/null || { $(call need,libinih-dev pkg-config); }
 
+# wrk loads the proxy while it reloads; systemd-socket-activate hands it a socket as systemd would.
 test-deps:
 	@command -v python3 >/dev/null && command -v curl >/dev/null && command -v openssl >/dev/null \
-	  || { $(call need,python3 curl openssl); }
+	  && command -v wrk >/dev/null && command -v systemd-socket-activate >/dev/null \
+	  || { $(call need,python3 curl openssl wrk systemd); }
 
 $(B):
 	mkdir -p $(B)
@@ -136,6 +138,7 @@ install: $(BIN)
 	install -Dm644 proxy.1 $(DESTDIR)$(PREFIX)/share/man/man1/proxy.1
 	sed 's|/usr/local|$(PREFIX)|g' proxy.service > $(B)/proxy.service
 	install -Dm644 $(B)/proxy.service $(DESTDIR)$(PREFIX)/lib/systemd/system/proxy.service
+	install -Dm644 proxy.socket $(DESTDIR)$(PREFIX)/lib/systemd/system/proxy.socket
 	install -d $(DESTDIR)$(PREFIX)/share/doc/proxy/examples
 	install -m644 README.md $(DESTDIR)$(PREFIX)/share/doc/proxy/
 	install -m644 examples/*.ini $(DESTDIR)$(PREFIX)/share/doc/proxy/examples/
@@ -143,7 +146,8 @@ install: $(BIN)
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/proxy $(DESTDIR)$(PREFIX)/share/man/man1/proxy.1 \
-	  $(DESTDIR)$(PREFIX)/lib/systemd/system/proxy.service
+	  $(DESTDIR)$(PREFIX)/lib/systemd/system/proxy.service \
+	  $(DESTDIR)$(PREFIX)/lib/systemd/system/proxy.socket
 	rm -rf $(DESTDIR)$(PREFIX)/share/doc/proxy
 
 clean:

@@ -37,6 +37,7 @@ static struct {
 /* The stop, in two steps, each set by its function, which rings stop_fd: no more clients
  * (acceptor_stop); then the waiting room closes too (acceptor_end). */
 static _Atomic int stopping, ending;
+static _Atomic int drain; /* acceptor_stop: the backlog is ours to take in first */
 
 /* acceptor_stop waits here until the acceptor has taken in the backlog and let the listener
  * go: only then may the listener close. */
@@ -306,7 +307,7 @@ static void drain_backlog(void) {
  * their bytes wake them as before. Tells acceptor_stop. */
 static void stop_accepting(void) {
     uint64_t closed = 0;
-    drain_backlog();
+    if (atomic_load(&drain)) drain_backlog();
     epoll_ctl(a.ep, EPOLL_CTL_DEL, a.listen_fd, NULL);
     a.stopped = 1;
     a.listening = 0;
@@ -418,10 +419,12 @@ static void ring_stop(void) {
     }
 }
 
-/* Stops accepting: returns once the backlog is taken in and the listener may close, with how
- * many connections between requests were closed (parked ones: nothing of theirs was in
+/* Stops accepting: returns once the backlog is taken in (if drain_backlog: the listener closes
+ * with us; else its clients wait for whoever listens next) and the listener may close, with
+ * how many connections between requests were closed (parked ones: nothing of theirs was in
  * progress). Connections with work in progress go on, parked or not, until acceptor_end. */
-uint64_t acceptor_stop(void) {
+uint64_t acceptor_stop(int drain_backlog) {
+    atomic_store(&drain, drain_backlog);
     atomic_store(&stopping, 1);
     ring_stop();
     pthread_mutex_lock(&step.mu);

@@ -5,6 +5,7 @@
 
 #include <err.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +14,9 @@
 
 static const struct mode *mode; /* tcp_mode or http_mode, chosen once by the config */
 static int listen_fd = -1;
+/* Listening sockets systemd passed (socket activation), by what they serve: [0] listen, [1]
+ * [stats] listen; -1: none, we open it. */
+static int passed[2] = {-1, -1};
 
 /* ---- main ----------------------------------------------------------------------------- */
 
@@ -57,6 +61,42 @@ static void fd_limit(void) {
     if (config_fd_warning(&cfg, (unsigned long long)rl.rlim_cur, "proxy: ", stderr) < 0) exit(1);
 }
 
+/* Takes the listening sockets systemd passed (socket activation: LISTEN_FDS sockets from fd 3
+ * on, when LISTEN_PID is ours; systemd-socket-activate does the same). Each must be a listening
+ * socket on listen's address or [stats] listen's, and serves that listener in place of one we
+ * would open; one on any other address is a mistake in the socket unit: exits 1 naming it. No
+ * libsystemd: the protocol is these two variables. */
+static void take_passed_sockets(void) {
+    const char *pid = getenv("LISTEN_PID"), *fds = getenv("LISTEN_FDS");
+    if (!pid || !fds || strtol(pid, NULL, 10) != (long)getpid()) return;
+    int n = (int)strtol(fds, NULL, 10);
+    unsetenv("LISTEN_PID"); /* for nothing we start: they were for us */
+    unsetenv("LISTEN_FDS");
+    unsetenv("LISTEN_FDNAMES");
+    for (int fd = 3; fd < 3 + n; fd++) {
+        struct addr a;
+        char where[64], want[64], admin[64] = "off";
+        int listening = 0;
+        socklen_t len = sizeof listening;
+        fcntl(fd, F_SETFD, FD_CLOEXEC);
+        if (net_local(fd, &a) < 0 ||
+            getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) < 0 || !listening)
+            errx(1, "fd %d passed in LISTEN_FDS is not a listening socket", fd);
+        addr_format(&a, where, sizeof where);
+        addr_format(&cfg.listen, want, sizeof want);
+        if (cfg.stats_listen.len) addr_format(&cfg.stats_listen, admin, sizeof admin);
+        if (!strcmp(where, want) && passed[0] < 0)
+            passed[0] = fd;
+        else if (!strcmp(where, admin) && passed[1] < 0)
+            passed[1] = fd;
+        else
+            errx(1,
+                 "the socket passed on %s matches neither [proxy] listen (%s) nor [stats] "
+                 "listen (%s): make the socket unit's ListenStream= name the same address",
+                 where, want, admin);
+    }
+}
+
 /* Opens a listener on a (the key what names it) or exits, naming the key and the address. */
 static int listen_or_die(const struct addr *a, int reuse_port, const char *what) {
     int fd = net_listen(a, reuse_port);
@@ -82,13 +122,15 @@ static void start(sigset_t *set) {
     pthread_sigmask(SIG_BLOCK, set, NULL);
     fd_limit();
 
-    listen_fd = listen_or_die(&cfg.listen, cfg.reuse_port, "[proxy] listen");
+    listen_fd =
+        passed[0] >= 0 ? passed[0] : listen_or_die(&cfg.listen, cfg.reuse_port, "[proxy] listen");
     /* Set once on the listener, these are inherited by every accepted socket: no calls per
      * client. */
     net_prepare(listen_fd);
     net_set_tick(listen_fd, TICK_MS);
-    int admin_fd =
-        cfg.stats_listen.len ? listen_or_die(&cfg.stats_listen, 0, "[stats] listen") : -1;
+    int admin_fd = passed[1] >= 0         ? passed[1]
+                   : cfg.stats_listen.len ? listen_or_die(&cfg.stats_listen, 0, "[stats] listen")
+                                          : -1;
     /* The listeners as bound (port 0 chosen by now), which no request may be dialled to; told
      * before any worker runs, so they need no lock. */
     struct addr own[2];
@@ -149,7 +191,9 @@ static void wait_for_stop(const sigset_t *set) {
 static void stop(void) {
     /* No shutdown() of the listener, which would reset the connections still waiting in its
      * backlog: the acceptor takes them in first. */
-    uint64_t idle = acceptor_stop();
+    /* A socket systemd passed stays open in systemd: the clients in its backlog are our
+     * successor's (a restart), not ours to take in and end. */
+    uint64_t idle = acceptor_stop(passed[0] < 0);
     close(listen_fd);
     log_line("stopping: %llu connections open get up to %d s to finish (%llu idle ones closed)",
              (unsigned long long)atomic_load(&stats.active), GRACE_SECONDS,
@@ -180,6 +224,7 @@ int main(int argc, char **argv) {
     }
     mode = cfg.mode == MODE_HTTP ? &http_mode : &tcp_mode;
     config_start();
+    take_passed_sockets();
     sigset_t set;
     start(&set);
     wait_for_stop(&set);

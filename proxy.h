@@ -764,10 +764,11 @@ extern const struct mode http_mode;
 /* Starts the acceptor thread on the listening socket fd (made non-blocking here), handing
  * clients to the pool, which runs mode. Returns 0 or -1. */
 int acceptor_start(int listen_fd, const struct mode *mode);
-/* Stops accepting: returns once the backlog is taken in and the listener may close, with how
- * many parked connections between requests were closed. Connections with work in progress go
- * on, parked or not, until acceptor_end. */
-uint64_t acceptor_stop(void);
+/* Stops accepting: returns once the backlog is taken in (if drain_backlog: the listener closes
+ * with us; else its clients wait for whoever listens next) and the listener may close, with
+ * how many parked connections between requests were closed. Connections with work in progress
+ * go on, parked or not, until acceptor_end. */
+uint64_t acceptor_stop(int drain_backlog);
 /* Closes every connection still parked and ends the acceptor thread. */
 void acceptor_end(void);
 

@@ -114,6 +114,9 @@ def test_make_install_into_destdir():
     copy = os.path.join(run_dir, "proxy.ini")
     assert os.stat(copy).st_mode & 0o777 == 0o600 and open(copy).read() == open(config).read()
     assert os.stat(copy).st_uid == os.stat(run_dir).st_uid
+    socket_unit = os.path.join(usr, "lib/systemd/system/proxy.socket")
+    with open(socket_unit) as f:
+        assert "ListenStream=127.0.0.1:8888" in f.read()  # the shipped config's listen
     assert len(glob.glob(os.path.join(usr, "share/doc/proxy/examples/*.ini"))) >= 3
     page = os.path.join(usr, "share/man/man1/proxy.1")
     if shutil.which("man"):

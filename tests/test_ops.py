@@ -8,6 +8,7 @@ says why (FILE:LINE), is counted, and the log is reopened anyway (logrotate send
 keys only a restart changes keep their running values and are named in the log; a changed mode
 is refused; an upstream's health and counters outlive a reload that still lists it; reloads
 under load lose no request. Every test name starts with test_ops_ (run.py -k test_ops_)."""
+import functools
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import threading
 import time
 
-from lib import TMP, Proxy, Server, closed_port, connect, echo_handler
+from lib import PROXY, TMP, Proxy, Server, closed_port, connect, echo_handler, write_ini
 from test_http import Client, basic, origin, request, wait_for
 
 
@@ -211,3 +212,206 @@ def test_ops_only_restart_only_keys_are_read_from_the_config_loaded_at_start():
                     if key not in fields and not (name == "proxy.c" and key in ("file", "log")):
                         bad.append("%s:%d: cfg.%s" % (name, n, key))
     assert not bad, "read from the config at start, so no reload changes them:\n" + "\n".join(bad)
+
+
+# ---- socket activation ------------------------------------------------------------------------
+
+def held_listener():
+    """A listening socket on a free loopback port, as systemd's socket unit holds one."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(128)
+    return s
+
+
+_launched = []
+
+
+def activated(sock, ini):
+    """Starts the proxy with sock passed as systemd passes it: fd 3, LISTEN_FDS=1, LISTEN_PID
+    its own pid (the shell's, which exec keeps). Returns the Popen; killed after the test
+    (reap) if it is still running."""
+    fd = sock.fileno()
+    script = 'exec 3<&%d; LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -c "$1"' % fd
+    p = subprocess.Popen(["sh", "-c", script, os.path.abspath(PROXY), ini], pass_fds=(fd,),
+                         stderr=subprocess.PIPE, text=True)
+    _launched.append(p)
+    return p
+
+
+def reap():
+    """Kills what activated started and a failed test left running."""
+    while _launched:
+        p = _launched.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+
+
+def reaped(test):
+    """Runs test, then kills what it started with activated and left running."""
+    @functools.wraps(test)
+    def run():
+        try:
+            test()
+        finally:
+            reap()
+    return run
+
+
+def started(p):
+    """Waits for p's 'listening on' line; returns it."""
+    for line in p.stderr:
+        if "listening on" in line:
+            threading.Thread(target=p.stderr.read, daemon=True).start()  # keep it drained
+            return line
+    raise AssertionError("the proxy did not start: exit %s" % p.wait(5))
+
+
+def echoed(addr, data=b"x" * 1000, timeout=10):
+    s = socket.create_connection(addr, timeout=timeout)
+    try:
+        s.sendall(data)
+        got = b""
+        while len(got) < len(data):
+            d = s.recv(65536)
+            if not d:
+                break
+            got += d
+        return got == data
+    finally:
+        s.close()
+
+
+@reaped
+def test_ops_systemd_socket_activate_hands_the_proxy_its_socket():
+    """systemd-socket-activate listens, and hands the socket to the proxy it starts for the
+    first client: the proxy serves on it instead of opening its own (which would fail: the
+    port is taken). A socket on an address the config does not name is refused at start,
+    naming both."""
+    with Server(echo_handler) as e:
+        port = closed_port()
+        ini = write_ini({"proxy": {"mode": "tcp", "listen": "127.0.0.1:%d" % port,
+                                   "upstream": e.addr, "log": "-"},
+                         "stats": {"listen": "127.0.0.1:0"}}, name="activated.ini")
+        p = subprocess.Popen(["systemd-socket-activate", "-l", "127.0.0.1:%d" % port,
+                              os.path.abspath(PROXY), "-c", ini],
+                             stderr=subprocess.PIPE, text=True)
+        _launched.append(p)
+        try:
+            deadline = time.monotonic() + 10
+            while True:  # systemd-socket-activate listens first; the proxy starts on a client
+                try:
+                    ok = echoed(("127.0.0.1", port))
+                    break
+                except ConnectionRefusedError:
+                    assert time.monotonic() < deadline, "systemd-socket-activate never listened"
+                    time.sleep(0.05)
+            assert ok
+            assert echoed(("127.0.0.1", port))
+        finally:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(15) == 0
+        text = p.stderr.read()
+        assert "listening on 127.0.0.1:%d" % port in text, text
+    other = held_listener()
+    ini = write_ini({"proxy": {"mode": "tcp", "listen": "127.0.0.1:%d" % closed_port(),
+                               "upstream": "127.0.0.1:9"}, "stats": {"listen": "127.0.0.1:0"}},
+                    name="activated.ini")
+    p = activated(other, ini)
+    assert p.wait(10) == 1
+    err = p.stderr.read()
+    assert "matches neither [proxy] listen" in err and "127.0.0.1:%d" % other.getsockname()[
+        1] in err, err
+    other.close()
+
+
+@reaped
+def test_ops_a_stopping_proxy_leaves_its_backlog_to_the_next_one():
+    """One worker held by a relay that never leaves it (park_after 0), queue 0: three more
+    clients wait in the backlog of the socket systemd holds. SIGTERM, and a second proxy
+    started on the same socket while the first still serves its relay: the second serves the
+    three at once. Before, the stopping proxy took them in, where no worker came for them
+    until its grace period ended and closed them."""
+    with Server(echo_handler) as e:
+        sock = held_listener()
+        addr = sock.getsockname()
+        ini = write_ini({"proxy": {"mode": "tcp", "listen": "127.0.0.1:%d" % addr[1],
+                                   "upstream": e.addr, "workers": 1, "queue": 0,
+                                   "park_after": 0, "time_slice": 0},
+                         "stats": {"listen": "127.0.0.1:0"}}, name="activated.ini")
+        first = activated(sock, ini)
+        started(first)
+        holder = socket.create_connection(addr, timeout=10)
+        holder.sendall(b"h")
+        assert holder.recv(1) == b"h"
+        waiting = []
+        for i in range(3):
+            s = socket.create_connection(addr, timeout=10)
+            s.sendall(b"w%d" % i)
+            waiting.append(s)
+        time.sleep(0.3)  # the acceptor has had every chance to take them
+        first.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        second = activated(sock, ini)
+        started(second)
+        for i, s in enumerate(waiting):
+            s.settimeout(5)  # the second proxy serves them at once
+            got = b""
+            while len(got) < 2:
+                d = s.recv(2)
+                assert d, "closed unserved, after %r" % got
+                got += d
+            assert got == b"w%d" % i
+            s.close()
+        holder.sendall(b"i")  # the first still relays its own
+        assert holder.recv(1) == b"i"
+        holder.close()
+        assert first.wait(10) == 0
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(10) == 0
+        sock.close()
+
+
+@reaped
+def test_ops_a_restart_with_the_socket_held_refuses_no_connection():
+    """Clients connect without pause while the proxy is stopped and started again on the
+    socket systemd would hold (a restart): every one is served, none refused or reset; those
+    that came between the two processes waited in the backlog."""
+    with Server(echo_handler) as e:
+        sock = held_listener()
+        addr = sock.getsockname()
+        ini = write_ini({"proxy": {"mode": "tcp", "listen": "127.0.0.1:%d" % addr[1],
+                                   "upstream": e.addr},
+                         "stats": {"listen": "127.0.0.1:0"}}, name="activated.ini")
+        p = activated(sock, ini)
+        started(p)
+        results, stop = [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    results.append(echoed(addr))
+                except OSError as err:
+                    results.append(err)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        for _ in range(2):  # two restarts: stop, wait for the exit, start again
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(15) == 0
+            p = activated(sock, ini)
+            started(p)
+            time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+        sock.close()
+    bad = [r for r in results if r is not True]
+    assert len(results) > 50 and not bad, "%d of %d failed: %s" % (len(bad), len(results),
+                                                                   bad[:3])
+
