@@ -5,12 +5,13 @@ SHELL    = /bin/bash
 CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN     = -Wall -Wextra -Wpedantic -Werror -Wno-missing-field-initializers
-ALL_CFLAGS = $(CFLAGS) $(WARN) -std=c11 -D_GNU_SOURCE -pthread $(SAN)
+ALL_CFLAGS = $(CPPFLAGS) $(CFLAGS) $(WARN) -std=c11 -D_GNU_SOURCE -pthread $(SAN)
 LDLIBS   = $(shell pkg-config --libs inih 2>/dev/null || echo -linih) -pthread
 
 B       ?= build
 PREFIX  ?= /usr/local
 DESTDIR ?=
+UNITDIR ?= $(PREFIX)/lib/systemd/system
 BIN     ?= proxy
 # Bottom-up, as proxy.h lists them: each file calls only those before it (`make layers`).
 SRC      = net.c config.c stats.c admin.c copy.c upstream.c pool.c http_parse.c auth.c http_io.c \
@@ -35,7 +36,7 @@ VALGRIND_TESTS := $(VALGRIND_TESTS),test_http_post_bodies,test_http_pipelined,up
 VALGRIND_TESTS := $(VALGRIND_TESTS),resets_mid,second_host
 VALGRIND = valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite
 
-.PHONY: all run test layers asan tsan fuzz fuzz-run valgrind lint soak bench bench-quick install \
+.PHONY: all run test layers asan tsan fuzz fuzz-run valgrind lint soak bench bench-quick install deb \
   uninstall deps test-deps clean help
 all: $(BIN)
 
@@ -54,6 +55,7 @@ help:
 	@echo "make bench-quick  the same, one short round (< 4 min)"
 	@echo "make install    PREFIX=/usr/local DESTDIR=: binary, man page, systemd unit, examples,"
 	@echo "                /etc/proxy/proxy.ini (kept if present); make uninstall undoes it"
+	@echo "make deb        a Debian package in build/deb (dpkg-buildpackage; lintian checks it)"
 	@echo "make clean"
 
 deps:
@@ -72,7 +74,7 @@ $(B)/%.o: %.c proxy.h | deps $(B)
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
 $(BIN): $(OBJ) $(B)/proxy.o
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(B)/unit: tests/unit.c $(OBJ)
 	$(CC) $(ALL_CFLAGS) -I. -o $@ $^ $(LDLIBS)
@@ -137,8 +139,8 @@ install: $(BIN)
 	install -Dm755 $(BIN) $(DESTDIR)$(PREFIX)/bin/proxy
 	install -Dm644 proxy.1 $(DESTDIR)$(PREFIX)/share/man/man1/proxy.1
 	sed 's|/usr/local|$(PREFIX)|g' proxy.service > $(B)/proxy.service
-	install -Dm644 $(B)/proxy.service $(DESTDIR)$(PREFIX)/lib/systemd/system/proxy.service
-	install -Dm644 proxy.socket $(DESTDIR)$(PREFIX)/lib/systemd/system/proxy.socket
+	install -Dm644 $(B)/proxy.service $(DESTDIR)$(UNITDIR)/proxy.service
+	install -Dm644 proxy.socket $(DESTDIR)$(UNITDIR)/proxy.socket
 	install -d $(DESTDIR)$(PREFIX)/share/doc/proxy/examples
 	install -m644 README.md $(DESTDIR)$(PREFIX)/share/doc/proxy/
 	install -m644 examples/*.ini $(DESTDIR)$(PREFIX)/share/doc/proxy/examples/
@@ -146,9 +148,18 @@ install: $(BIN)
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/proxy $(DESTDIR)$(PREFIX)/share/man/man1/proxy.1 \
-	  $(DESTDIR)$(PREFIX)/lib/systemd/system/proxy.service \
-	  $(DESTDIR)$(PREFIX)/lib/systemd/system/proxy.socket
+	  $(DESTDIR)$(UNITDIR)/proxy.service $(DESTDIR)$(UNITDIR)/proxy.socket
 	rm -rf $(DESTDIR)$(PREFIX)/share/doc/proxy
+
+# The package is built from a copy of the source in build/deb, so that the tree stays clean and
+# the .deb lands in build/deb rather than in the parent directory.
+deb:
+	@command -v dpkg-buildpackage >/dev/null && command -v dh >/dev/null \
+	  && command -v lintian >/dev/null || { $(call need,dpkg-dev debhelper lintian); }
+	rm -rf build/deb && mkdir -p build/deb/proxy
+	tar --exclude=./build --exclude=./.git --exclude=./proxy -cf - . | tar -xf - -C build/deb/proxy
+	cd build/deb/proxy && dpkg-buildpackage -b -us -uc
+	lintian --fail-on error build/deb/proxy_*.changes
 
 clean:
 	rm -rf build proxy
