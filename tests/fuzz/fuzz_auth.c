@@ -44,7 +44,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char user[64];
     if (len <= 0 || len >= (int)sizeof head) return 0;
     if (http_head_end(head, (size_t)len, &scanned, &end) == SCAN_DONE &&
-        !http_parse(head, end, &m, 1) && auth_check(&m, user, sizeof user) == AUTH_OK &&
+        !http_parse(head, end, &m, 1) && auth_check(&cfg, &m, user, sizeof user) == AUTH_OK &&
         strcmp(user, "alice"))
         abort();
     return 0;
