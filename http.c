@@ -13,70 +13,6 @@
 #include <strings.h>
 #include <unistd.h>
 
-/* Why the proxy answers a request itself: the status, a word for the access log (error=) and
- * a sentence for the client, so that a name that does not resolve, a refused port and a black
- * hole each say so, as squid's error pages and haproxy's termination codes do. */
-enum why {
-    WHY_NONE,
-    WHY_BAD_REQUEST,
-    WHY_NO_UPSTREAM,
-    WHY_PORT,
-    WHY_DESTINATION,
-    WHY_AUTH,
-    WHY_HEADER_TIMEOUT,
-    WHY_URI_TOO_LONG,
-    WHY_HEAD_TOO_LARGE,
-    WHY_VERSION,
-    WHY_LOOP,
-    WHY_DNS,
-    WHY_REFUSED,
-    WHY_UNREACHABLE,
-    WHY_CONNECT_TIMEOUT,
-    WHY_CONNECT_FAILED,
-    WHY_RESOURCES,
-    WHY_CLOSED,
-    WHY_RESET,
-    WHY_BAD_RESPONSE,
-    WHY_MAX
-};
-static const struct {
-    int status;
-    const char *word, *text;
-} whys[WHY_MAX] = {
-    [WHY_NONE] = {0, "-", NULL},
-    [WHY_BAD_REQUEST] = {400, "bad_request", "the request is not valid HTTP/1.1"},
-    [WHY_NO_UPSTREAM] = {400, "no_upstream",
-                         "the request names a path, not a URL, and this proxy has no upstream "
-                         "to send it to: ask for the whole URL (http://host/path)"},
-    [WHY_PORT] = {403, "port", "this proxy does not reach that port"},
-    [WHY_DESTINATION] = {403, "destination", "this proxy does not reach that address"},
-    [WHY_AUTH] = {407, "auth", "this proxy needs a user name and password (Basic)"},
-    [WHY_HEADER_TIMEOUT] = {408, "header_timeout", "the request head did not come in time"},
-    [WHY_URI_TOO_LONG] = {414, "uri_too_long", "the request line is too long"},
-    [WHY_HEAD_TOO_LARGE] = {431, "head_too_large", "the request head is too large"},
-    [WHY_VERSION] = {505, "version", "only HTTP/1.0 and HTTP/1.1 are spoken here"},
-    [WHY_LOOP] = {508, "loop", "this request came through this proxy before"},
-    [WHY_DNS] = {502, "dns", "the upstream's name did not resolve"},
-    [WHY_REFUSED] = {502, "refused", "the upstream refused the connection"},
-    [WHY_UNREACHABLE] = {502, "unreachable", "the upstream's host or network is unreachable"},
-    [WHY_CONNECT_TIMEOUT] = {504, "connect_timeout",
-                             "the upstream did not accept a connection in time"},
-    [WHY_CONNECT_FAILED] = {502, "connect_failed", "the connection to the upstream failed"},
-    [WHY_RESOURCES] = {503, "resources",
-                       "the proxy is short of file descriptors or memory for now"},
-    [WHY_CLOSED] = {502, "closed", "the upstream closed the connection without a response"},
-    [WHY_RESET] = {502, "reset", "the upstream reset the connection before a response"},
-    [WHY_BAD_RESPONSE] = {502, "bad_response", "the upstream's response was not valid HTTP/1.1"},
-};
-
-/* The why of a status found while reading a request (http_read_head, http_parse): the first
- * reason with that status. */
-static enum why why_of(int status) {
-    for (int i = WHY_NONE + 1; i < WHY_MAX; i++)
-        if (whys[i].status == status) return (enum why)i;
-    return WHY_BAD_REQUEST;
-}
-
 /* One request and its response: what the front thread knows of it while it runs. What its
  * access log line says is in c->req. */
 struct exchange {
@@ -207,7 +143,7 @@ static void http_done(const struct conn *c) {
 /* The acceptor's last word to a client the queue has no room for: 503, never blocking. */
 static void http_refuse(int fd) {
     char busy[256];
-    int n = http_error(busy, sizeof busy, 503, 0, "the proxy is busy: try again in a moment", NULL);
+    int n = http_error(busy, sizeof busy, WHY_BUSY, 0, NULL);
     send(fd, busy, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
@@ -249,23 +185,22 @@ static void stream_clear(struct stream *s) {
     s->len = 0;
 }
 
-/* Sends the proxy's own response, with status (0: why's own) and why, and records them for the
- * log. Returns 0, or -1 when the client could not take it. The caller decides whether the
- * connection goes on (keep). */
-static int reply(struct conn *c, int status, enum why why, int keep) {
+/* Sends the proxy's own response for why (http_error) and records it for the log. Returns 0,
+ * or -1 when the client could not take it. The caller decides whether the connection goes on
+ * (keep). */
+static int reply(struct conn *c, enum why why, int keep) {
     char buf[768];
-    if (!status) status = whys[why].status;
-    c->req.error = whys[why].word;
-    int n = http_error(buf, sizeof buf, status, keep, whys[why].text, c->cfg->realm);
+    int n = http_error(buf, sizeof buf, why, keep, c->cfg->realm);
+    c->req.error = http_why_word(why);
     if (copy_send(c, c->client, buf, (size_t)n) < 0) return -1;
-    c->req.status = status;
+    c->req.status = http_why_status(why);
     return 0;
 }
 
 /* Answers a request with the proxy's own response (reply), logs it, and says what comes
  * next: the next request only if keep and the reply went out. */
-static enum next refuse(struct conn *c, int status, enum why why, int keep) {
-    int rc = reply(c, status, why, keep);
+static enum next refuse(struct conn *c, enum why why, int keep) {
+    int rc = reply(c, why, keep);
     log_request(c);
     return keep && rc == 0 ? NEXT_READ : NEXT_CLOSE;
 }
@@ -546,7 +481,7 @@ static enum next forward(struct worker *w, struct conn *c, const struct msg *m, 
     struct stream *in = &h->in[UP];
     uint64_t length = m->length > 0 ? (uint64_t)m->length : 0;
     long n = http_rewrite_request(h->out[UP], m, t, m->upgrade);
-    if (n < 0) return refuse(c, 0, WHY_HEAD_TOO_LARGE, 0);
+    if (n < 0) return refuse(c, WHY_HEAD_TOO_LARGE, 0);
     /* A body that came whole with its head goes with it, and is held for a second try. */
     x->out_len = (size_t)n;
     x->held = !m->chunked && in->len - in->off >= length && (size_t)n + length <= OUT_MAX;
@@ -562,7 +497,7 @@ static enum next forward(struct worker *w, struct conn *c, const struct msg *m, 
     enum next next = a == ANSWER_DONE && !x->close_client ? NEXT_READ : NEXT_CLOSE;
     if (a == ANSWER_NONE) x->failed = atomic_load(&c->upstream_failed) ? WHY_RESET : WHY_CLOSED;
     if (a == ANSWER_BAD && !x->failed) x->failed = WHY_BAD_RESPONSE;
-    if (a == ANSWER_BAD || a == ANSWER_NONE) reply(c, 0, x->failed, 0);
+    if (a == ANSWER_BAD || a == ANSWER_NONE) reply(c, x->failed, 0);
     if (a == ANSWER_CUT) conn_end(c, END_UPSTREAM); /* the client sees the response cut short */
     if (x->streaming) {
         if (a != ANSWER_DONE) shutdown(c->upstream, SHUT_RDWR); /* stops the body going there */
@@ -603,12 +538,12 @@ static enum next tunnel(struct worker *w, struct conn *c, const struct msg *m) {
     int port;
     if (http_authority(m->target, m->tlen, host, sizeof host, &port, 0) < 0 || m->chunked ||
         m->length > 0)
-        return refuse(c, 0, WHY_BAD_REQUEST, 0);
-    if (!auth_port_allowed(c->cfg->connect_ports, port)) return refuse(c, 0, WHY_PORT, 0);
+        return refuse(c, WHY_BAD_REQUEST, 0);
+    if (!auth_port_allowed(c->cfg->connect_ports, port)) return refuse(c, WHY_PORT, 0);
     end_upstream(w, c);
     int fd = dial(w, c, host, port);
     if (fd < 0 && errno == EINPROGRESS) return NEXT_PARK; /* it comes back to this request */
-    if (fd < 0) return refuse(c, 0, dial_why(errno), 0);
+    if (fd < 0) return refuse(c, dial_why(errno), 0);
     pool_set_upstream(w, fd);
     if (copy_send(c, c->client, ok, sizeof ok - 1) < 0) {
         log_request(c);
@@ -680,19 +615,19 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     if (!again) count_method(c->req.method);
 
     int status = parse_target(c, m, &t);
-    if (status) return refuse(c, status, why_of(status), 0);
+    if (status) return refuse(c, http_why_of(status), 0);
     status = admit_request(c, m);
     if (status == 407) {
         int retry = auth_may_retry(c); /* counts this failure */
-        return refuse(c, 0, WHY_AUTH, retry && !m->chunked && m->length <= 0 && !m->close);
+        return refuse(c, WHY_AUTH, retry && !m->chunked && m->length <= 0 && !m->close);
     }
-    if (status) return refuse(c, status, why_of(status), 0);
+    if (status) return refuse(c, http_why_of(status), 0);
     if (!strcmp(c->req.method, "CONNECT")) return tunnel(w, c, m);
     /* Any host, not any port: else a body could speak to SMTP on 25 or SSH on 22. */
     if (t.authority && !auth_port_allowed(c->cfg->forward_ports, t.port))
-        return refuse(c, 0, WHY_PORT, 0);
-    if (!t.authority && !c->cfg->nup) return refuse(c, 0, WHY_NO_UPSTREAM, 0);
-    if (!t.authority && m->version && !m->host) return refuse(c, 0, WHY_BAD_REQUEST, 0);
+        return refuse(c, WHY_PORT, 0);
+    if (!t.authority && !c->cfg->nup) return refuse(c, WHY_NO_UPSTREAM, 0);
+    if (!t.authority && m->version && !m->host) return refuse(c, WHY_BAD_REQUEST, 0);
     return forward(w, c, m, &x, &t);
 }
 
@@ -738,7 +673,7 @@ static enum served http_serve(struct worker *w, struct conn *c) {
                                           .bytes0 = {c->bytes[UP], c->bytes[DOWN]},
                                           .method = "-",
                                           .target = "-"};
-            next = refuse(c, status, why_of(status), 0);
+            next = refuse(c, http_why_of(status), 0);
         } else {
             next = request(w, c, &m);
         }

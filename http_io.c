@@ -7,37 +7,76 @@
 #include <poll.h>
 #include <string.h>
 
-/* The reason phrase of a status the proxy answers with itself. */
-static const char *reason(int status) {
-    switch (status) {
-    case 400: return "Bad Request";
-    case 403: return "Forbidden";
-    case 407: return "Proxy Authentication Required";
-    case 408: return "Request Timeout";
-    case 414: return "URI Too Long";
-    case 431: return "Request Header Fields Too Large";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 505: return "HTTP Version Not Supported";
-    case 508: return "Loop Detected";
-    default: return "Error";
-    }
+/* Each answer the proxy makes itself: its status and reason phrase, a word for the access log
+ * (error=) and a sentence for the client, so that a name that does not resolve, a refused port
+ * and a black hole each say so, as squid's error pages and haproxy's termination codes do. */
+static const struct {
+    int status;
+    const char *reason, *word, *text;
+} whys[WHY_MAX] = {
+    [WHY_BAD_REQUEST] = {400, "Bad Request", "bad_request", "the request is not valid HTTP/1.1"},
+    [WHY_NO_UPSTREAM] = {400, "Bad Request", "no_upstream",
+                         "the request names a path, not a URL, and this proxy has no upstream "
+                         "to send it to: ask for the whole URL (http://host/path)"},
+    [WHY_PORT] = {403, "Forbidden", "port", "this proxy does not reach that port"},
+    [WHY_DESTINATION] = {403, "Forbidden", "destination", "this proxy does not reach that address"},
+    [WHY_AUTH] = {407, "Proxy Authentication Required", "auth",
+                  "this proxy needs a user name and password (Basic)"},
+    [WHY_HEADER_TIMEOUT] = {408, "Request Timeout", "header_timeout",
+                            "the request head did not come in time"},
+    [WHY_URI_TOO_LONG] = {414, "URI Too Long", "uri_too_long", "the request line is too long"},
+    [WHY_HEAD_TOO_LARGE] = {431, "Request Header Fields Too Large", "head_too_large",
+                            "the request head is too large"},
+    [WHY_VERSION] = {505, "HTTP Version Not Supported", "version",
+                     "only HTTP/1.0 and HTTP/1.1 are spoken here"},
+    [WHY_LOOP] = {508, "Loop Detected", "loop", "this request came through this proxy before"},
+    [WHY_DNS] = {502, "Bad Gateway", "dns", "the upstream's name did not resolve"},
+    [WHY_REFUSED] = {502, "Bad Gateway", "refused", "the upstream refused the connection"},
+    [WHY_UNREACHABLE] = {502, "Bad Gateway", "unreachable",
+                         "the upstream's host or network is unreachable"},
+    [WHY_CONNECT_TIMEOUT] = {504, "Gateway Timeout", "connect_timeout",
+                             "the upstream did not accept a connection in time"},
+    [WHY_CONNECT_FAILED] = {502, "Bad Gateway", "connect_failed",
+                            "the connection to the upstream failed"},
+    [WHY_RESOURCES] = {503, "Service Unavailable", "resources",
+                       "the proxy is short of file descriptors or memory for now"},
+    [WHY_CLOSED] = {502, "Bad Gateway", "closed",
+                    "the upstream closed the connection without a response"},
+    [WHY_RESET] = {502, "Bad Gateway", "reset",
+                   "the upstream reset the connection before a response"},
+    [WHY_BAD_RESPONSE] = {502, "Bad Gateway", "bad_response",
+                          "the upstream's response was not valid HTTP/1.1"},
+    [WHY_BUSY] = {503, "Service Unavailable", "busy", "the proxy is busy: try again in a moment"},
+};
+
+enum why http_why_of(int status) {
+    for (int i = 0; i < WHY_MAX; i++)
+        if (whys[i].status == status) return (enum why)i;
+    return WHY_BAD_REQUEST;
 }
 
-/* Writes the proxy's own response for status into buf (a text body: the reason, and why if
- * given; for 407 the Basic challenge in realm, for 503 Retry-After; Connection: close unless
+int http_why_status(enum why why) {
+    return whys[why].status;
+}
+
+const char *http_why_word(enum why why) {
+    return whys[why].word;
+}
+
+/* Writes the proxy's own answer for why into buf (its status; a text body: the reason and the
+ * sentence; for 407 the Basic challenge in realm, for 503 Retry-After; Connection: close unless
  * keep) and returns its length. */
-int http_error(char *buf, size_t cap, int status, int keep, const char *why, const char *realm) {
+int http_error(char *buf, size_t cap, enum why why, int keep, const char *realm) {
     char body[320], extra[128] = "";
-    int blen = snprintf(body, sizeof body, "%d %s%s%s\n", status, reason(status), why ? ": " : "",
-                        why ? why : "");
+    int status = whys[why].status;
+    const char *reason = whys[why].reason;
+    int blen = snprintf(body, sizeof body, "%d %s: %s\n", status, reason, whys[why].text);
     if (status == 407)
         snprintf(extra, sizeof extra, "Proxy-Authenticate: Basic realm=\"%s\"\r\n", realm);
     if (status == 503) snprintf(extra, sizeof extra, "Retry-After: 1\r\n");
     return snprintf(
         buf, cap, "HTTP/1.1 %d %s\r\n%sContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s",
-        status, reason(status), extra, blen, keep ? "" : "Connection: close\r\n", body);
+        status, reason, extra, blen, keep ? "" : "Connection: close\r\n", body);
 }
 
 /* Moves the unread bytes of s to the start of its buffer. */

@@ -714,10 +714,41 @@ int http_relay_n(struct conn *c, struct copier *k, struct stream *s, int from, i
 /* Relays a chunked body from s (what is buffered, then the socket from) to `to`, checking
  * every size line and trailer; the bytes go on exactly as they came. Returns 0 or -1. */
 int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to);
-/* Writes the proxy's own response for status into buf (a text body: the reason, and why if
- * given; for 407 the Basic challenge in realm, for 503 Retry-After; Connection: close unless
+/* Why the proxy answers a request itself; each has its status, a word for the access log and
+ * a sentence for the client (http_io.c's table). */
+enum why {
+    WHY_NONE, /* it does not: the answer is the upstream's */
+    WHY_BAD_REQUEST,
+    WHY_NO_UPSTREAM,
+    WHY_PORT,
+    WHY_DESTINATION,
+    WHY_AUTH,
+    WHY_HEADER_TIMEOUT,
+    WHY_URI_TOO_LONG,
+    WHY_HEAD_TOO_LARGE,
+    WHY_VERSION,
+    WHY_LOOP,
+    WHY_DNS,
+    WHY_REFUSED,
+    WHY_UNREACHABLE,
+    WHY_CONNECT_TIMEOUT,
+    WHY_CONNECT_FAILED,
+    WHY_RESOURCES,
+    WHY_CLOSED,
+    WHY_RESET,
+    WHY_BAD_RESPONSE,
+    WHY_BUSY,
+    WHY_MAX
+};
+/* The why of a status found while reading a request (http_read_head, http_parse): the first
+ * with that status. */
+enum why http_why_of(int status);
+int http_why_status(enum why why);
+const char *http_why_word(enum why why);
+/* Writes the proxy's own answer for why into buf (its status; a text body: the reason and the
+ * sentence; for 407 the Basic challenge in realm, for 503 Retry-After; Connection: close unless
  * keep) and returns its length. */
-int http_error(char *buf, size_t cap, int status, int keep, const char *why, const char *realm);
+int http_error(char *buf, size_t cap, enum why why, int keep, const char *realm);
 
 /* ==== http_head.c: the heads forwarded and relayed ===================================== */
 
