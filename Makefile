@@ -14,7 +14,7 @@ DESTDIR ?=
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 BIN     ?= proxy
 # Bottom-up, as proxy.h lists them: each file calls only those before it (`make layers`).
-SRC      = net.c config.c stats.c admin.c copy.c upstream.c pool.c http_parse.c auth.c http_io.c \
+SRC      = net.c config.c stats.c limits.c proxy_protocol.c admin.c copy.c upstream.c pool.c http_parse.c auth.c http_io.c \
            http_head.c tcp.c http.c acceptor.c
 OBJ      = $(SRC:%.c=$(B)/%.o)
 
@@ -25,7 +25,7 @@ need = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  { apt-get update -q >/dev/null && apt-get install -y -q $(1) >/dev/null; }; \
 	else echo "make: missing packages; run: sudo apt-get install $(1)" >&2; exit 1; fi
 
-FUZZ     = head chunked auth config
+FUZZ     = head chunked auth config proxy
 FUZZ_SECONDS ?= 30
 NUMERIC_DNS  = -Wl,--wrap=getaddrinfo # fuzz_config: no input may reach the DNS
 
@@ -33,7 +33,7 @@ NUMERIC_DNS  = -Wl,--wrap=getaddrinfo # fuzz_config: no input may reach the DNS
 # the error paths, none that asserts on timing.
 VALGRIND_TESTS = half_close,failover_to,proxy_protocol,curl_through,test_http_curl_gets
 VALGRIND_TESTS := $(VALGRIND_TESTS),test_http_post_bodies,test_http_pipelined,upgrade_101
-VALGRIND_TESTS := $(VALGRIND_TESTS),resets_mid,second_host
+VALGRIND_TESTS := $(VALGRIND_TESTS),resets_mid,second_host,balancers_proxy_header,deny_destinations_by
 VALGRIND = valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite
 
 .PHONY: all run test layers asan tsan fuzz fuzz-run valgrind lint soak bench bench-quick install deb \

@@ -53,46 +53,38 @@ static struct watch listener_tag, mailbox_tag, stop_tag;
 
 /* ---- admitting new clients ------------------------------------------------------------ */
 
-/* Logs a refused connection (peer NULL: accept itself failed), at most one line a second:
- * a flood of refusals must not flood the log too. */
-static void log_refused(const char *why, const struct addr *peer) {
-    static uint64_t last;
-    static unsigned quiet;
-    uint64_t now = mono_ns();
-    char p[64] = "accept";
-    if (last && now - last < 1000000000u) {
-        quiet++;
-        return;
-    }
-    if (peer) addr_format(peer, p, sizeof p);
-    log_line("%s refused: %s (%u more refusals not logged)", p, why, quiet);
-    last = now;
-    quiet = 0;
-}
-
 /* Turns a client away: counted, logged, the mode's last word, closed. */
-static void refuse(int fd, const struct addr *peer, enum refusal why, const char *reason) {
+static void refuse(int fd, const struct addr *peer, enum refusal why) {
     atomic_fetch_add(&stats.refused[why], 1);
-    log_refused(reason, peer);
-    if (why != REFUSED_NOT_ALLOWED && a.mode->refuse) a.mode->refuse(fd);
+    log_refused(refusal_texts[why], peer);
+    if (why != REFUSED_NOT_ALLOWED && a.mode->refuse) a.mode->refuse(fd, why);
     close(fd);
 }
 
-/* Lets one accepted client in: it must be in the newest config's [access] allow, and fewer
- * than max_connections may be open. Only this thread adds to stats.active, so the check and the
- * count cannot race past the limit. */
+/* Lets one accepted client in: it must be in the newest config's [access] allow, fewer than
+ * max_connections may be open, and its per-client limits must let it (limits.c). A client
+ * from trusted_proxies is a balancer: who the real client is, and so whether it may come in,
+ * is known only from its PROXY header, which a worker reads (pool.c). Only this thread adds to
+ * stats.active, so the check and the count cannot race past the limit. */
 static void admit_client(int fd, struct addr *peer) {
     struct config *now = config_hold(); /* what it is served by, if it is let in */
+    int behind, entry = -1, why = -1;
     addr_unmap(peer); /* a dual-stack listener's IPv4 clients are IPv4 from here on */
     atomic_fetch_add(&stats.accepted, 1);
-    if (!cidr_match(now->allow, now->nallow, peer)) {
-        refuse(fd, peer, REFUSED_NOT_ALLOWED, "not in [access] allow");
-    } else if (atomic_load(&stats.active) >= (uint64_t)cfg.max_connections) {
-        refuse(fd, peer, REFUSED_MAX_CONNECTIONS, "max_connections open");
+    behind = nets_match(&now->trusted_proxies, peer);
+    if (!behind && !nets_match(&now->allow, peer))
+        why = REFUSED_NOT_ALLOWED;
+    else if (atomic_load(&stats.active) >= (uint64_t)cfg.max_connections)
+        why = REFUSED_MAX_CONNECTIONS;
+    else if (!behind)
+        why = limits_admit(now, peer, cfg.mode == MODE_TCP, &entry);
+    if (why >= 0) {
+        refuse(fd, peer, (enum refusal)why);
     } else {
         atomic_fetch_add(&stats.active, 1);
-        if (pool_submit(fd, peer, now) == 0) return;
+        if (pool_submit(fd, peer, now, entry, behind) == 0) return;
         atomic_fetch_sub(&stats.active, 1); /* the pool is stopping */
+        limits_leave(entry);
         close(fd);
     }
     config_drop(now);
@@ -224,7 +216,7 @@ static void enter(struct conn *c) {
     c->watch[UP].c = c->watch[DOWN].c = NULL;
     if (c->dial)
         ok = watch(c, DOWN, c->dial->fd, c->dial->out) == 0;
-    else if (!c->relay || !c->eof[UP])
+    else if ((!c->relay || !c->eof[UP]) && !c->held_until)
         ok = watch(c, UP, c->client, 0) == 0;
     if (ok && !c->dial && c->upstream >= 0 && (!c->relay || !c->eof[DOWN]))
         ok = watch(c, DOWN, c->upstream, 0) == 0;
@@ -233,7 +225,7 @@ static void enter(struct conn *c) {
         pool_resume(c);
         return;
     }
-    c->deadline = copy_deadline(c);
+    c->deadline = c->held_until ? c->held_until : copy_deadline(c);
     if (!c->deadline) c->deadline = UINT64_MAX; /* never: it sorts last */
     heap_set(a.nheap++, c);
     heap_up(c->slot);
@@ -264,11 +256,17 @@ static void woken(struct watch *w) {
 
 /* Ends the waits whose time is up: closed here, but for one in a request head, which is owed
  * a 408, and one in a dial, which tries its next address or is owed a 504: each goes back to a
- * worker for that. */
+ * worker for that. One held for its rate is watched from now on, as any other between
+ * requests. */
 static void expire(uint64_t now) {
     while (a.nheap && a.heap[0]->deadline <= now) {
         struct conn *c = a.heap[0];
         leave_room(c);
+        if (c->held_until) {
+            c->held_until = 0;
+            enter(c);
+            continue;
+        }
         atomic_fetch_add(&stats.room_timeouts, 1);
         if (c->head_deadline || c->dial)
             pool_resume(c);

@@ -21,7 +21,7 @@ struct config cfg;
 
 /* ---- the keys ------------------------------------------------------------------------- */
 
-enum kind { INT, SIZE, ENUM, TEXT, ADDR, UPSTREAMS, CIDRS, PORTS, USER };
+enum kind { INT, SIZE, ENUM, TEXT, ADDR, UPSTREAMS, CIDRS, DESTINATIONS, PORTS, USER };
 
 struct key {
     const char *section, *name; /* name "*": any key (a user name) */
@@ -64,6 +64,15 @@ static const struct key keys[] = {
     {"access", "forward_ports", PORTS, F(forward_ports), "80, 443, 1025-65535"}, /* squid's */
     {"access", "local_destinations", ENUM, F(local_destinations), "auto",
      .enums = "auto allow deny"},
+    {"access", "deny_destinations", DESTINATIONS, F(deny_destinations)},
+    {"access", "allow_destinations", DESTINATIONS, F(allow_destinations)},
+    {"access", "trusted_proxies", CIDRS, F(trusted_proxies)},
+    {"limits", "connections_per_client", INT, F(connections_per_client), "0", 0, 10000000},
+    {"limits", "requests_per_second", INT, F(requests_per_second), "0", 0, 1000000000},
+    {"limits", "request_burst", INT, F(request_burst), "0", 0, 1000000000},
+    {"limits", "limit_by", ENUM, F(limit_by), "address", .enums = "address user"},
+    {"limits", "clients", INT, F(clients), "65536", 1, 100000000, R},
+    {"limits", "exempt", CIDRS, F(exempt)},
     {"auth", "realm", TEXT, F(realm), "proxy", 0, sizeof cfg.realm},
     {"users", "*", USER, F(users)}, /* none: auth is off */
     {"stats", "listen", ADDR, F(stats_listen), "127.0.0.1:9100", R},
@@ -205,14 +214,62 @@ static int add_user(struct loader *l, const char *name, const char *pass) {
     return 0;
 }
 
-/* One item of allow: an address or a network. */
+/* One item of a list of networks (allow, exempt, trusted_proxies): an address or a network. */
 static int add_cidr(struct loader *l, char *s) {
-    struct config *c = l->c;
-    if (c->nallow == MAX_ALLOW) return fail(l, l->line, "more than %d networks", MAX_ALLOW);
-    if (cidr_parse(s, &c->allow[c->nallow]) < 0)
-        return fail(l, l->line, "allow: '%s' is not an address or network like 10.0.0.0/8", s);
-    c->nallow++;
+    struct cidr n;
+    if (cidr_parse(s, &n) < 0)
+        return fail(l, l->line, "%s: '%s' is not an address or network like 10.0.0.0/8",
+                    l->key->name, s);
+    if (nets_add((struct nets *)((char *)l->c + l->key->off), &n) < 0)
+        return fail(l, l->line, "out of memory");
     return 0;
+}
+
+/* Whether s could be a host name: letters, digits, '-', '_' and dots, no empty label (a
+ * leading dot, the suffix form, aside), at most 253 bytes. */
+static int host_name(const char *s) {
+    size_t n = strlen(s);
+    if (*s == '.') s++, n--;
+    if (n && s[n - 1] == '.') n--; /* a trailing dot: the root, the same name */
+    if (!n || n > 253 ||
+        strspn(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                  "0123456789-_.") < n)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] == '.' && (i == 0 || s[i - 1] == '.' || i + 1 == n)) return 0;
+    return 1;
+}
+
+/* One item of deny_destinations or allow_destinations: a network (10.0.0.0/8, an address, an
+ * IPv6 one in brackets too), a host name, or a .suffix for a domain and every name under it. */
+static int add_destination(struct loader *l, char *s) {
+    struct destinations *d = (struct destinations *)((char *)l->c + l->key->off);
+    struct cidr n;
+    char *close = *s == '[' ? strchr(s, ']') : NULL;
+    if (close && (!close[1] || close[1] == '/')) { /* [::1] as in a URL, [2001:db8::]/32 */
+        memmove(close, close + 1, strlen(close));
+        s++;
+    }
+    if (cidr_parse(s, &n) == 0)
+        return nets_add(&d->nets, &n) < 0 ? fail(l, l->line, "out of memory") : 0;
+    if (*s == '*')
+        return fail(l, l->line, "%s: '%s': write .%s for a domain and every name under it",
+                    l->key->name, s, s[1] == '.' ? s + 2 : s + 1);
+    if (strchr(s, '/') || strchr(s, ':') || !host_name(s))
+        return fail(l, l->line,
+                    "%s: '%s' is not a host name, a .domain or a network like 10.0.0.0/8",
+                    l->key->name, s);
+    return names_add(&d->names, s) < 0 ? fail(l, l->line, "out of memory") : 0;
+}
+
+void config_free(struct config *c) {
+    nets_free(&c->allow);
+    nets_free(&c->trusted_proxies);
+    nets_free(&c->exempt);
+    nets_free(&c->deny_destinations.nets);
+    nets_free(&c->allow_destinations.nets);
+    names_free(&c->deny_destinations.names);
+    names_free(&c->allow_destinations.names);
 }
 
 /* Sets key k (called name in the file) to value: a default, or a line of the file. Returns 0,
@@ -253,7 +310,11 @@ static int set(struct loader *l, const struct key *k, const char *name, const ch
             return fail(l, l->line, "%s = '%s': %s", name, value, why);
         return 0;
     case UPSTREAMS: return each_item(l, value, add_upstream);
-    case CIDRS: return each_item(l, value, add_cidr);
+    case CIDRS:
+    case DESTINATIONS:
+        /* An empty list is none (exempt =), but nobody at all may not be allowed in. */
+        if (!*value && field != &c->allow) return 0;
+        return each_item(l, value, k->kind == CIDRS ? add_cidr : add_destination);
     case PORTS: return each_item(l, value, add_ports);
     case USER: return add_user(l, name, value);
     case TEXT:
@@ -280,7 +341,8 @@ static int apply(struct loader *l, const char *section, const char *name, const 
     if (!k) return fail(l, l->line, "unknown key '%s' in [%s]", name, section);
 
     int *first = &l->seen[k - keys];
-    int list = k->kind == UPSTREAMS || k->kind == CIDRS || k->kind == PORTS;
+    int list =
+        k->kind == UPSTREAMS || k->kind == CIDRS || k->kind == DESTINATIONS || k->kind == PORTS;
     /* A key may come once; a list may go on, but only on indented lines; [users] are many. */
     if (k->kind != USER && *first && (!list || !l->indented))
         return fail(l, l->line, "'%s' is set twice (first on line %d)", name, *first);
@@ -418,6 +480,9 @@ static int load(struct config *c, const char *file, const struct config *keep, c
     for (size_t i = 0; i < NKEYS; i++)
         if (keys[i].def && !l.seen[i]) set(&l, &keys[i], keys[i].name, keys[i].def);
     l.value = NULL;
+    /* The table of clients left out grows to hold max_connections (set, it must: below). */
+    if (!line_of(&l, "limits", "clients", 0) && c->clients < c->max_connections)
+        c->clients = c->max_connections;
     if (keep && keep_restart_keys(&l, keep, note, notelen) < 0) return -1;
 
     /* Checks across keys: fail() keeps the first error only. */
@@ -440,6 +505,18 @@ static int load(struct config *c, const char *file, const struct config *keep, c
      * anyway; on any other address, clients from elsewhere could reach them through it. */
     /* Our own pacing must not make a body look slow. */
     if (c->rate_limit && c->min_rate > c->rate_limit / 2) c->min_rate = c->rate_limit / 2;
+    /* An entry with open connections is never forgotten: the table must hold them all. */
+    if (c->clients < c->max_connections)
+        fail(&l, line_of(&l, "limits", "clients", line_of(&l, "proxy", "max_connections", where)),
+             "[limits] clients = %d must be at least max_connections (%d): a client with "
+             "connections open is never forgotten",
+             c->clients, c->max_connections);
+    if (c->limit_by == LIMIT_BY_USER && !c->nusers)
+        fail(&l, line_of(&l, "limits", "limit_by", where),
+             "limit_by = user needs [users]: without them no request has a user");
+    if (c->request_burst && !c->requests_per_second)
+        fail(&l, line_of(&l, "limits", "request_burst", where),
+             "request_burst needs requests_per_second: a burst above which rate?");
     c->log_line = line_of(&l, "proxy", "log", where);
     c->local_auto = c->local_destinations == LOCAL_AUTO;
     if (c->local_auto) c->local_destinations = loopback(&c->listen) ? LOCAL_ALLOW : LOCAL_DENY;
@@ -447,7 +524,9 @@ static int load(struct config *c, const char *file, const struct config *keep, c
 }
 
 int config_load(struct config *c, const char *file, char *err, size_t errlen) {
-    return load(c, file, NULL, NULL, 0, err, errlen);
+    if (load(c, file, NULL, NULL, 0, err, errlen) == 0) return 0;
+    config_free(c);
+    return -1;
 }
 
 /* ---- the memory plan (-t) ------------------------------------------------------------- */
@@ -538,10 +617,23 @@ int config_plan(const struct config *c, FILE *o, char *err, size_t errlen) {
     fprintf(o, "%s: configuration ok\nmode %s on %s, %d upstream(s), copy %s, metrics on %s\n",
             c->file, modes[c->mode], addr_format(&c->listen, listen, sizeof listen), c->nup,
             copies[c->copy], admin);
-    if (c->mode == MODE_HTTP)
+    if (c->mode == MODE_HTTP) {
         fprintf(o, "local destinations: %s%s\n",
                 c->local_destinations == LOCAL_DENY ? "deny" : "allow",
                 c->local_auto ? " (auto)" : "");
+        const struct destinations *deny = &c->deny_destinations, *allow = &c->allow_destinations;
+        fprintf(o, "destinations: denied: %d names and %d networks; allowed: ", deny->names.n,
+                deny->nets.n);
+        if (allow->names.n || allow->nets.n)
+            fprintf(o, "only %d names and %d networks\n", allow->names.n, allow->nets.n);
+        else
+            fprintf(o, "any other\n");
+    }
+    if (c->trusted_proxies.n)
+        fprintf(o,
+                "trusted proxies: %d networks, whose connections must start with a PROXY "
+                "header naming the client\n",
+                c->trusted_proxies.n);
     fprintf(o,
             "pool: %d workers: %d threads, %.1f MiB of stacks (resident only as touched), %.1f MiB "
             "of %s",
@@ -644,6 +736,7 @@ void config_drop(struct config *c) {
     pthread_mutex_lock(&mu);
     let_go_states(c, c->nup);
     pthread_mutex_unlock(&mu);
+    config_free(c);
     free(c);
 }
 
@@ -666,6 +759,7 @@ int config_reload(char *err, size_t errlen, char *note, size_t notelen) {
         return -1;
     }
     if (load(c, cfg.file, &cfg, note, notelen, err, errlen) < 0 || check_log(c, err, errlen) < 0) {
+        config_free(c);
         free(c);
         return -1;
     }
@@ -676,6 +770,7 @@ int config_reload(char *err, size_t errlen, char *note, size_t notelen) {
                  "%s: cannot reload: connections still hold configs listing %d upstreams in all;"
                  " try again once they close",
                  cfg.file, STATES);
+        config_free(c);
         free(c);
         return -1;
     }

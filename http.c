@@ -140,19 +140,31 @@ static void http_done(const struct conn *c) {
     if (c->relay && !c->req.logged) write_log(c);
 }
 
-/* The acceptor's last word to a client the queue has no room for: 503, never blocking. */
-static void http_refuse(int fd) {
-    char busy[256];
-    int n = http_error(busy, sizeof busy, WHY_BUSY, 0, NULL);
-    send(fd, busy, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+/* The last word to a client turned away before any request is read (by the acceptor, or
+ * after a trusted balancer's PROXY header): 503 when the proxy is full, 429 over a per-client
+ * limit, 400 for a bad PROXY header; never blocking. */
+static void http_refuse(int fd, enum refusal why) {
+    static const enum why answer[REFUSED_MAX] = {
+        [REFUSED_MAX_CONNECTIONS] = WHY_BUSY,
+        [REFUSED_PER_CLIENT] = WHY_CLIENT_CONNECTIONS,
+        [REFUSED_RATE] = WHY_RATE,
+        [REFUSED_PROXY_HEADER] = WHY_BAD_REQUEST,
+    };
+    char buf[512];
+    if (answer[why] == WHY_NONE) return;
+    int n = http_error(buf, sizeof buf, answer[why], 0, NULL, 0);
+    send(fd, buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
 /* Why no upstream connection could be made, from upstream_connect's errno: a destination
- * refused by local_destinations or one of our own listeners (403), a connect that timed out
- * (504), our own shortage (503), else what the network said (502). */
-static enum why dial_why(int err) {
+ * refused by a rule (403, saying which kind: c->barred), a connect that timed out (504), our
+ * own shortage (503), else what the network said (502). */
+static enum why dial_why(const struct conn *c, int err) {
     switch (err) {
-    case EACCES: return WHY_DESTINATION;
+    case EACCES:
+        return c->barred == REACH_DENIED        ? WHY_DENIED
+               : c->barred == REACH_NOT_ALLOWED ? WHY_NOT_ALLOWED
+                                                : WHY_DESTINATION;
     case E_LOOKUP: return WHY_DNS;
     case ETIMEDOUT: return WHY_CONNECT_TIMEOUT;
     case ECONNREFUSED: return WHY_REFUSED;
@@ -188,9 +200,9 @@ static void stream_clear(struct stream *s) {
 /* Sends the proxy's own response for why (http_error) and records it for the log. Returns 0,
  * or -1 when the client could not take it. The caller decides whether the connection goes on
  * (keep). */
-static int reply(struct conn *c, enum why why, int keep) {
+static int reply(struct conn *c, enum why why, int keep, int retry) {
     char buf[768];
-    int n = http_error(buf, sizeof buf, why, keep, c->cfg->realm);
+    int n = http_error(buf, sizeof buf, why, keep, c->cfg->realm, retry);
     c->req.error = http_why_word(why);
     if (copy_send(c, c->client, buf, (size_t)n) < 0) return -1;
     c->req.status = http_why_status(why);
@@ -200,7 +212,7 @@ static int reply(struct conn *c, enum why why, int keep) {
 /* Answers a request with the proxy's own response (reply), logs it, and says what comes
  * next: the next request only if keep and the reply went out. */
 static enum next refuse(struct conn *c, enum why why, int keep) {
-    int rc = reply(c, why, keep);
+    int rc = reply(c, why, keep, 0);
     log_request(c);
     return keep && rc == 0 ? NEXT_READ : NEXT_CLOSE;
 }
@@ -452,7 +464,7 @@ static enum answer exchange(struct worker *w, struct conn *c, const struct msg *
         enum route r = route(w, c, t);
         if (r == ROUTE_LEFT) return ANSWER_LEFT;
         if (r == ROUTE_FAILED) {
-            x->failed = dial_why(errno);
+            x->failed = dial_why(c, errno);
             return ANSWER_BAD;
         }
         if (!t->authority) snprintf(c->req.target, sizeof c->req.target, "%.127s", c->chosen->name);
@@ -497,7 +509,7 @@ static enum next forward(struct worker *w, struct conn *c, const struct msg *m, 
     enum next next = a == ANSWER_DONE && !x->close_client ? NEXT_READ : NEXT_CLOSE;
     if (a == ANSWER_NONE) x->failed = atomic_load(&c->upstream_failed) ? WHY_RESET : WHY_CLOSED;
     if (a == ANSWER_BAD && !x->failed) x->failed = WHY_BAD_RESPONSE;
-    if (a == ANSWER_BAD || a == ANSWER_NONE) reply(c, x->failed, 0);
+    if (a == ANSWER_BAD || a == ANSWER_NONE) reply(c, x->failed, 0, 0);
     if (a == ANSWER_CUT) conn_end(c, END_UPSTREAM); /* the client sees the response cut short */
     if (x->streaming) {
         if (a != ANSWER_DONE) shutdown(c->upstream, SHUT_RDWR); /* stops the body going there */
@@ -543,7 +555,7 @@ static enum next tunnel(struct worker *w, struct conn *c, const struct msg *m) {
     end_upstream(w, c);
     int fd = dial(w, c, host, port);
     if (fd < 0 && errno == EINPROGRESS) return NEXT_PARK; /* it comes back to this request */
-    if (fd < 0) return refuse(c, dial_why(errno), 0);
+    if (fd < 0) return refuse(c, dial_why(c, errno), 0);
     pool_set_upstream(w, fd);
     if (copy_send(c, c->client, ok, sizeof ok - 1) < 0) {
         log_request(c);
@@ -617,9 +629,26 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     int status = parse_target(c, m, &t);
     if (status) return refuse(c, http_why_of(status), 0);
     status = admit_request(c, m);
+    /* The connection may go on after a refusal only when no body follows the head. */
+    int bodiless = !m->chunked && m->length <= 0 && !m->close;
+    /* Every request counts against its client's rate: its user once authenticated, else its
+     * address (a 407 too: guessing passwords is slow). A request back from its dial counted. */
+    int wait = again ? 0 : limits_request(c->cfg, &c->peer, status ? NULL : c->req.user);
+    if (wait) {
+        int rc = reply(c, WHY_RATE, bodiless, wait);
+        log_request(c);
+        if (!bodiless || rc < 0) return NEXT_CLOSE;
+        /* A client told to wait is made to: its next request is not read until Retry-After,
+         * parked, holding no worker. One that sends as fast as it can would otherwise cost
+         * as much as one served (on this machine, a 429 loop beside another client halved
+         * that one's requests: bench/policy.py). Only with nothing more read already. */
+        if (!cfg.park_after || h->in[UP].len > h->in[UP].off) return NEXT_READ;
+        c->held_until = mono_ns() + (uint64_t)wait * 1000000000u;
+        return NEXT_PARK;
+    }
     if (status == 407) {
         int retry = auth_may_retry(c); /* counts this failure */
-        return refuse(c, WHY_AUTH, retry && !m->chunked && m->length <= 0 && !m->close);
+        return refuse(c, WHY_AUTH, retry && bodiless);
     }
     if (status) return refuse(c, http_why_of(status), 0);
     if (!strcmp(c->req.method, "CONNECT")) return tunnel(w, c, m);
@@ -629,6 +658,15 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     if (!t.authority && !c->cfg->nup) return refuse(c, WHY_NO_UPSTREAM, 0);
     if (!t.authority && m->version && !m->host) return refuse(c, WHY_BAD_REQUEST, 0);
     return forward(w, c, m, &x, &t);
+}
+
+/* Whether what s holds, a bad request head, is a PROXY protocol header instead: from a client
+ * that is not a trusted balancer (one is read before any request: pool.c), so the log can say
+ * why its 400 came. */
+static int proxy_header_sent(const struct stream *s) {
+    struct addr ignored;
+    size_t used;
+    return s->len >= 6 && proxy_protocol_parse(s->buf, s->len, &ignored, &used) >= 0;
 }
 
 /* Serves one client connection: every request head read, parsed and handled in turn, until a
@@ -673,7 +711,7 @@ static enum served http_serve(struct worker *w, struct conn *c) {
                                           .bytes0 = {c->bytes[UP], c->bytes[DOWN]},
                                           .method = "-",
                                           .target = "-"};
-            next = refuse(c, http_why_of(status), 0);
+            next = refuse(c, proxy_header_sent(in) ? WHY_PROXY_HEADER : http_why_of(status), 0);
         } else {
             next = request(w, c, &m);
         }

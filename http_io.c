@@ -47,6 +47,18 @@ static const struct {
     [WHY_BAD_RESPONSE] = {502, "Bad Gateway", "bad_response",
                           "the upstream's response was not valid HTTP/1.1"},
     [WHY_BUSY] = {503, "Service Unavailable", "busy", "the proxy is busy: try again in a moment"},
+    [WHY_DENIED] = {403, "Forbidden", "destination_denied",
+                    "this proxy's list of denied destinations holds that one"},
+    [WHY_NOT_ALLOWED] = {403, "Forbidden", "destination_not_allowed",
+                         "that destination is not on this proxy's list of allowed ones"},
+    [WHY_RATE] = {429, "Too Many Requests", "requests_per_second",
+                  "this client sends more requests than this proxy allows: try again after "
+                  "Retry-After seconds"},
+    [WHY_CLIENT_CONNECTIONS] = {429, "Too Many Requests", "connections_per_client",
+                                "this client has as many connections open as this proxy allows: "
+                                "use one of them, or close one"},
+    [WHY_PROXY_HEADER] = {400, "Bad Request", "proxy_header",
+                          "a PROXY protocol header is taken only from a trusted balancer"},
 };
 
 enum why http_why_of(int status) {
@@ -63,17 +75,15 @@ const char *http_why_word(enum why why) {
     return whys[why].word;
 }
 
-/* Writes the proxy's own answer for why into buf (its status; a text body: the reason and the
- * sentence; for 407 the Basic challenge in realm, for 503 Retry-After; Connection: close unless
- * keep) and returns its length. */
-int http_error(char *buf, size_t cap, enum why why, int keep, const char *realm) {
+int http_error(char *buf, size_t cap, enum why why, int keep, const char *realm, int retry) {
     char body[320], extra[128] = "";
     int status = whys[why].status;
     const char *reason = whys[why].reason;
     int blen = snprintf(body, sizeof body, "%d %s: %s\n", status, reason, whys[why].text);
     if (status == 407)
         snprintf(extra, sizeof extra, "Proxy-Authenticate: Basic realm=\"%s\"\r\n", realm);
-    if (status == 503) snprintf(extra, sizeof extra, "Retry-After: 1\r\n");
+    if (status == 503 && !retry) retry = 1;
+    if (retry) snprintf(extra, sizeof extra, "Retry-After: %d\r\n", retry);
     return snprintf(
         buf, cap, "HTTP/1.1 %d %s\r\n%sContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s",
         status, reason, extra, blen, keep ? "" : "Connection: close\r\n", body);

@@ -6,6 +6,7 @@
 #include "proxy.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -402,4 +403,97 @@ int cidr_match(const struct cidr *list, int count, const struct addr *a) {
         return 1;
     }
     return 0;
+}
+
+int nets_add(struct nets *l, const struct cidr *n) {
+    if (l->n == l->cap) {
+        int cap = l->cap ? 2 * l->cap : 8;
+        struct cidr *v = realloc(l->v, (size_t)cap * sizeof *v);
+        if (!v) return -1;
+        l->v = v;
+        l->cap = cap;
+    }
+    l->v[l->n++] = *n;
+    return 0;
+}
+
+int nets_match(const struct nets *l, const struct addr *a) {
+    return cidr_match(l->v, l->n, a);
+}
+
+void nets_free(struct nets *l) {
+    free(l->v);
+    *l = (struct nets){0};
+}
+
+/* ---- host names ----------------------------------------------------------------------- */
+
+/* FNV-1a: the set's keys are the operator's own list, not a client's choice, and a client's
+ * name is looked up a handful of times (once per label), so a plain hash serves. */
+static uint64_t name_hash(const char *s, size_t len) {
+    uint64_t h = 14695981039346656037ull;
+    for (size_t i = 0; i < len; i++) h = (h ^ (uint8_t)s[i]) * 1099511628211ull;
+    return h;
+}
+
+/* Writes name into out (cap bytes) as a set keeps it: lower case, without a trailing dot.
+ * Returns its length, or -1 when it does not fit or is empty. */
+static long name_fold(const char *name, char *out, size_t cap) {
+    size_t n = strlen(name);
+    if (n && name[n - 1] == '.') n--;
+    if (!n || n >= cap) return -1;
+    for (size_t i = 0; i < n; i++) out[i] = (char)tolower((unsigned char)name[i]);
+    out[n] = 0;
+    return (long)n;
+}
+
+/* The slot of s[0, len) in l's table: where it is, or the empty one where it would go. */
+static char **name_slot(const struct names *l, const char *s, size_t len) {
+    for (size_t i = name_hash(s, len) & l->mask;; i = (i + 1) & l->mask) {
+        char *e = l->table[i];
+        if (!e || (strlen(e) == len && !memcmp(e, s, len))) return &l->table[i];
+    }
+}
+
+/* Makes the table twice as large (at least 16) and puts every name back. Returns 0 or -1. */
+static int names_grow(struct names *l) {
+    size_t size = l->mask ? 2 * (l->mask + 1) : 16;
+    struct names bigger = {.table = calloc(size, sizeof(char *)), .mask = size - 1, .n = l->n};
+    if (!bigger.table) return -1;
+    for (size_t i = 0; l->table && i <= l->mask; i++)
+        if (l->table[i]) *name_slot(&bigger, l->table[i], strlen(l->table[i])) = l->table[i];
+    free(l->table);
+    *l = bigger;
+    return 0;
+}
+
+int names_add(struct names *l, const char *name) {
+    char folded[256];
+    long n = name_fold(name, folded, sizeof folded);
+    if (n < 0) return -1;
+    if ((size_t)(l->n + 1) * 2 > (l->table ? l->mask + 1 : 0) && names_grow(l) < 0) return -1;
+    char **slot = name_slot(l, folded, (size_t)n);
+    if (*slot) return 0; /* listed twice: once is enough */
+    if (!(*slot = strdup(folded))) return -1;
+    l->n++;
+    return 0;
+}
+
+int names_match(const struct names *l, const char *name) {
+    char folded[257];
+    if (!l->n) return 0;
+    folded[0] = '.'; /* so that ".example.com" can match example.com itself */
+    long n = name_fold(name, folded + 1, sizeof folded - 1);
+    if (n < 0) return 0;
+    if (*name_slot(l, folded + 1, (size_t)n)) return 1;
+    /* ".example.com", then ".com" for www.example.com: each suffix that starts at a dot. */
+    for (long i = 0; i <= n; i++)
+        if (folded[i] == '.' && *name_slot(l, folded + i, (size_t)(n + 1 - i))) return 1;
+    return 0;
+}
+
+void names_free(struct names *l) {
+    for (size_t i = 0; l->table && i <= l->mask; i++) free(l->table[i]);
+    free(l->table);
+    *l = (struct names){0};
 }

@@ -101,7 +101,7 @@ int pool_intake_open(void) {
  * The ring has a place and the slab a record for every connection that may be open
  * (the acceptor admits at most max_connections, and a record is back before it stops counting
  * as active). */
-int pool_submit(int fd, const struct addr *peer, struct config *cf) {
+int pool_submit(int fd, const struct addr *peer, struct config *cf, int entry, int behind) {
     pthread_mutex_lock(&q.mu);
     int ok = !q.stopping && q.nspare > 0;
     if (ok) {
@@ -113,6 +113,8 @@ int pool_submit(int fd, const struct addr *peer, struct config *cf) {
                            .peer = *peer,
                            .cfg = cf,
                            .slot = -1,
+                           .entry = entry,
+                           .behind = behind,
                            .start_ns = mono_ns()};
         atomic_store(&c->last_ns, c->start_ns);
         q.fresh++;
@@ -270,6 +272,7 @@ static void retire(struct conn *c) {
     stats_conn_done(c);
     if (mode->done) mode->done(c);
     config_drop(c->cfg);
+    limits_leave(c->entry); /* before release: an entry with connections open is kept */
     release(c);
 }
 
@@ -316,6 +319,40 @@ static void requeue(struct conn *c) {
     pthread_mutex_unlock(&q.mu);
 }
 
+/* c came from a trusted balancer: its PROXY header names the client, who must be in [access]
+ * allow and within its per-client limits, as the acceptor checks any other client. Read on a
+ * worker, by header_timeout from accept; until its first bytes come c waits as any new
+ * connection does, and may leave its worker meanwhile (a balancer may send the header only
+ * with its client's first bytes). Returns SERVED_DONE when c is turned away (counted, logged,
+ * the mode's last word), SERVED_PARK when it leaves to wait, else -1: serve it. */
+static int admit_behind(struct conn *c) {
+    struct addr client = c->peer;
+    int why = -1;
+    if (!c->head_deadline)
+        c->head_deadline = c->head_cap =
+            c->start_ns + (uint64_t)c->cfg->header_timeout * 1000000000u;
+    enum wake w = copy_wait(c, UP, c->client, POLLIN, cfg.park_after != 0);
+    if (w == WAKE_LEAVE) return SERVED_PARK;
+    c->behind = 0;
+    c->head_deadline = 0; /* head_cap stays: the first request head counts from accept too */
+    if (w != WAKE_READY || proxy_protocol_read(c->client, c->head_cap, &client) < 0) {
+        why = REFUSED_PROXY_HEADER;
+    } else {
+        addr_unmap(&client);
+        c->peer = client;
+        if (!nets_match(&c->cfg->allow, &c->peer))
+            why = REFUSED_NOT_ALLOWED;
+        else
+            why = limits_admit(c->cfg, &c->peer, cfg.mode == MODE_TCP, &c->entry);
+    }
+    if (why < 0) return -1;
+    atomic_fetch_add(&stats.refused[why], 1);
+    log_refused(refusal_texts[why], &c->peer);
+    if (why != REFUSED_NOT_ALLOWED && mode->refuse) mode->refuse(c->client, (enum refusal)why);
+    conn_end(c, END_REFUSED);
+    return SERVED_DONE;
+}
+
 /* The front thread: takes a connection, serves it by the mode, then finishes it or lets it go:
  * to the waiting room, or, when its turn is over and it has bytes to read already, straight to
  * the tail of the queue (the room would send it there at once; the direct way saves the trip:
@@ -325,7 +362,8 @@ static void *front_main(void *arg) {
     struct conn *c;
     while ((c = take())) {
         begin(w, c);
-        enum served s = mode->serve(w, c);
+        int behind = c->behind ? admit_behind(c) : -1;
+        enum served s = behind >= 0 ? (enum served)behind : mode->serve(w, c);
         leave(w);
         if (s == SERVED_PARK) {
             int turn = atomic_load(&c->leave) == LEAVE_TURN;

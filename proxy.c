@@ -138,6 +138,7 @@ static void start(sigset_t *set) {
     if (net_local(listen_fd, &own[0]) < 0) err(1, "cannot read the listening address");
     if (admin_fd >= 0 && net_local(admin_fd, &own[1]) < 0) err(1, "cannot read the admin address");
     upstream_own(own, nown);
+    if (limits_start(cfg.clients) < 0) err(1, "cannot make the table of %d clients", cfg.clients);
     if (pool_start(mode) < 0) err(1, "cannot start %d workers", cfg.workers);
     if (admin_fd >= 0 && admin_start(admin_fd, mode->metrics) < 0)
         err(1, "cannot start the metrics thread");
@@ -218,7 +219,10 @@ int main(int argc, char **argv) {
     }
     if (check) {
         msg[0] = 0;
-        if (config_plan(&cfg, stdout, msg, sizeof msg) == 0) return 0;
+        if (config_plan(&cfg, stdout, msg, sizeof msg) == 0) {
+            limits_plan(&cfg, stdout);
+            return 0;
+        }
         if (msg[0]) fprintf(stderr, "%s\n", msg);
         return 2;
     }

@@ -11,6 +11,8 @@
  *     upstream.c           choosing an upstream (balance, failover) and connecting to it
  *     copy.c               the copy loops: splice or buffer, half-close, idle clock, rate limit
  *     admin.c              the /metrics listener
+ *     proxy_protocol.c     the PROXY header: sent upstream, read from a trusted balancer
+ *     limits.c             what each client may take: connections, requests per second
  *     stats.c              counters, gauges, the log
  *     config.c             proxy.ini
  *     net.c                sockets, addresses, networks
@@ -34,7 +36,6 @@
 
 /* Build-time limits: change them here. */
 #define MAX_UPSTREAMS     32
-#define MAX_ALLOW         64 /* [access] allow networks */
 #define MAX_USERS         256
 #define HEAD_MAX          16384  /* bytes in an HTTP request or response head: 16 KiB */
 #define HTTP_MAX_FIELDS   100    /* header fields in one head */
@@ -128,6 +129,31 @@ int cidr_parse(const char *s, struct cidr *n);
 /* Whether a is inside one of the count networks of list. */
 int cidr_match(const struct cidr *list, int count, const struct addr *a);
 
+/* A list of networks of any length, read from the config. */
+struct nets {
+    struct cidr *v;
+    int n, cap;
+};
+/* Appends n to l. Returns 0, or -1 out of memory. */
+int nets_add(struct nets *l, const struct cidr *n);
+/* Whether a is in one of l's networks. */
+int nets_match(const struct nets *l, const struct addr *a);
+void nets_free(struct nets *l);
+
+/* A set of host names of any size: "example.com" matches that name, ".example.com" it and
+ * every name under it. Case and a trailing dot do not matter. A hash table, so that a list of
+ * thousands costs a handful of lookups per name matched, not a scan. */
+struct names {
+    char **table; /* mask + 1 slots, each a name (folded) or NULL */
+    size_t mask;
+    int n;
+};
+/* Adds name (it must not be empty nor over 255 bytes). Returns 0, or -1. */
+int names_add(struct names *l, const char *name);
+/* Whether name is in l, or under a ".suffix" of it. */
+int names_match(const struct names *l, const char *name);
+void names_free(struct names *l);
+
 /* ==== config.c: proxy.ini ============================================================== */
 
 /* What belongs to an upstream and not to a config: its health and its counters. A reload keeps
@@ -151,6 +177,7 @@ enum balance { BALANCE_SOURCE, BALANCE_ROUNDROBIN };
 enum copy_mode { COPY_SPLICE, COPY_BUFFER };
 enum send_proxy { SEND_PROXY_OFF, SEND_PROXY_V1, SEND_PROXY_V2 };
 enum local_destinations { LOCAL_AUTO, LOCAL_ALLOW, LOCAL_DENY };
+enum limit_by { LIMIT_BY_ADDRESS, LIMIT_BY_USER };
 
 struct user {
     char name[64], pass[128];
@@ -176,14 +203,23 @@ struct config {
     int connect_timeout, idle_timeout; /* seconds; idle_timeout 0 = never */
     int keepalive_timeout;             /* http: seconds idle between requests; 0 = never */
     int header_timeout;                /* http: seconds to receive a request head */
-    int min_rate;     /* http: bytes/s a head or a body must average from its first byte (after
-                         a free first second); 0 = none. At most rate_limit / 2 once loaded */
-    int head_buffers; /* http: request heads read in part that may wait parked */
-    int rate_limit;   /* bytes/s per direction, 0 = unlimited */
-    char log[256];    /* "-", "off" or a path */
-    int log_line;     /* the line that set log: where an error about the file points */
-    struct cidr allow[MAX_ALLOW];
-    int nallow;
+    int min_rate;      /* http: bytes/s a head or a body must average from its first byte (after
+                          a free first second); 0 = none. At most rate_limit / 2 once loaded */
+    int head_buffers;  /* http: request heads read in part that may wait parked */
+    int rate_limit;    /* bytes/s per direction, 0 = unlimited */
+    char log[256];     /* "-", "off" or a path */
+    int log_line;      /* the line that set log: where an error about the file points */
+    struct nets allow; /* clients that may connect at all */
+    struct nets trusted_proxies; /* clients whose PROXY header names the real client */
+    struct destinations {
+        struct names names;
+        struct nets nets;
+    } deny_destinations, allow_destinations; /* where requests may go; allow empty: anywhere */
+    /* [limits]: what each client may take (limits.c); 0: no limit */
+    int connections_per_client, requests_per_second, request_burst;
+    int limit_by;       /* enum limit_by: what requests_per_second counts by */
+    int clients;        /* the table's entries: clients tracked at once (fixed at start) */
+    struct nets exempt; /* clients no limit applies to */
     uint8_t connect_ports[65536 / 8]; /* a bit per port CONNECT may reach */
     uint8_t forward_ports[65536 / 8]; /* a bit per port absolute-form requests may reach */
     int local_destinations;           /* LOCAL_ALLOW or LOCAL_DENY once loaded: what auto chose */
@@ -215,8 +251,11 @@ int config_reload(char *err, size_t errlen, char *note, size_t notelen);
 /* The generation in force: 1 at start, one more for each reload. */
 uint64_t config_generation(void);
 /* Loads and validates FILE into *c (then defaults for the keys it left out). Returns 0, or -1
- * with "FILE:LINE: what is wrong" in err. Names in upstream and listen are resolved here. */
+ * with "FILE:LINE: what is wrong" in err (nothing is left allocated). Names in upstream and
+ * listen are resolved here. */
 int config_load(struct config *c, const char *file, char *err, size_t errlen);
+/* Frees the lists c holds (not c itself). */
+void config_free(struct config *c);
 /* File descriptors a full load needs: max_connections' sockets, the workers' pipes and bells,
  * the lookups' eventfds (http), a few to spare. */
 long long config_fds(const struct config *c);
@@ -243,6 +282,8 @@ enum end {
     END_STOPPED,     /* closed by the graceful stop: idle between http requests when it
                         began, or still open when it ran out of time */
     END_SLOW,        /* a request head or a body came slower than min_rate */
+    END_REFUSED,     /* from a trusted balancer: its PROXY header was bad, or the client it
+                        named is not allowed or over a per-client limit */
     END_MAX
 };
 enum dir { UP, DOWN }; /* UP: client → upstream; DOWN: upstream → client */
@@ -268,7 +309,7 @@ struct conn {
     int client;                    /* pool_submit, then read-only */
     int upstream;                  /* pool_set_upstream, under the worker's mu; or the waiting
                                       room while parked; -1: none */
-    struct addr peer;              /* pool_submit, then read-only */
+    struct addr peer;              /* pool_submit, then read-only (behind: the first turn) */
     struct config *cfg;            /* the config it is served by, held (config_hold) from
                                       pool_submit to retire; an http connection's front thread
                                       moves it to the newest at a request's start. The waiting
@@ -285,6 +326,12 @@ struct conn {
     _Atomic int upstream_failed;   /* copy.c, when upstream_apart: the upstream connection
                                       failed; pool_set_upstream clears it */
     int auth_failures;             /* http, the front thread: 407s sent; pool_submit zeroes it */
+    int behind;                    /* pool_submit: from a trusted balancer; its first turn reads
+                                      the PROXY header and sets peer (pool.c) */
+    int entry;                     /* pool_submit (or the first turn, behind): its address's
+                                      entry in limits.c's table; -1: not counted */
+    int barred;                    /* the front thread: why its last dial was refused (enum
+                                      reach), when it was */
     char route[272];        /* http, the front thread: where upstream goes: "host:port", "=" (the
                                configured upstreams), "" (nowhere) */
     struct request_log req; /* http, the front thread: the request being served */
@@ -321,9 +368,11 @@ struct conn {
     _Atomic int leave;  /* copy.c, first writer wins: enum leave, why c's loops leave their
                            worker; pool.c clears it when a worker takes c */
     /* The waiting room's own, while c is parked (acceptor.c): */
-    struct conn *next; /* in the pool's mailbox, on its way to the waiting room */
-    int slot;          /* its place in the waiting room's heap; -1: not in it */
-    uint64_t deadline; /* monotonic ns: copy_deadline when it parked; UINT64_MAX: none */
+    uint64_t held_until; /* http, the front thread: got a 429 for its rate; parked, its client
+                            is not read until then (the waiting room's clock) */
+    struct conn *next;   /* in the pool's mailbox, on its way to the waiting room */
+    int slot;            /* its place in the waiting room's heap; -1: not in it */
+    uint64_t deadline;   /* monotonic ns: copy_deadline when it parked; UINT64_MAX: none */
     struct watch {
         struct conn *c;
         int fd;
@@ -332,7 +381,17 @@ struct conn {
 
 /* ==== stats.c: counters, gauges, the log =============================================== */
 
-enum refusal { REFUSED_NOT_ALLOWED, REFUSED_MAX_CONNECTIONS, REFUSED_MAX };
+/* Why a client was turned away at once (by the acceptor, or after its PROXY header). */
+enum refusal {
+    REFUSED_NOT_ALLOWED,     /* not in [access] allow */
+    REFUSED_MAX_CONNECTIONS, /* max_connections open */
+    REFUSED_PER_CLIENT,      /* connections_per_client open from its address */
+    REFUSED_RATE,            /* tcp mode: a new connection over requests_per_second */
+    REFUSED_PROXY_HEADER,    /* from a trusted balancer, with no valid PROXY header */
+    REFUSED_MAX
+};
+/* The per-client limits, for the counts of what they refused. */
+enum limit { LIMIT_CONNECTIONS, LIMIT_RATE, LIMIT_MAX };
 #define HISTOGRAM_BUCKETS 8
 /* A histogram of durations: counts per bucket (the last is +Inf), not cumulative. */
 struct histogram {
@@ -351,6 +410,9 @@ struct stats {
     _Atomic uint64_t parks, wakeups, room_timeouts; /* the waiting room's traffic */
     _Atomic uint64_t turns; /* connections that left their worker because their slice was over */
     _Atomic uint64_t refused[REFUSED_MAX]; /* by enum refusal */
+    _Atomic uint64_t limited[LIMIT_MAX];   /* limits.c: connections and requests refused */
+    _Atomic uint64_t clients;              /* limits.c: entries of its table in use */
+    _Atomic uint64_t clients_forgotten;    /* limits.c: entries reused for another client */
     _Atomic uint64_t bytes[2];             /* by enum dir */
     _Atomic uint64_t ended[END_MAX];
     _Atomic uint64_t reloads[2]; /* proxy.c: SIGHUP reloads, put in force [0] or refused [1] */
@@ -359,6 +421,7 @@ struct stats {
 };
 extern struct stats stats;
 extern const char *const end_names[END_MAX];
+extern const char *const refusal_texts[REFUSED_MAX]; /* for the log */
 
 /* Writes a mode's own metric families (see metric_*). */
 typedef void (*render_fn)(FILE *f);
@@ -384,6 +447,40 @@ int log_open(const char *where);
 void log_line(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Writes len bytes as they are, with one write(2). */
 void log_raw(const char *buf, size_t len);
+/* Logs a client turned away (peer NULL: accept itself failed), at most one line a second: a
+ * flood of refusals must not flood the log too. */
+void log_refused(const char *why, const struct addr *peer);
+
+/* ==== limits.c: what each client may take ============================================== */
+
+/* Makes the table of clients entries (cfg.clients): once, before any client. 0 or -1. */
+int limits_start(int clients);
+/* A new connection from peer, by cf's limits: counted against its address (*entry, to give to
+ * limits_leave once it closes), or refused. With is_request (tcp mode) it is also a request
+ * for requests_per_second. An exempt client is not counted (*entry -1). Returns -1 when it may
+ * come in, else the enum refusal that turns it away (counted). */
+int limits_admit(const struct config *cf, const struct addr *peer, int is_request, int *entry);
+/* The connection limits_admit counted (entry; -1: none) has closed. */
+void limits_leave(int entry);
+/* One http request from peer, authenticated as user ("" or NULL: none), by cf's limits.
+ * Returns 0 when it may go on, else the whole seconds until it would (Retry-After). */
+int limits_request(const struct config *cf, const struct addr *peer, const char *user);
+/* Prints what -t shows of the limits: their values, the table's memory. */
+void limits_plan(const struct config *c, FILE *out);
+
+/* ==== proxy_protocol.c: the PROXY protocol header ====================================== */
+
+/* Writes the PROXY protocol header (version 1 or 2) for src → dst into buf (at least 108
+ * bytes) and returns its length. */
+int proxy_protocol_write(int version, const struct addr *src, const struct addr *dst, char *buf);
+/* Looks for a PROXY header (version 1 or 2) at the start of p[0, len): 1 when it is whole
+ * (its length in *used, the client it names in *client, left alone for UNKNOWN or LOCAL), 0
+ * when what is there is the start of one, -1 when it is not one. */
+int proxy_protocol_parse(const char *p, size_t len, struct addr *client, size_t *used);
+/* Reads the PROXY header a trusted balancer starts fd with, taking exactly its bytes off the
+ * socket, by deadline (monotonic ns). Returns 0 with the client it names in *client (left
+ * alone for UNKNOWN or LOCAL), or -1: not a PROXY header, none in time, or the client left. */
+int proxy_protocol_read(int fd, uint64_t deadline, struct addr *client);
 
 /* ==== admin.c: the /metrics listener =================================================== */
 
@@ -497,10 +594,19 @@ int upstream_at_fault(int err);
 /* Tells the dial path the proxy's own listeners (as bound: port 0 resolved, unmapped), which no
  * request may reach. Called once, before the pool starts. */
 void upstream_own(const struct addr *listeners, int n);
-/* Whether a request may be dialled to a: never to one of the proxy's own listeners; with
+/* Whether a request may go to a destination, and if not, by which rule. */
+enum reach {
+    REACH_OK,
+    REACH_LOCAL,      /* one of the proxy's own listeners, or local_destinations = deny */
+    REACH_DENIED,     /* deny_destinations */
+    REACH_NOT_ALLOWED /* allow_destinations is set and does not hold it */
+};
+/* Whether a request may be dialled to a (by_name: its name is in allow_destinations, so its
+ * addresses need not be): never to one of the proxy's own listeners; not into a network of
+ * deny_destinations; only into allow_destinations' networks if it has any; with
  * local_destinations = deny, not to a loopback, link-local or unspecified address, nor to any
  * address this host owns. */
-int upstream_allowed(const struct config *cf, const struct addr *a);
+enum reach upstream_reach(const struct config *cf, const struct addr *a, int by_name);
 /* A dial in progress: a name's lookup, then connects to its candidates in turn. It is c's own
  * (c->dial), allocated when it starts, so that c may leave its worker in the middle of it; the
  * waiting room then watches fd until the step in progress is done or its time (until) is up.
@@ -517,6 +623,8 @@ struct dial {
     uint64_t until;            /* the step in progress is given up on then */
     int n, next;               /* candidates, and the next to try */
     int err;                   /* why the last try failed (an errno) */
+    int by_name;               /* its name is in allow_destinations */
+    enum reach barred;         /* EACCES: the rule that refused it */
     uint8_t up[MAX_UPSTREAMS]; /* the configured upstreams: indexes into cf->up, in turn */
     struct addr a[DIAL_ADDRESSES]; /* a name's addresses, in the resolver's order */
 };
@@ -543,14 +651,15 @@ typedef enum served (*serve_fn)(struct worker *w, struct conn *c);
  * mode itself. */
 struct mode {
     const char *name;
-    serve_fn serve;                     /* the front thread's job for one connection, until it
-                                           ends (SERVED_DONE) or parks (SERVED_PARK); called
-                                           again when a parked connection has work */
-    int (*init)(struct worker *w);      /* allocates w->scratch; returns 0 or -1 */
-    void (*free)(struct worker *w);     /* frees w->scratch */
-    void (*refuse)(int fd);             /* a last word to a client turned away; never blocks */
-    void (*done)(const struct conn *c); /* after c is closed and counted; NULL: nothing */
-    render_fn metrics;                  /* the mode's own metric families; NULL: none */
+    serve_fn serve;                           /* the front thread's job for one connection, until it
+                                                 ends (SERVED_DONE) or parks (SERVED_PARK); called
+                                                 again when a parked connection has work */
+    int (*init)(struct worker *w);            /* allocates w->scratch; returns 0 or -1 */
+    void (*free)(struct worker *w);           /* frees w->scratch */
+    void (*refuse)(int fd, enum refusal why); /* a last word to a client turned away; never
+                                                 blocks; NULL: none */
+    void (*done)(const struct conn *c);       /* after c is closed and counted; NULL: nothing */
+    render_fn metrics;                        /* the mode's own metric families; NULL: none */
 };
 
 /* A worker: a front thread that takes connections from the queue and a back thread that
@@ -580,8 +689,9 @@ char *pool_head_take(void);
 /* Gives a head buffer back. */
 void pool_head_give(char *buf);
 /* Hands an accepted socket to the pool, served by config cf (held: the connection keeps the
- * reference). Returns 0, or -1 when the pool is stopping (the caller closes fd and drops cf). */
-int pool_submit(int fd, const struct addr *peer, struct config *cf);
+ * reference), counted in limits.c as entry (-1: not), behind a trusted balancer if behind.
+ * Returns 0, or -1 when the pool is stopping (the caller closes fd, drops cf, leaves entry). */
+int pool_submit(int fd, const struct addr *peer, struct config *cf, int entry, int behind);
 /* Makes fd the upstream socket of w's connection (closing the one before, if any). Only
  * through here, so that a forced stop never shuts down an fd number already reused. */
 void pool_set_upstream(struct worker *w, int fd);
@@ -738,6 +848,11 @@ enum why {
     WHY_RESET,
     WHY_BAD_RESPONSE,
     WHY_BUSY,
+    WHY_DENIED,
+    WHY_NOT_ALLOWED,
+    WHY_RATE,
+    WHY_CLIENT_CONNECTIONS,
+    WHY_PROXY_HEADER,
     WHY_MAX
 };
 /* The why of a status found while reading a request (http_read_head, http_parse): the first
@@ -746,9 +861,9 @@ enum why http_why_of(int status);
 int http_why_status(enum why why);
 const char *http_why_word(enum why why);
 /* Writes the proxy's own answer for why into buf (its status; a text body: the reason and the
- * sentence; for 407 the Basic challenge in realm, for 503 Retry-After; Connection: close unless
- * keep) and returns its length. */
-int http_error(char *buf, size_t cap, enum why why, int keep, const char *realm);
+ * sentence; for 407 the Basic challenge in realm; Retry-After: retry seconds if retry, 1 for a
+ * 503; Connection: close unless keep) and returns its length. */
+int http_error(char *buf, size_t cap, enum why why, int keep, const char *realm, int retry);
 
 /* ==== http_head.c: the heads forwarded and relayed ===================================== */
 
@@ -781,10 +896,6 @@ long http_rewrite_response(char *buf, const char *head, const struct msg *r, con
 /* ==== tcp.c: tcp mode ================================================================== */
 
 extern const struct mode tcp_mode;
-
-/* Writes the PROXY protocol header (version 1 or 2) for src → dst into buf (at least 108
- * bytes) and returns its length. */
-int tcp_proxy_header(int version, const struct addr *src, const struct addr *dst, char *buf);
 
 /* ==== http.c: http mode ================================================================ */
 

@@ -11,8 +11,18 @@
 #include <string.h>
 #include <unistd.h>
 
-const char *const end_names[END_MAX] = {"none",           "done",        "idle",    "client_error",
-                                        "upstream_error", "no_upstream", "stopped", "slow"};
+/* Why a client was turned away, for the log. */
+const char *const refusal_texts[REFUSED_MAX] = {
+    [REFUSED_NOT_ALLOWED] = "not in [access] allow",
+    [REFUSED_MAX_CONNECTIONS] = "max_connections open",
+    [REFUSED_PER_CLIENT] = "connections_per_client open from its address",
+    [REFUSED_RATE] = "over requests_per_second",
+    [REFUSED_PROXY_HEADER] = "from trusted_proxies without a valid PROXY header",
+};
+
+const char *const end_names[END_MAX] = {"none",         "done",           "idle",
+                                        "client_error", "upstream_error", "no_upstream",
+                                        "stopped",      "slow",           "refused"};
 /* Upper bounds of the histograms' buckets in seconds; the last bucket is +Inf. A connection
  * lasts from a millisecond to hours; a wait in the queue from microseconds to seconds. */
 static const double duration_le[HISTOGRAM_BUCKETS - 1] = {0.001, 0.01, 0.1, 1, 10, 60, 600};
@@ -48,6 +58,19 @@ int log_open(const char *where) {
 void log_raw(const char *buf, size_t len) {
     int fd = atomic_load(&log_fd);
     if (fd >= 0 && write(fd, buf, len) < 0) return; /* best-effort: nowhere to report it */
+}
+
+void log_refused(const char *why, const struct addr *peer) {
+    static _Atomic uint64_t last;
+    static _Atomic unsigned quiet;
+    uint64_t now = mono_ns(), then = atomic_load(&last);
+    char p[64] = "accept";
+    if ((then && now - then < 1000000000u) || !atomic_compare_exchange_strong(&last, &then, now)) {
+        atomic_fetch_add(&quiet, 1);
+        return;
+    }
+    if (peer) addr_format(peer, p, sizeof p);
+    log_line("%s refused: %s (%u more refusals not logged)", p, why, atomic_exchange(&quiet, 0));
 }
 
 /* Writes one line (a timestamp, the message, a newline) with one write(2). */
@@ -129,7 +152,10 @@ static void metric_histogram(FILE *f, const char *name, const char *help, struct
 /* Returns the Prometheus text of every counter, with more's families (may be NULL) among
  * them: malloc'd, the caller frees; NULL on failure. */
 char *stats_render(render_fn more, size_t *len) {
-    static const char *const refusals[] = {"not_allowed", "max_connections"},
+    static const char *const refusals[] = {"not_allowed", "max_connections",
+                                           "connections_per_client", "requests_per_second",
+                                           "proxy_header"},
+                             *limits[] = {"connections_per_client", "requests_per_second"},
                              *dirs[] = {"up", "down"}, *reload_results[] = {"ok", "failed"};
     char *out = NULL;
     FILE *f = open_memstream(&out, len);
@@ -138,6 +164,16 @@ char *stats_render(render_fn more, size_t *len) {
                atomic_load(&stats.accepted));
     metric_family(f, "proxy_connections_refused_total", "counter", "Connections closed at once.",
                   "reason", refusals, stats.refused, REFUSED_MAX);
+    metric_family(f, "proxy_limit_refusals_total", "counter",
+                  "Connections and http requests a per-client limit turned away.", "limit", limits,
+                  stats.limited, LIMIT_MAX);
+    metric_one(f, "proxy_clients_tracked", "gauge",
+               "Clients (addresses, users) in the per-client table now.",
+               atomic_load(&stats.clients));
+    metric_one(f, "proxy_clients_forgotten_total", "counter",
+               "Clients forgotten to make room in the per-client table (the least recently seen "
+               "without a connection open).",
+               atomic_load(&stats.clients_forgotten));
     metric_one(f, "proxy_accept_errors_total", "counter",
                "accept() failures such as running out of file descriptors.",
                atomic_load(&stats.accept_errors));

@@ -3,7 +3,6 @@
  * are done; then the connection's access log line. */
 #include "proxy.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
 #include <string.h>
 
@@ -22,7 +21,7 @@ static enum served tcp_serve(struct worker *w, struct conn *c) {
         char hdr[128];
         struct addr local = {0}; /* if getsockname fails: families differ, PROXY UNKNOWN */
         net_local(c->client, &local);
-        int n = tcp_proxy_header(c->cfg->send_proxy, &c->peer, &local, hdr);
+        int n = proxy_protocol_write(c->cfg->send_proxy, &c->peer, &local, hdr);
         if (copy_send(c, c->upstream, hdr, (size_t)n) < 0) return SERVED_DONE;
     }
     c->relay = 1;
@@ -41,35 +40,3 @@ static void tcp_done(const struct conn *c) {
 
 /* tcp mode needs no scratch beyond the copiers and refuses by closing. */
 const struct mode tcp_mode = {.name = "tcp", .serve = tcp_serve, .done = tcp_done};
-
-/* Writes the PROXY protocol header (version 1 or 2) for src → dst into buf (at least 108
- * bytes) and returns its length. */
-int tcp_proxy_header(int version, const struct addr *src, const struct addr *dst, char *buf) {
-    int len, dlen;
-    const uint8_t *sip = addr_ip(src, &len), *dip = addr_ip(dst, &dlen);
-    if (len != dlen) len = 0; /* families differ: say UNKNOWN */
-    if (version == 1) {
-        char sa[INET6_ADDRSTRLEN], da[INET6_ADDRSTRLEN];
-        int fam = len == 4 ? AF_INET : AF_INET6;
-        if (!len) return sprintf(buf, "PROXY UNKNOWN\r\n");
-        return sprintf(buf, "PROXY TCP%c %s %s %d %d\r\n", len == 4 ? '4' : '6',
-                       inet_ntop(fam, sip, sa, sizeof sa), inet_ntop(fam, dip, da, sizeof da),
-                       addr_port(src), addr_port(dst));
-    }
-    /* Version 2: signature, version+command (2, PROXY), family+protocol, length, addresses. */
-    static const char sig[12] = "\r\n\r\n\0\r\nQUIT\n";
-    uint16_t body = htons(len ? 2 * len + 4 : 0), sport = htons(addr_port(src)),
-             dport = htons(addr_port(dst));
-    memcpy(buf, sig, 12);
-    buf[12] = 0x21;
-    buf[13] = 0x00; /* unspecified, unless TCP over IPv4 or IPv6: */
-    if (len == 4) buf[13] = 0x11;
-    if (len == 16) buf[13] = 0x21;
-    memcpy(buf + 14, &body, 2);
-    if (!len) return 16;
-    memcpy(buf + 16, sip, len);
-    memcpy(buf + 16 + len, dip, len);
-    memcpy(buf + 16 + 2 * (size_t)len, &sport, 2);
-    memcpy(buf + 18 + 2 * (size_t)len, &dport, 2);
-    return 20 + 2 * len;
-}

@@ -82,13 +82,32 @@ static int own_listener(const struct addr *a) {
     return 0;
 }
 
-/* Whether a request may be dialled to a: never to one of the proxy's own listeners; with
- * local_destinations = deny, not to a loopback, link-local or unspecified address, nor to any
- * address this host owns. */
-int upstream_allowed(const struct config *cf, const struct addr *a) {
+/* The rules in the order the man page gives: our own listeners, the denied networks (so that a
+ * name resolving into one is stopped too), the allowed ones, local_destinations. */
+enum reach upstream_reach(const struct config *cf, const struct addr *a, int by_name) {
+    const struct destinations *allow = &cf->allow_destinations;
     struct addr t = reached(a);
-    if (own_listener(&t)) return 0;
-    return cf->local_destinations != LOCAL_DENY || !(addr_is_local(&t) || net_owns(&t));
+    if (own_listener(&t)) return REACH_LOCAL;
+    if (nets_match(&cf->deny_destinations.nets, &t)) return REACH_DENIED;
+    if (!by_name && (allow->names.n || allow->nets.n) && !nets_match(&allow->nets, &t))
+        return REACH_NOT_ALLOWED;
+    if (cf->local_destinations == LOCAL_DENY && (addr_is_local(&t) || net_owns(&t)))
+        return REACH_LOCAL;
+    return REACH_OK;
+}
+
+/* The rules a request's host name meets before any lookup: a denied name (or .domain) is
+ * refused; an allowed one needs no allowed network; with only names allowed, any other name
+ * is refused now, for no address of it could be allowed. An address (host is one) meets the
+ * network rules once "resolved" (at once). Returns REACH_OK or the rule that refuses it. */
+static enum reach reach_by_name(struct dial *d, const char *host) {
+    const struct destinations *allow = &d->cf->allow_destinations;
+    struct cidr literal;
+    if (names_match(&d->cf->deny_destinations.names, host)) return REACH_DENIED;
+    d->by_name = names_match(&allow->names, host);
+    if (allow->names.n && !allow->nets.n && !d->by_name && cidr_parse(host, &literal) < 0)
+        return REACH_NOT_ALLOWED;
+    return REACH_OK;
 }
 
 /* ---- dialling: a lookup, then connects in turn, which c may leave its worker in ---------- */
@@ -111,9 +130,9 @@ static void list_upstreams(struct dial *d, const struct conn *c) {
 /* Whether every address of d's name may be dialled: one not allowed refuses the name, for
  * which of its addresses happens to be tried must not decide it. Returns 0, or -1 with errno
  * EACCES. */
-static int dial_allowed(const struct dial *d) {
+static int dial_allowed(struct dial *d) {
     for (int i = 0; i < d->n; i++)
-        if (!upstream_allowed(d->cf, &d->a[i])) {
+        if ((d->barred = upstream_reach(d->cf, &d->a[i], d->by_name)) != REACH_OK) {
             errno = EACCES;
             return -1;
         }
@@ -140,6 +159,10 @@ static int dial_begin(struct dial *d, struct conn *c, const char *key, const cha
         return 0;
     }
     snprintf(d->key, sizeof d->key, "%s", key);
+    if ((d->barred = reach_by_name(d, host)) != REACH_OK) {
+        errno = EACCES;
+        return -1;
+    }
     d->deadline = mono_ns() + (uint64_t)d->cf->connect_timeout * 1000000000u;
     d->until = d->deadline;
     d->n = net_resolve(host, port, d->a, DIAL_ADDRESSES, &d->lookup);
@@ -244,6 +267,7 @@ int upstream_connect(struct conn *c, const char *host, int port, int may_leave) 
     if (ready) fd = dial_run(c->dial, c, may_leave);
     if (fd >= 0 || !ready || errno != EINPROGRESS) { /* done, or failed: the record goes */
         int e = errno;
+        if (c->dial) c->barred = c->dial->barred;
         upstream_drop(c);
         errno = e;
     }

@@ -42,8 +42,10 @@ static void run(const char *name, void (*fn)(void)) {
 static char ini_path[] = "/tmp/proxy-unit-XXXXXX";
 static struct config c;
 
-/* Loads text as a config file; returns config_load's result, message in err. */
+/* Loads text as a config file into c (freeing the lists of the one before); returns
+ * config_load's result, message in err. */
 static int load(const char *text, char *err, size_t len) {
+    config_free(&c);
     FILE *f = fopen(ini_path, "w");
     fputs(text, f);
     fclose(f);
@@ -141,6 +143,33 @@ static void test_config_golden_errors(void) {
          "3: log = '': empty, too long, or has a quote or backslash"},
         {"[proxy]\nupstream = 127.0.0.1:80\nidle_timeout = 99999999999999999999\n",
          "3: idle_timeout = '99999999999999999999': expected a whole number from 0 to 604800"},
+        {"[access]\ndeny_destinations = example.com,\n  *.example.org\n",
+         "3: deny_destinations: '*.example.org': write .example.org for a domain and every name "
+         "under it"},
+        {"[access]\nallow_destinations = exa mple.com\n",
+         "2: allow_destinations: 'exa mple.com' is not a host name, a .domain or a network like "
+         "10.0.0.0/8"},
+        {"[access]\ndeny_destinations = a..b\n",
+         "2: deny_destinations: 'a..b' is not a host name, a .domain or a network like "
+         "10.0.0.0/8"},
+        {"[access]\ndeny_destinations = 10.0.0.0/33\n",
+         "2: deny_destinations: '10.0.0.0/33' is not a host name, a .domain or a network like "
+         "10.0.0.0/8"},
+        {"[access]\ntrusted_proxies = 10.0.0.0/8, nope\n",
+         "2: trusted_proxies: 'nope' is not an address or network like 10.0.0.0/8"},
+        {"[limits]\nexempt = ::1/129\n",
+         "2: exempt: '::1/129' is not an address or network like 10.0.0.0/8"},
+        {"[proxy]\nmax_connections = 2000\n[limits]\nclients = 1000\n",
+         "4: [limits] clients = 1000 must be at least max_connections (2000): a client with "
+         "connections open is never forgotten"},
+        {"[limits]\nlimit_by = user\n",
+         "2: limit_by = user needs [users]: without them no request has a user"},
+        {"[limits]\nlimit_by = host\n", "2: limit_by = 'host': expected one of: address user"},
+        {"[limits]\nrequests_per_second = 0\nrequest_burst = 5\n",
+         "3: request_burst needs requests_per_second: a burst above which rate?"},
+        {"[limits]\nconnections_per_client = -1\n",
+         "2: connections_per_client = '-1': expected a whole number from 0 to 10000000"},
+        {"[access]\nallow =\n", "2: empty item in list ''"},
     };
     char err[512], want[600];
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -181,7 +210,7 @@ static void test_config_values(void) {
     CHECK(c.buffer_size == 65536 && c.rate_limit == 1048576);
     CHECK(c.copy == COPY_BUFFER && c.send_proxy == SEND_PROXY_V2 && c.idle_timeout == 0);
     STR_EQ(c.log, "off");
-    CHECK(c.nallow == 1); /* the file's list replaces the default */
+    CHECK(c.allow.n == 1); /* the file's list replaces the default */
     CHECK(c.stats_listen.len == 0);
     CHECK(c.listen.sa.ss_family == AF_INET6);
 
@@ -189,7 +218,7 @@ static void test_config_values(void) {
     CHECK(load("[proxy]\nlisten = 0.0.0.0:7001\n[stats]\nlisten = [::1]:7001\n", err, sizeof err) ==
           0);
     CHECK(load("[proxy]\nupstream = 127.0.0.1:80\n", err, sizeof err) == 0);
-    CHECK(c.workers == 64 && c.queue == 1024 && c.copy == COPY_SPLICE && c.nallow == 2);
+    CHECK(c.workers == 64 && c.queue == 1024 && c.copy == COPY_SPLICE && c.allow.n == 2);
     CHECK(c.time_slice == 50 && c.min_rate == 500 && c.head_buffers == 1024);
     CHECK(c.mode == MODE_HTTP && c.balance == BALANCE_SOURCE && c.idle_timeout == 300);
     CHECK(c.stats_listen.len != 0 && c.header_timeout == 10 && c.nusers == 0);
@@ -382,13 +411,13 @@ static void test_own_listeners(void) {
                                          "127.0.0.1:9100", "10.0.0.1:8888",  "0.0.0.0:9100"};
     for (size_t i = 0; i < sizeof us / sizeof us[0]; i++) {
         struct addr a = at(us[i]);
-        if (upstream_allowed(&cfg, &a)) printf("  allowed: %s\n", us[i]);
-        CHECK(!upstream_allowed(&cfg, &a));
+        if (upstream_reach(&cfg, &a, 0) == REACH_OK) printf("  allowed: %s\n", us[i]);
+        CHECK(upstream_reach(&cfg, &a, 0) != REACH_OK);
     }
     for (size_t i = 0; i < sizeof others / sizeof others[0]; i++) {
         struct addr a = at(others[i]);
-        if (!upstream_allowed(&cfg, &a)) printf("  refused: %s\n", others[i]);
-        CHECK(upstream_allowed(&cfg, &a));
+        if (upstream_reach(&cfg, &a, 0) != REACH_OK) printf("  refused: %s\n", others[i]);
+        CHECK(upstream_reach(&cfg, &a, 0) == REACH_OK);
     }
     /* A wildcard listener is every address this host owns, on its port, in its families. */
     own[0] = at("0.0.0.0:8888");
@@ -400,18 +429,19 @@ static void test_own_listeners(void) {
                                               "198.51.100.77:9100", "127.0.0.1:8887"};
     for (size_t i = 0; i < sizeof wild_us / sizeof wild_us[0]; i++) {
         struct addr a = at(wild_us[i]);
-        if (upstream_allowed(&cfg, &a)) printf("  allowed: %s\n", wild_us[i]);
-        CHECK(!upstream_allowed(&cfg, &a));
+        if (upstream_reach(&cfg, &a, 0) == REACH_OK) printf("  allowed: %s\n", wild_us[i]);
+        CHECK(upstream_reach(&cfg, &a, 0) != REACH_OK);
     }
     for (size_t i = 0; i < sizeof wild_others / sizeof wild_others[0]; i++) {
         struct addr a = at(wild_others[i]);
-        if (!upstream_allowed(&cfg, &a)) printf("  refused: %s\n", wild_others[i]);
-        CHECK(upstream_allowed(&cfg, &a));
+        if (upstream_reach(&cfg, &a, 0) != REACH_OK) printf("  refused: %s\n", wild_others[i]);
+        CHECK(upstream_reach(&cfg, &a, 0) == REACH_OK);
     }
     /* deny: no local address, whatever the port; a remote one still goes. */
     cfg.local_destinations = LOCAL_DENY;
     struct addr a = at("127.0.0.1:80"), b = at("[fe80::1]:80"), d = at("198.51.100.77:80");
-    CHECK(!upstream_allowed(&cfg, &a) && !upstream_allowed(&cfg, &b) && upstream_allowed(&cfg, &d));
+    CHECK(upstream_reach(&cfg, &a, 0) != REACH_OK && upstream_reach(&cfg, &b, 0) != REACH_OK &&
+          upstream_reach(&cfg, &d, 0) == REACH_OK);
     upstream_own(own, 0);
 }
 
@@ -433,22 +463,22 @@ static void test_proxy_header(void) {
     char err[128], buf[128];
     addr_parse("192.0.2.1:56324", &s, err, sizeof err);
     addr_parse("198.51.100.2:443", &d, err, sizeof err);
-    int n = tcp_proxy_header(1, &s, &d, buf);
+    int n = proxy_protocol_write(1, &s, &d, buf);
     buf[n] = 0;
     STR_EQ(buf, "PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n");
 
     static const unsigned char v2_4[] = {0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49,
                                          0x54, 0x0a, 0x21, 0x11, 0x00, 0x0c, 192,  0,    2,    1,
                                          198,  51,   100,  2,    0xdc, 0x04, 0x01, 0xbb};
-    n = tcp_proxy_header(2, &s, &d, buf);
+    n = proxy_protocol_write(2, &s, &d, buf);
     CHECK(n == (int)sizeof v2_4 && !memcmp(buf, v2_4, sizeof v2_4));
 
     addr_parse("[2001:db8::1]:1234", &s, err, sizeof err);
     addr_parse("[::1]:80", &d, err, sizeof err);
-    n = tcp_proxy_header(1, &s, &d, buf);
+    n = proxy_protocol_write(1, &s, &d, buf);
     buf[n] = 0;
     STR_EQ(buf, "PROXY TCP6 2001:db8::1 ::1 1234 80\r\n");
-    n = tcp_proxy_header(2, &s, &d, buf);
+    n = proxy_protocol_write(2, &s, &d, buf);
     CHECK(n == 16 + 36 && buf[13] == 0x21 && buf[14] == 0 && buf[15] == 36);
     CHECK((unsigned char)buf[16] == 0x20 && buf[17] == 0x01 && buf[31] == 1 && buf[47] == 1);
     CHECK((unsigned char)buf[48] == 0x04 && (unsigned char)buf[49] == 0xd2 && buf[51] == 80);
@@ -456,14 +486,14 @@ static void test_proxy_header(void) {
     addr_parse("[::ffff:127.0.0.1]:5000", &m, err, sizeof err); /* dual-stack listener */
     addr_parse("[::ffff:127.0.0.1]:80", &d, err, sizeof err);
     addr_unmap(&m), addr_unmap(&d); /* as the acceptor and tcp_serve do */
-    n = tcp_proxy_header(1, &m, &d, buf);
+    n = proxy_protocol_write(1, &m, &d, buf);
     buf[n] = 0;
     STR_EQ(buf, "PROXY TCP4 127.0.0.1 127.0.0.1 5000 80\r\n");
     addr_parse("127.0.0.1:80", &d, err, sizeof err);
-    n = tcp_proxy_header(1, &s, &d, buf); /* families differ */
+    n = proxy_protocol_write(1, &s, &d, buf); /* families differ */
     buf[n] = 0;
     STR_EQ(buf, "PROXY UNKNOWN\r\n");
-    n = tcp_proxy_header(2, &s, &d, buf);
+    n = proxy_protocol_write(2, &s, &d, buf);
     CHECK(n == 16 && buf[13] == 0 && buf[15] == 0);
 }
 
@@ -699,7 +729,8 @@ static void test_base64_and_credentials(void) {
                 1) == 0);
     CHECK(auth_check(&cfg, &m, user, sizeof user) == AUTH_MALFORMED); /* sent twice */
     cfg.nusers = 0;
-    CHECK(parse("GET / HTTP/1.1\r\n\r\n", 1) == 0 && auth_check(&cfg, &m, user, sizeof user) == AUTH_OK);
+    CHECK(parse("GET / HTTP/1.1\r\n\r\n", 1) == 0 &&
+          auth_check(&cfg, &m, user, sizeof user) == AUTH_OK);
 }
 
 /* Writes "Proxy-Authorization: Basic BASE64(cred)" into out. */
@@ -761,6 +792,156 @@ static void test_credentials_against_every_user(void) {
     cfg.nusers = 0;
 }
 
+/* Reading a PROXY header: what the writer writes reads back; a prefix asks for more; anything
+ * else is refused, never guessed. */
+static void test_proxy_header_read(void) {
+    struct addr s, d, got, keep;
+    char err[128], buf[1100];
+    size_t used;
+    char a[64];
+    addr_parse("192.0.2.1:56324", &s, err, sizeof err);
+    addr_parse("198.51.100.2:443", &d, err, sizeof err);
+    addr_parse("10.9.9.9:1", &keep, err, sizeof err);
+    for (int v = 1; v <= 2; v++) {
+        int n = proxy_protocol_write(v, &s, &d, buf);
+        memcpy(buf + n, "GET", 3); /* the client's own bytes follow */
+        for (int len = 1; len < n; len++)
+            CHECK(proxy_protocol_parse(buf, (size_t)len, &got, &used) == 0);
+        got = keep;
+        CHECK(proxy_protocol_parse(buf, (size_t)n + 3, &got, &used) == 1 && used == (size_t)n);
+        STR_EQ(addr_format(&got, a, sizeof a), "192.0.2.1:56324");
+    }
+    addr_parse("[2001:db8::1]:1234", &s, err, sizeof err);
+    addr_parse("[::1]:80", &d, err, sizeof err);
+    for (int v = 1; v <= 2; v++) {
+        int n = proxy_protocol_write(v, &s, &d, buf);
+        CHECK(proxy_protocol_parse(buf, (size_t)n, &got, &used) == 1 && used == (size_t)n);
+        STR_EQ(addr_format(&got, a, sizeof a), "[2001:db8::1]:1234");
+    }
+    /* UNKNOWN, and v2's LOCAL (a balancer's health check): the connection's own address. */
+    static const char *const keeps[] = {"PROXY UNKNOWN\r\n", "PROXY UNKNOWN ffff::1 ::1 1 2\r\n",
+                                        "\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00"};
+    for (size_t i = 0; i < sizeof keeps / sizeof keeps[0]; i++) {
+        size_t n = i == 2 ? 16 : strlen(keeps[i]);
+        got = keep;
+        CHECK(proxy_protocol_parse(keeps[i], n, &got, &used) == 1 && used == n);
+        STR_EQ(addr_format(&got, a, sizeof a), "10.9.9.9:1");
+    }
+    static const char *const bad[] = {
+        "GET / HTTP/1.1\r\n",
+        "PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n",
+        "PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",       /* no CR */
+        "PROXY TCP4 1.2.3.4 5.6.7.8 1 70000\r\n", /* no such port */
+        "PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",   /* one too many */
+        "PROXY TCP4 ::1 ::1 1 2\r\n",             /* not IPv4 */
+        "PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n",     /* not IPv6 */
+        "PROXY  TCP4 1.2.3.4 5.6.7.8 1 2\r\n",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        CHECK(proxy_protocol_parse(bad[i], strlen(bad[i]), &got, &used) == -1);
+    memset(buf, 'x', 200); /* a line that never ends within 107 bytes */
+    memcpy(buf, "PROXY ", 6);
+    CHECK(proxy_protocol_parse(buf, 200, &got, &used) == -1);
+    memcpy(buf, "\r\n\r\n\0\r\nQUIT\n\x11\x11\x00\x0c", 16); /* version 1 in a v2 header */
+    CHECK(proxy_protocol_parse(buf, 28, &got, &used) == -1);
+    memcpy(buf, "\r\n\r\n\0\r\nQUIT\n\x22\x11\x00\x0c", 16); /* command 2 */
+    CHECK(proxy_protocol_parse(buf, 28, &got, &used) == -1);
+    memcpy(buf, "\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x04", 16); /* too short for TCP4 */
+    CHECK(proxy_protocol_parse(buf, 20, &got, &used) == -1);
+    memcpy(buf, "\r\n\r\n\0\r\nQUIT\n\x21\x11\x04\x01", 16); /* 1025 bytes of body */
+    CHECK(proxy_protocol_parse(buf, 16, &got, &used) == -1);
+    memcpy(buf, "\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x20", 16); /* TLVs after the addresses */
+    memset(buf + 16, 1, 32);
+    CHECK(proxy_protocol_parse(buf, 48, &got, &used) == 1 && used == 48);
+}
+
+/* Destination names: exact or .suffix, any case, a trailing dot ignored; a large set. */
+static void test_destination_names(void) {
+    struct names l = {0};
+    CHECK(names_add(&l, "Example.COM.") == 0 && names_add(&l, ".corp.example") == 0);
+    CHECK(names_add(&l, "") == -1);
+    CHECK(names_match(&l, "example.com") && names_match(&l, "EXAMPLE.com.") &&
+          !names_match(&l, "www.example.com") && !names_match(&l, "example.co") &&
+          !names_match(&l, "xexample.com"));
+    CHECK(names_match(&l, "corp.example") && names_match(&l, "a.b.Corp.Example.") &&
+          !names_match(&l, "xcorp.example") && !names_match(&l, "example"));
+    char name[64];
+    for (int i = 0; i < 10000; i++) {
+        snprintf(name, sizeof name, "host%d.example.net", i);
+        CHECK(names_add(&l, name) == 0);
+    }
+    CHECK(l.n == 10002 && l.mask + 1 >= 2 * 10002);
+    CHECK(names_match(&l, "host9999.example.net") && !names_match(&l, "host10000.example.net") &&
+          !names_match(&l, "example.net"));
+    names_free(&l);
+    CHECK(!names_match(&l, "example.com"));
+}
+
+/* The destination rules on addresses: our listeners, denied networks, allowed ones, and an
+ * allowed name whose addresses need not be. */
+static void test_destination_networks(void) {
+    char err[512];
+    CHECK(load("[access]\ndeny_destinations = 10.0.0.0/8, [2001:db8::]/32, .bad.example\n"
+               "allow_destinations = 192.0.2.0/24, 10.1.0.0/16, good.example\n",
+               err, sizeof err) == 0);
+    CHECK(c.deny_destinations.nets.n == 2 && c.deny_destinations.names.n == 1 &&
+          c.allow_destinations.nets.n == 2 && c.allow_destinations.names.n == 1);
+    struct addr in = at("192.0.2.9:443"), denied = at("10.1.2.3:443"), v6 = at("[2001:db8::5]:80"),
+                other = at("198.51.100.1:80");
+    CHECK(upstream_reach(&c, &in, 0) == REACH_OK);
+    CHECK(upstream_reach(&c, &denied, 0) == REACH_DENIED); /* deny before allow */
+    CHECK(upstream_reach(&c, &denied, 1) == REACH_DENIED); /* an allowed name, too */
+    CHECK(upstream_reach(&c, &v6, 0) == REACH_DENIED);
+    CHECK(upstream_reach(&c, &other, 0) == REACH_NOT_ALLOWED);
+    CHECK(upstream_reach(&c, &other, 1) == REACH_OK); /* allowed by its name */
+    config_free(&c);
+}
+
+/* The per-client table: the connection cap, GCRA's rate and burst, IPv6 by /64, exempt
+ * networks, users, and forgetting only the least recently seen without connections open. */
+static void test_limits(void) {
+    char err[512];
+    int e[8];
+    /* Left out, the table grows to hold max_connections; set, it must. */
+    CHECK(load("[proxy]\nmax_connections = 70000\n", err, sizeof err) == 0 && c.clients == 70000);
+    config_free(&c);
+    CHECK(load("[proxy]\nmax_connections = 4\n[limits]\nclients = 4\nconnections_per_client = 2\n"
+               "requests_per_second = 1\nrequest_burst = 2\nexempt = 127.0.0.9\n",
+               err, sizeof err) == 0);
+    CHECK(limits_start(4) == 0);
+    struct addr a = at("192.0.2.1:1"), a2 = at("192.0.2.1:2"), b = at("[2001:db8:0:1::1]:1"),
+                b2 = at("[2001:db8:0:1:ffff::9]:2"), b3 = at("[2001:db8:0:2::1]:1"),
+                ex = at("127.0.0.9:1");
+    CHECK(limits_admit(&c, &a, 0, &e[0]) == -1 && e[0] >= 0);
+    CHECK(limits_admit(&c, &a2, 0, &e[1]) == -1 && e[1] == e[0]); /* any port: one client */
+    CHECK(limits_admit(&c, &a, 0, &e[2]) == REFUSED_PER_CLIENT && e[2] == -1);
+    limits_leave(e[1]);
+    CHECK(limits_admit(&c, &a, 0, &e[1]) == -1);
+    CHECK(limits_admit(&c, &b, 0, &e[3]) == -1 && limits_admit(&c, &b2, 0, &e[4]) == -1 &&
+          e[3] == e[4]); /* one /64 */
+    CHECK(limits_admit(&c, &b2, 0, &e[5]) == REFUSED_PER_CLIENT);
+    CHECK(limits_admit(&c, &b3, 0, &e[5]) == -1 && e[5] != e[3]);
+    for (int i = 0; i < 10; i++) CHECK(limits_admit(&c, &ex, 0, &e[6]) == -1 && e[6] == -1);
+    /* Burst 2 at 1/s: three at once, then the fourth waits a second. */
+    CHECK(limits_request(&c, &b3, NULL) == 0 && limits_request(&c, &b3, "") == 0 &&
+          limits_request(&c, &b3, NULL) == 0);
+    CHECK(limits_request(&c, &b3, NULL) == 1);
+    CHECK(limits_request(&c, &ex, NULL) == 0);
+    /* Three clients hold connections; a user fills the fourth entry. */
+    c.limit_by = LIMIT_BY_USER;
+    for (int i = 0; i < 3; i++) CHECK(limits_request(&c, &a, "alice") == 0);
+    CHECK(limits_request(&c, &a, "alice") == 1 && limits_request(&c, &a, "bob") == 0);
+    CHECK(atomic_load(&stats.clients) == 4);
+    /* bob took alice's entry (the least recently seen without connections): alice starts
+     * afresh; the clients with connections were never forgotten. */
+    CHECK(atomic_load(&stats.clients_forgotten) == 1);
+    CHECK(limits_request(&c, &a, "alice") == 0);
+    CHECK(limits_admit(&c, &a, 0, &e[7]) == REFUSED_PER_CLIENT);
+    CHECK(atomic_load(&stats.limited[LIMIT_CONNECTIONS]) == 3 &&
+          atomic_load(&stats.limited[LIMIT_RATE]) == 2);
+    config_free(&c);
+}
+
 int main(void) {
     int fd = mkstemp(ini_path);
     if (fd < 0) return 1;
@@ -775,6 +956,12 @@ int main(void) {
     run("upstream: never to our own listeners; local_destinations = deny", test_own_listeners);
     run("upstream: our shortages never mark an upstream down", test_upstream_fault);
     run("PROXY protocol v1 and v2 headers are byte-exact", test_proxy_header);
+    run("PROXY protocol headers read back; prefixes wait, anything else is refused",
+        test_proxy_header_read);
+    run("destination names: exact, .suffix, case, trailing dot, 10,000 of them",
+        test_destination_names);
+    run("destination networks: deny before allow, allowed names", test_destination_networks);
+    run("limits: connections, rate and burst, /64, exempt, users, forgetting", test_limits);
     run("rate limit pacing arithmetic", test_pacing);
     run("http: request heads, strict framing, the CVE shapes", test_http_request_heads);
     run("http: response heads", test_http_response_heads);

@@ -31,7 +31,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         return 0;
     }
     if (c.workers < 1 || c.workers > 50000 || c.buffer_size < 1024 || c.nup > MAX_UPSTREAMS ||
-        c.nallow > MAX_ALLOW || c.nusers > MAX_USERS || (c.mode == MODE_TCP && c.nup < 1))
+        c.allow.n < 1 || c.nusers > MAX_USERS || (c.mode == MODE_TCP && c.nup < 1) ||
+        c.clients < c.max_connections)
         abort();
+    config_free(&c);
     return 0;
 }
