@@ -15,11 +15,12 @@ def to_us(number, unit):
 
 
 def wrk(port, path, conns, seconds, headers=(), script=None, expect_errors=False,
-        closes_after_response=False, timeout=None, wall=None):
+        closes_after_response=False, timeout=None, wall=None, env=None):
     """Run wrk -t1 and return its numbers; 'error' is set when anything went wrong
-    (unless expect_errors, where the errors are only counted). wall: seconds after which wrk
-    is killed (default seconds + 60): a run that is expected to starve passes less, since
-    wrk's first connect then waits in a full listen backlog.
+    (unless expect_errors, where the errors are only counted). env: wrk's environment
+    (default: ours; bench/policy.py preloads a shim that picks the source address). wall:
+    seconds after which wrk is killed (default seconds + 60): a run that is expected to
+    starve passes less, since wrk's first connect then waits in a full listen backlog.
 
     closes_after_response: the server closes the connection after each response without
     saying `Connection: close` (tinyproxy). wrk then sends its next request on the closed
@@ -33,7 +34,7 @@ def wrk(port, path, conns, seconds, headers=(), script=None, expect_errors=False
     if script:
         argv += ["-s", str(script)]
     argv.append(f"http://127.0.0.1:{port}{path}")
-    status, out = run(argv, wall or seconds + 60)
+    status, out = run(argv, wall or seconds + 60, env=env)
     result = {"requests": 0, "rps": None, "avg_us": None, "p50_us": None, "p99_us": None,
               "connect": 0, "read": 0, "write": 0, "timeout": 0, "non2xx": 0, "error": None}
     unit = r"([\d.]+)(us|ms|s)\b"

@@ -160,7 +160,7 @@ class Ours(System):
 
     def __init__(self, work, upstream, copy="splice", buffer_size="64k", workers=1100,
                  mode="tcp", stats=False, absolute=False, name=None, binary=None,
-                 keys=None, access=None, access_log=False):
+                 keys=None, access=None, access_log=False, extra=""):
         super().__init__(work, upstream)
         self.binary = binary or ROOT / "proxy"  # bench/ab.py runs two builds
         self.copy, self.buffer_size, self.workers = copy, buffer_size, workers
@@ -172,6 +172,7 @@ class Ours(System):
         # More [proxy] keys (park_after, max_connections, ...) and [access] keys, as
         # {key: value}; the defaults when not given.
         self.keys, self.access = dict(keys or {}), dict(access or {})
+        self.extra = extra  # more of the ini, as it is: [limits], more [users] (bench/policy.py)
         # access_log: log every request/connection to a file in work/ (requests_by_client()
         # reads it), instead of log = off.
         self.access_log = None
@@ -198,7 +199,7 @@ log = {self.access_log or "off"}
 {keys}{users}{access}
 [stats]
 listen = {stats}
-""")
+{self.extra}""")
         return [str(self.binary), "-c", str(ini)]
 
     def start(self):
