@@ -13,18 +13,17 @@ fresh client (Slow) instead of asserting anything about speed. Names under .inva
 resolve, so a name that gets 502 error=dns passed the name rules (which come before any
 lookup), and one that gets 403 was stopped by them. Every test name starts with test_policy_
 (run.py -k test_policy_)."""
-import os
 import re
-import signal
 import socket
 import struct
-import subprocess
 import time
 
-from lib import (PROXY, TMP, WRAPPER, Proxy, Server, capture_handler, connect, echo_handler,
-                 refusals, wait_received)
+from lib import (PROXY, WRAPPER, Proxy, Server, capture_handler, connect, echo_handler,
+                 recv_all, refusals, wait_received)
 from test_http import (AUTH, ESTABLISHED, PASSWORD, USER, WRONG, Client, Message, Reader, basic,
                        get, origin, read_body, request, url, wait_for)
+from test_http_access import check_config
+from test_ops import reload
 
 LOG = r"^\S+ "  # the timestamp that starts an access log line
 
@@ -457,12 +456,7 @@ def test_policy_twenty_thousand_clients_one_after_another_fit_a_table_of_a_thous
             rss.append(rss_kib(px))
         s = connect(px.addr, source="127.%d.%d.%d" % (2 + n // 62500, n // 250 % 250, n % 250 + 1))
         s.sendall(req)
-        got = b""
-        while True:
-            d = s.recv(4096)
-            if not d:
-                break
-            got += d
+        got = recv_all(s)
         s.close()
         status = got[:12]
         answers[status] = answers.get(status, 0) + 1
@@ -486,17 +480,6 @@ test_policy_twenty_thousand_clients_one_after_another_fit_a_table_of_a_thousand.
 
 
 # ---- a reload ------------------------------------------------------------------------------
-
-def reload(px, text):
-    """Writes text as px's config, sends SIGHUP, returns the log line saying how it went."""
-    with open(px.ini, "w") as f:
-        f.write(text)
-    seen = len(re.findall(r"reload(ed| failed)", px.text()))
-    px.signal(signal.SIGHUP)
-    wait_for("the reload's log line",
-             lambda: len(re.findall(r"reload(ed| failed)", px.text())) > seen)
-    return re.findall(r".*reload(?:ed| failed).*", px.text())[-1]
-
 
 def test_policy_a_reload_keeps_the_clients_and_their_rates():
     """1 request/s, burst 1: a client uses its burst and gets 429; a reload of the same file
@@ -846,46 +829,28 @@ def test_policy_allow_destinations_by_name_and_by_network():
 
 # ---- the config ------------------------------------------------------------------------------
 
-def run_config(text, serve=True):
-    """./proxy -t (and ./proxy, if serve) on an http config with text appended: [(exit
-    status, stderr)], with the file's path. A file wrongly accepted serves on a free port, and
-    is stopped."""
-    path = os.path.join(TMP, "policy.ini")
-    with open(path, "w") as f:
-        f.write("[proxy]\nmode = http\nlisten = 127.0.0.1:0\nmax_connections = 100\n"
-                "[stats]\nlisten =\n" + text)
-    results = []
-    for args in (["-t", "-c", path], ["-c", path])[:1 + serve]:
-        try:
-            r = subprocess.run([PROXY, *args], capture_output=True, text=True, timeout=5)
-            results.append((r.returncode, r.stderr))
-        except subprocess.TimeoutExpired:
-            results.append((None, "started serving"))
-    return path, results
-
-
-BAD = [  # (text after [stats], the line at fault, what the error must say)
-    ("[access]\ndeny_destinations = *.example.com\n", 8,
+BAD = [  # (text after check_config's 5 lines, the line at fault, what the error must say)
+    ("[access]\ndeny_destinations = *.example.com\n", 7,
      "deny_destinations: '*.example.com': write .example.com"),
-    ("[access]\nallow_destinations = a.invalid,\n  *.example.com\n", 9,
+    ("[access]\nallow_destinations = a.invalid,\n  *.example.com\n", 8,
      "allow_destinations: '*.example.com': write .example.com"),
-    ("[access]\ndeny_destinations = a..b\n", 8, "deny_destinations: 'a..b'"),
-    ("[access]\ndeny_destinations = http://a.invalid/\n", 8, "deny_destinations: 'http:"),
-    ("[access]\ndeny_destinations = 10.0.0.0/33\n", 8, "deny_destinations: '10.0.0.0/33'"),
-    ("[access]\ntrusted_proxies = lb.invalid\n", 8, "trusted_proxies: 'lb.invalid'"),
-    ("[limits]\nexempt = 10.0.0.0/33\n", 8, "exempt: '10.0.0.0/33'"),
-    ("[limits]\nexempt = 10.0.0.0/8,\n  ::1/129\n", 9, "exempt: '::1/129'"),
-    ("[limits]\nrequest_burst = 5\n", 8, "request_burst"),
-    ("[limits]\nlimit_by = user\n", 8, "limit_by"),
-    ("[limits]\nlimit_by = ip\n", 8, "limit_by"),
-    ("[limits]\nconnections_per_client = -1\n", 8, "connections_per_client"),
-    ("[limits]\nclients = 10\n", 8, "clients"),
+    ("[access]\ndeny_destinations = a..b\n", 7, "deny_destinations: 'a..b'"),
+    ("[access]\ndeny_destinations = http://a.invalid/\n", 7, "deny_destinations: 'http:"),
+    ("[access]\ndeny_destinations = 10.0.0.0/33\n", 7, "deny_destinations: '10.0.0.0/33'"),
+    ("[access]\ntrusted_proxies = lb.invalid\n", 7, "trusted_proxies: 'lb.invalid'"),
+    ("[limits]\nexempt = 10.0.0.0/33\n", 7, "exempt: '10.0.0.0/33'"),
+    ("[limits]\nexempt = 10.0.0.0/8,\n  ::1/129\n", 8, "exempt: '::1/129'"),
+    ("[limits]\nrequest_burst = 5\n", 7, "request_burst"),
+    ("[limits]\nlimit_by = user\n", 7, "limit_by"),
+    ("[limits]\nlimit_by = ip\n", 7, "limit_by"),
+    ("[limits]\nconnections_per_client = -1\n", 7, "connections_per_client"),
+    ("[limits]\nclients = 10\n", 7, "clients"),
 ]
 GOOD = [
     "[access]\ndeny_destinations = a.invalid,\n  .b.invalid,\n\t10.0.0.0/8, [::2], ::3\n"
     "allow_destinations = Example.COM., 192.0.2.0/24\ntrusted_proxies = 127.0.0.1, ::1\n",
     "[limits]\nconnections_per_client = 10\nrequests_per_second = 5\nrequest_burst = 10\n"
-    "clients = 100\nexempt = 10.0.0.0/8,\n  fd00::/8\n",
+    "clients = 10000\nexempt = 10.0.0.0/8,\n  fd00::/8\n",
     "[users]\nalice = x\n[limits]\nlimit_by = user\nrequests_per_second = 1\n",
     "[limits]\nexempt =\n[access]\ndeny_destinations =\n",
 ]
@@ -894,13 +859,13 @@ GOOD = [
 def test_policy_bad_items_exit_2_naming_file_and_line_and_good_lists_load():
     failures = []
     for text, line, want in BAD:
-        path, results = run_config(text)
+        path, results = check_config(text)
         for status, err in results:
             if status != 2 or not err.startswith("%s:%d: " % (path, line)) or want not in err:
                 failures.append("%r: exit %s, %r (want line %d, %r)" % (text, status, err, line,
                                                                         want))
     for text in GOOD:
-        _, ((status, err),) = run_config(text, serve=False)
+        _, ((status, err),) = check_config(text, serve=False)
         if status != 0:
             failures.append("%r refused: %r" % (text, err))
     assert not failures, "\n".join(failures)
