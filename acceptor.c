@@ -235,6 +235,7 @@ static void enter(struct conn *c) {
 static void leave_room(struct conn *c) {
     unwatch(c);
     heap_remove(c);
+    c->held_until = 0;
 }
 
 /* A watched socket of a parked connection is readable or hung up. */
@@ -261,9 +262,10 @@ static void woken(struct watch *w) {
 static void expire(uint64_t now) {
     while (a.nheap && a.heap[0]->deadline <= now) {
         struct conn *c = a.heap[0];
+        int held = c->held_until != 0;
         leave_room(c);
-        if (c->held_until) {
-            c->held_until = 0;
+        if (held) { /* the time it was not read is not its client's idle time */
+            atomic_store(&c->last_ns, now);
             enter(c);
             continue;
         }

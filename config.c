@@ -226,18 +226,20 @@ static int add_cidr(struct loader *l, char *s) {
 }
 
 /* Whether s could be a host name: letters, digits, '-', '_' and dots, no empty label (a
- * leading dot, the suffix form, aside), at most 253 bytes. */
+ * leading dot, the suffix form, aside), a last label not all digits (10.0.0 is a mistyped
+ * network, not a name), at most 253 bytes. */
 static int host_name(const char *s) {
-    size_t n = strlen(s);
+    size_t n = strlen(s), last = 0;
     if (*s == '.') s++, n--;
     if (n && s[n - 1] == '.') n--; /* a trailing dot: the root, the same name */
     if (!n || n > 253 ||
-        strspn(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                  "0123456789-_.") < n)
+        strspn(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") < n)
         return 0;
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         if (s[i] == '.' && (i == 0 || s[i - 1] == '.' || i + 1 == n)) return 0;
-    return 1;
+        if (s[i] == '.') last = i + 1;
+    }
+    return strspn(s + last, "0123456789") < n - last;
 }
 
 /* One item of deny_destinations or allow_destinations: a network (10.0.0.0/8, an address, an
@@ -245,16 +247,18 @@ static int host_name(const char *s) {
 static int add_destination(struct loader *l, char *s) {
     struct destinations *d = (struct destinations *)((char *)l->c + l->key->off);
     struct cidr n;
-    char *close = *s == '[' ? strchr(s, ']') : NULL;
-    if (close && (!close[1] || close[1] == '/')) { /* [::1] as in a URL, [2001:db8::]/32 */
-        memmove(close, close + 1, strlen(close));
-        s++;
-    }
-    if (cidr_parse(s, &n) == 0)
+    char bare[256];
+    const char *close = *s == '[' ? strchr(s, ']') : NULL;
+    /* An IPv6 address in brackets as in a URL, [::1] or [2001:db8::]/32: without them. */
+    if (close && memchr(s, ':', (size_t)(close - s)) && (!close[1] || close[1] == '/'))
+        snprintf(bare, sizeof bare, "%.*s%s", (int)(close - s - 1), s + 1, close + 1);
+    else
+        snprintf(bare, sizeof bare, "%s", s);
+    if (cidr_parse(bare, &n) == 0)
         return nets_add(&d->nets, &n) < 0 ? fail(l, l->line, "out of memory") : 0;
-    if (*s == '*')
-        return fail(l, l->line, "%s: '%s': write .%s for a domain and every name under it",
-                    l->key->name, s, s[1] == '.' ? s + 2 : s + 1);
+    if (s[0] == '*' && s[1] == '.')
+        return fail(l, l->line, "%s: '%s': write %s for a domain and every name under it",
+                    l->key->name, s, s + 1);
     if (strchr(s, '/') || strchr(s, ':') || !host_name(s))
         return fail(l, l->line,
                     "%s: '%s' is not a host name, a .domain or a network like 10.0.0.0/8",

@@ -681,10 +681,13 @@ static enum served http_serve(struct worker *w, struct conn *c) {
     enum next next = NEXT_READ;
     stream_clear(in);
     stream_clear(&h->in[DOWN]);
-    /* The first head counts from accept (RFC 9112 leaves it to us; Apache does the same). */
+    /* The first head counts from accept (RFC 9112 leaves it to us; Apache does the same), also
+     * behind a balancer whose header came on a turn before (admit_behind kept head_cap). */
     if (c->turns == 1)
         c->head_deadline = c->head_cap =
             c->start_ns + (uint64_t)c->cfg->header_timeout * 1000000000u;
+    else if (c->head_cap && !c->head_deadline)
+        c->head_deadline = c->head_cap;
     /* A turn between requests began because its client's bytes came (or it is new): the next
      * request was there by the time c went into the queue, and its wait for a worker is part
      * of what its client saw. */
@@ -711,7 +714,9 @@ static enum served http_serve(struct worker *w, struct conn *c) {
                                           .bytes0 = {c->bytes[UP], c->bytes[DOWN]},
                                           .method = "-",
                                           .target = "-"};
-            next = refuse(c, proxy_header_sent(in) ? WHY_PROXY_HEADER : http_why_of(status), 0);
+            enum why why = http_why_of(status);
+            if (status == 400 && proxy_header_sent(in)) why = WHY_PROXY_HEADER;
+            next = refuse(c, why, 0);
         } else {
             next = request(w, c, &m);
         }

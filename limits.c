@@ -22,7 +22,7 @@ struct client {
     uint8_t kind;       /* enum kind */
     uint32_t open;      /* connections open from it (addresses only) */
     uint64_t tat;       /* GCRA: when the next request conforms, ns; 0: never seen */
-    int32_t chain;      /* the next entry in its hash bucket */
+    int32_t chain;      /* the next entry in its hash bucket, + 1; 0: none */
     int32_t prev, next; /* in the idle list (no connection open), most recent first */
 };
 
@@ -30,7 +30,7 @@ struct client {
 static struct {
     pthread_mutex_t mu;
     struct client *v;
-    int32_t *bucket; /* mask + 1 heads of hash chains */
+    int32_t *bucket; /* mask + 1 heads of hash chains: an entry + 1; 0: none (calloc's) */
     uint64_t mask, seed;
     int size, used;               /* entries [0, used) have held a client; the rest never */
     int32_t idle_head, idle_tail; /* no connection open: most recently seen first */
@@ -48,11 +48,10 @@ static uint64_t buckets_for(int n) {
 int limits_start(int clients) {
     t.size = clients;
     t.mask = buckets_for(clients) - 1;
-    /* calloc of this size maps fresh pages: resident only as entries are first used. */
+    /* calloc of these sizes maps fresh pages: resident only as entries are first used. */
     t.v = calloc((size_t)clients, sizeof *t.v);
-    t.bucket = malloc((t.mask + 1) * sizeof *t.bucket);
+    t.bucket = calloc(t.mask + 1, sizeof *t.bucket);
     if (!t.v || !t.bucket) return -1;
-    memset(t.bucket, 0xff, (t.mask + 1) * sizeof *t.bucket); /* NONE */
     /* A secret seed: a client choosing its addresses (a /48 holds 65,536 /64s) must not be
      * able to put them all in one bucket. */
     if (getrandom(&t.seed, sizeof t.seed, 0) != sizeof t.seed) t.seed = (uint64_t)mono_ns();
@@ -95,7 +94,7 @@ static void idle_push(int32_t i) {
 /* Takes entry i out of its hash chain. */
 static void chain_unlink(int32_t i) {
     int32_t *p = &t.bucket[bucket_of(t.v[i].key, t.v[i].kind)];
-    while (*p != i) p = &t.v[*p].chain;
+    while (*p != i + 1) p = &t.v[*p - 1].chain;
     *p = t.v[i].chain;
 }
 
@@ -119,7 +118,8 @@ static int32_t entry_new(void) {
  * connections open (only when there is no room for the caller's own: see entry_new). */
 static int32_t entry_get(const uint8_t *key, int kind) {
     uint64_t b = bucket_of(key, kind);
-    for (int32_t i = t.bucket[b]; i != NONE; i = t.v[i].chain) {
+    for (int32_t k = t.bucket[b]; k; k = t.v[k - 1].chain) {
+        int32_t i = k - 1;
         struct client *e = &t.v[i];
         if (e->kind != kind || memcmp(e->key, key, 16)) continue;
         if (!e->open) { /* seen: to the head of the idle list */
@@ -133,7 +133,7 @@ static int32_t entry_get(const uint8_t *key, int kind) {
     struct client *e = &t.v[i];
     *e = (struct client){.kind = (uint8_t)kind, .chain = t.bucket[b]};
     memcpy(e->key, key, 16);
-    t.bucket[b] = i;
+    t.bucket[b] = i + 1;
     idle_push(i);
     return i;
 }

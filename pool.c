@@ -332,7 +332,12 @@ static int admit_behind(struct conn *c) {
         c->head_deadline = c->head_cap =
             c->start_ns + (uint64_t)c->cfg->header_timeout * 1000000000u;
     enum wake w = copy_wait(c, UP, c->client, POLLIN, cfg.park_after != 0);
+    char byte = 0;
     if (w == WAKE_LEAVE) return SERVED_PARK;
+    /* Gone before a byte (a balancer's health check, or the stop): nothing to refuse. */
+    if (w == WAKE_ENDED ||
+        (w == WAKE_READY && recv(c->client, &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0))
+        return SERVED_DONE;
     c->behind = 0;
     c->head_deadline = 0; /* head_cap stays: the first request head counts from accept too */
     if (w != WAKE_READY || proxy_protocol_read(c->client, c->head_cap, &client) < 0) {

@@ -6,6 +6,7 @@
 
 #include <arpa/inet.h>
 #include <poll.h>
+#include <stdlib.h>
 #include <string.h>
 
 static const char v2_sig[12] = "\r\n\r\n\0\r\nQUIT\n";
@@ -47,32 +48,34 @@ int proxy_protocol_write(int version, const struct addr *src, const struct addr 
 
 /* Parses a version 1 line p[0, len) (CRLF included) into *client. Returns 0 or -1. */
 static int parse_v1(const char *p, size_t len, struct addr *client) {
-    char line[V1_MAX + 1], fam[8], src[64], dst[64];
-    unsigned sport, dport;
+    char line[V1_MAX + 1], fam[8], src[64], dst[64], sp[8], dp[8];
     int n = 0;
     memcpy(line, p, len - 2);
     line[len - 2] = 0;
     if (!strcmp(line, "PROXY UNKNOWN") || !strncmp(line, "PROXY UNKNOWN ", 14)) return 0;
-    /* One space between fields, as the protocol says: sscanf alone would take any run. */
+    /* One space between fields, as the protocol says (sscanf alone would take any run), and
+     * ports of digits only. */
     if (strstr(line, "  ") ||
-        sscanf(line, "PROXY %7s %63s %63s %5u %5u%n", fam, src, dst, &sport, &dport, &n) != 5 ||
-        (size_t)n != len - 2 || sport > 65535 || dport > 65535)
+        sscanf(line, "PROXY %7s %63s %63s %7[0-9] %7[0-9]%n", fam, src, dst, sp, dp, &n) != 5 ||
+        (size_t)n != len - 2 || atoi(sp) > 65535 || atoi(dp) > 65535 || strlen(sp) > 5 ||
+        strlen(dp) > 5)
         return -1;
     struct addr a = {0};
-    if (!strcmp(fam, "TCP4")) {
+    uint8_t ignored[16];
+    int family = !strcmp(fam, "TCP4") ? AF_INET : !strcmp(fam, "TCP6") ? AF_INET6 : 0;
+    if (!family || inet_pton(family, dst, ignored) != 1) return -1;
+    if (family == AF_INET) {
         struct sockaddr_in *s = (struct sockaddr_in *)&a.sa;
         s->sin_family = AF_INET;
-        s->sin_port = htons((uint16_t)sport);
+        s->sin_port = htons((uint16_t)atoi(sp));
         if (inet_pton(AF_INET, src, &s->sin_addr) != 1) return -1;
         a.len = sizeof *s;
-    } else if (!strcmp(fam, "TCP6")) {
+    } else {
         struct sockaddr_in6 *s = (struct sockaddr_in6 *)&a.sa;
         s->sin6_family = AF_INET6;
-        s->sin6_port = htons((uint16_t)sport);
+        s->sin6_port = htons((uint16_t)atoi(sp));
         if (inet_pton(AF_INET6, src, &s->sin6_addr) != 1) return -1;
         a.len = sizeof *s;
-    } else {
-        return -1;
     }
     *client = a;
     return 0;
@@ -80,10 +83,11 @@ static int parse_v1(const char *p, size_t len, struct addr *client) {
 
 /* Parses a whole version 2 header p[0, len) into *client. Returns 0 or -1. */
 static int parse_v2(const uint8_t *p, size_t len, struct addr *client) {
-    int cmd = p[12] & 0x0f, family = p[13] >> 4;
+    int cmd = p[12] & 0x0f, family = p[13] >> 4, stream = (p[13] & 0x0f) == 1;
     struct addr a = {0};
     if (p[12] >> 4 != 2 || cmd > 1) return -1;
     if (cmd == 0) return 0; /* LOCAL: the balancer's own connection (a health check) */
+    if ((family == 1 || family == 2) && !stream) return -1; /* UDP over a TCP connection? */
     if (family == 1 && len >= 16 + 12) {
         struct sockaddr_in *s = (struct sockaddr_in *)&a.sa;
         s->sin_family = AF_INET;

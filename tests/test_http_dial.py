@@ -312,6 +312,8 @@ def test_http_a_dial_that_waited_parked_carries_its_request_whole_and_counts_it_
         for want in (b"first", b"second"):
             resp = a.response()
             assert resp.status == 200 and resp.body == want, (resp.head, resp.body)
+        # The log line follows the answer (and the log reaches us through a pipe): wait for it.
+        wait_for("the POST's log line", lambda: " POST " in px.text())
         posts = [l for l in px.text().splitlines() if " POST " in l]
         assert len(posts) == 1 and " 200 " in posts[0], posts
         assert px.metric('proxy_http_requests_total{method="POST"}') == 1

@@ -70,14 +70,16 @@ def tried(fn, tries=5):
     raise AssertionError("%d tries all took longer than a rate window of a second" % tries)
 
 
-def proxy_v1(src, sport, dst="127.0.0.1", dport=80):
+def proxy_v1(src, sport, dst=None, dport=80):
     fam = "TCP6" if ":" in src else "TCP4"
+    dst = dst or ("::1" if ":" in src else "127.0.0.1")  # the same family: the protocol says so
     return ("PROXY %s %s %s %d %d\r\n" % (fam, src, dst, sport, dport)).encode()
 
 
-def proxy_v2(src, sport, dst="127.0.0.1", dport=80):
+def proxy_v2(src, sport, dst=None, dport=80):
     """A version 2 header (PROXY command, TCP over IPv4 or IPv6), as haproxy sends it."""
     fam = socket.AF_INET6 if ":" in src else socket.AF_INET
+    dst = dst or ("::1" if ":" in src else "127.0.0.1")
     addrs = socket.inet_pton(fam, src) + socket.inet_pton(fam, dst) + struct.pack("!HH", sport,
                                                                                   dport)
     return (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x21 if fam == socket.AF_INET6 else 0x11])
@@ -875,34 +877,50 @@ def test_policy_silent_balancer_connections_hold_no_worker_while_their_header_is
     """workers = 2, trusted_proxies = 127.0.0.1: two connections from the balancer that send
     nothing yet (a balancer may send the header only with its client's first bytes) wait
     parked, as any new connection does: a request from another client is answered at once,
-    not after header_timeout. A header that then comes is read and its request served; one
-    that never comes is refused with 400 at header_timeout, counted as proxy_header."""
+    not after header_timeout. A header that then comes is read and its request served, and a
+    header alone still leaves the first request head its header_timeout from accept (408); a
+    header that never comes is refused with 400 at header_timeout, counted as proxy_header; a
+    connection closed before any byte (a health check) is no refusal."""
     with origin() as o:
-        px = http_policy(o.addr, workers=2, header_timeout=3,
+        px = http_policy(o.addr, workers=2, header_timeout=3, keepalive_timeout=60,
                          access={"trusted_proxies": "127.0.0.1",
                                  "allow": "127.0.0.0/8, 192.0.2.0/24"})
         quiet = [Peer(px, "127.0.0.1") for _ in range(2)]
-        late = Peer(px, "127.0.0.1")
-        px.wait_metric("proxy_connections_parked", 3)  # none holds a worker
+        late, headless = Peer(px, "127.0.0.1"), Peer(px, "127.0.0.1")
+        px.wait_metric("proxy_connections_parked", 4)  # none holds a worker
         resp = Peer(px, "127.0.0.2").ask(get(o, "/beside"))
         assert resp.status == 200, resp.head
         resp = late.ask(proxy_v1("192.0.2.7", 5555) + get(o, "/late"))
         assert resp.status == 200 and resp.body == b"origin /late", resp.head
         wait_log_count(px, LOG + r"192\.0\.2\.7:5555 - GET \S+ 200 ", 1)
+        # A header alone, after the wait: the first request head is still due header_timeout
+        # from accept (408), not keepalive_timeout.
+        headless.send(proxy_v1("192.0.2.8", 5555))
+        headless.sock.settimeout(20)
+        resp = headless.response()
+        assert resp.status == 408, resp.head
+        Peer(px, "127.0.0.1").close()  # a balancer's health check: connect, close
         for c in quiet:
             c.sock.settimeout(10)
             resp = c.response()
             assert resp.status == 400 and resp.get("connection") == ["close"], resp.head
         px.wait_metric('proxy_connections_refused_total{reason="proxy_header"}', 2)
+        for c in quiet + [late, headless]:
+            c.close()
+        wait_for("every connection closed", lambda: px.metric("proxy_connections_active") == 0)
+        m = px.metrics()  # the health check was no refusal
+        assert m['proxy_connections_refused_total{reason="proxy_header"}'] == 2, m
+        assert m['proxy_connections_closed_total{reason="refused"}'] == 2, m
 
 
 def test_policy_a_client_told_to_wait_is_made_to_wait_holding_no_worker():
     """requests_per_second = 1: a second request at once gets 429 with Retry-After: 1 on a
     kept connection, and the next request sent at once on that connection is not read until
     then: its answer comes no sooner than a second after the 429, while the connection waits
-    parked (holding no worker); then it is served."""
+    parked (holding no worker); then it is served, even with keepalive_timeout = 1: the time
+    it was not read is not idle time."""
     with origin() as o:
-        px = http_policy(o.addr, limits={"requests_per_second": 1})
+        px = http_policy(o.addr, limits={"requests_per_second": 1}, keepalive_timeout=1)
 
         def run(src):
             c = Peer(px, src)

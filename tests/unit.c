@@ -152,6 +152,15 @@ static void test_config_golden_errors(void) {
         {"[access]\ndeny_destinations = a..b\n",
          "2: deny_destinations: 'a..b' is not a host name, a .domain or a network like "
          "10.0.0.0/8"},
+        {"[access]\ndeny_destinations = [example.com]\n",
+         "2: deny_destinations: '[example.com]' is not a host name, a .domain or a network like "
+         "10.0.0.0/8"},
+        {"[access]\ndeny_destinations = 10.0.0\n",
+         "2: deny_destinations: '10.0.0' is not a host name, a .domain or a network like "
+         "10.0.0.0/8"},
+        {"[access]\nallow_destinations = *\n",
+         "2: allow_destinations: '*' is not a host name, a .domain or a network like "
+         "10.0.0.0/8"},
         {"[access]\ndeny_destinations = 10.0.0.0/33\n",
          "2: deny_destinations: '10.0.0.0/33' is not a host name, a .domain or a network like "
          "10.0.0.0/8"},
@@ -836,6 +845,9 @@ static void test_proxy_header_read(void) {
         "PROXY TCP4 ::1 ::1 1 2\r\n",             /* not IPv4 */
         "PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n",     /* not IPv6 */
         "PROXY  TCP4 1.2.3.4 5.6.7.8 1 2\r\n",
+        "PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n",     /* a sign is no digit */
+        "PROXY TCP4 1.2.3.4 5.6.7.8 1 000080\r\n", /* six digits */
+        "PROXY TCP4 1.2.3.4 ::1 1 2\r\n",          /* the destination's family differs */
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         CHECK(proxy_protocol_parse(bad[i], strlen(bad[i]), &got, &used) == -1);
@@ -845,6 +857,8 @@ static void test_proxy_header_read(void) {
     memcpy(buf, "\r\n\r\n\0\r\nQUIT\n\x11\x11\x00\x0c", 16); /* version 1 in a v2 header */
     CHECK(proxy_protocol_parse(buf, 28, &got, &used) == -1);
     memcpy(buf, "\r\n\r\n\0\r\nQUIT\n\x22\x11\x00\x0c", 16); /* command 2 */
+    CHECK(proxy_protocol_parse(buf, 28, &got, &used) == -1);
+    memcpy(buf, "\r\n\r\n\0\r\nQUIT\n\x21\x12\x00\x0c", 16); /* UDP over TCP */
     CHECK(proxy_protocol_parse(buf, 28, &got, &used) == -1);
     memcpy(buf, "\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x04", 16); /* too short for TCP4 */
     CHECK(proxy_protocol_parse(buf, 20, &got, &used) == -1);
