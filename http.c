@@ -600,6 +600,29 @@ static int admit_request(struct conn *c, const struct msg *m) {
     return 407;
 }
 
+/* Counts a request against its client's rate (limits.c): its user once authenticated, else
+ * its address (a 407 too: guessing passwords is slow). Over it: 429 with Retry-After, and a
+ * connection that goes on (bodiless) is not read again until then, parked, holding no worker:
+ * one that sends as fast as it can would otherwise cost as much as one served (on this
+ * machine, a 429 loop beside another client halved that one's requests: bench/policy.py).
+ * Only with nothing more read already. Returns 0 when the request may go on, else 1 with what
+ * comes next in *next. */
+static int over_rate(struct worker *w, struct conn *c, int authenticated, int bodiless,
+                     enum next *next) {
+    struct stream *in = &((struct http_worker *)w->scratch)->in[UP];
+    int wait = limits_request(c->cfg, &c->peer, authenticated ? c->req.user : NULL);
+    if (!wait) return 0;
+    int rc = reply(c, WHY_RATE, bodiless, wait);
+    log_request(c);
+    *next = NEXT_CLOSE;
+    if (!bodiless || rc < 0) return 1;
+    *next = NEXT_READ;
+    if (!cfg.park_after || in->len > in->off) return 1;
+    c->held_until = mono_ns() + (uint64_t)wait * 1000000000u;
+    *next = NEXT_PARK;
+    return 1;
+}
+
 /* Handles one parsed request: its target, then admission (loop check, auth), then CONNECT's
  * tunnel or forwarding. A request whose dial left its worker is handled again from here when
  * c is back (c->dial): the same steps lead to the same dial, and it is counted and timed once. */
@@ -631,21 +654,8 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     status = admit_request(c, m);
     /* The connection may go on after a refusal only when no body follows the head. */
     int bodiless = !m->chunked && m->length <= 0 && !m->close;
-    /* Every request counts against its client's rate: its user once authenticated, else its
-     * address (a 407 too: guessing passwords is slow). A request back from its dial counted. */
-    int wait = again ? 0 : limits_request(c->cfg, &c->peer, status ? NULL : c->req.user);
-    if (wait) {
-        int rc = reply(c, WHY_RATE, bodiless, wait);
-        log_request(c);
-        if (!bodiless || rc < 0) return NEXT_CLOSE;
-        /* A client told to wait is made to: its next request is not read until Retry-After,
-         * parked, holding no worker. One that sends as fast as it can would otherwise cost
-         * as much as one served (on this machine, a 429 loop beside another client halved
-         * that one's requests: bench/policy.py). Only with nothing more read already. */
-        if (!cfg.park_after || h->in[UP].len > h->in[UP].off) return NEXT_READ;
-        c->held_until = mono_ns() + (uint64_t)wait * 1000000000u;
-        return NEXT_PARK;
-    }
+    enum next next;
+    if (!again && over_rate(w, c, status == 0, bodiless, &next)) return next;
     if (status == 407) {
         int retry = auth_may_retry(c); /* counts this failure */
         return refuse(c, WHY_AUTH, retry && bodiless);
