@@ -679,18 +679,9 @@ static int proxy_header_sent(const struct stream *s) {
     return s->len >= 6 && proxy_protocol_parse(s->buf, s->len, &ignored, &used) >= 0;
 }
 
-/* Serves one client connection: every request head read, parsed and handled in turn, until a
- * request or its response ends the connection (RFC 9112 9.6: then no further request is read),
- * or until it leaves its worker while it waits for a request (its turn is over, or it has
- * nothing to do: copy_wait), or a tunnel does. A connection back from the waiting room goes on
- * from there: it left with nothing buffered. Requests pipelined behind one another are all
- * served before it can leave: it waits for a request only once its buffer is empty. */
-static enum served http_serve(struct worker *w, struct conn *c) {
-    struct http_worker *h = w->scratch;
-    struct stream *in = &h->in[UP];
-    enum next next = NEXT_READ;
-    stream_clear(in);
-    stream_clear(&h->in[DOWN]);
+/* A turn of c begins on a worker: the clocks of its next request head, and the part of a head
+ * it left its last worker with (c->stash) back in in. */
+static void turn_begins(struct conn *c, struct stream *in) {
     /* The first head counts from accept (RFC 9112 leaves it to us; Apache does the same), also
      * behind a balancer whose header came on a turn before (admit_behind kept head_cap). */
     if (c->turns == 1)
@@ -703,12 +694,39 @@ static enum served http_serve(struct worker *w, struct conn *c) {
      * of what its client saw. */
     if (!c->relay && !c->dial && !c->head_first && !c->head_since)
         c->head_since = c->turns == 1 ? c->start_ns : c->queued_ns;
-    if (c->stash) { /* the part of a head it left with */
+    if (c->stash) {
         memcpy(in->buf, c->stash, c->stash_len);
         in->len = c->stash_len;
         pool_head_give(c->stash);
         c->stash = NULL;
     }
+}
+
+/* A request head that could not be read whole or parsed (status: http_read_head's) is
+ * answered, logged with what little is known of it, and ends the connection. */
+static enum next bad_head(struct conn *c, const struct stream *in, int status) {
+    enum why why = http_why_of(status);
+    c->req = (struct request_log){.start_ns = request_began(c),
+                                  .bytes0 = {c->bytes[UP], c->bytes[DOWN]},
+                                  .method = "-",
+                                  .target = "-"};
+    if (status == 400 && proxy_header_sent(in)) why = WHY_PROXY_HEADER;
+    return refuse(c, why, 0);
+}
+
+/* Serves one client connection: every request head read, parsed and handled in turn, until a
+ * request or its response ends the connection (RFC 9112 9.6: then no further request is read),
+ * or until it leaves its worker while it waits for a request (its turn is over, or it has
+ * nothing to do: copy_wait), or a tunnel does. A connection back from the waiting room goes on
+ * from there: it left with nothing buffered. Requests pipelined behind one another are all
+ * served before it can leave: it waits for a request only once its buffer is empty. */
+static enum served http_serve(struct worker *w, struct conn *c) {
+    struct http_worker *h = w->scratch;
+    struct stream *in = &h->in[UP];
+    enum next next = NEXT_READ;
+    stream_clear(in);
+    stream_clear(&h->in[DOWN]);
+    turn_begins(c, in);
     if (c->relay)
         next = relay(w, c); /* a tunnel back from the waiting room */
     else
@@ -719,17 +737,7 @@ static enum served http_serve(struct worker *w, struct conn *c) {
         enum head r = http_read_head(c, in, c->client, &m, 1, &status);
         if (r == HEAD_LEAVE) next = NEXT_PARK;
         if (r == HEAD_NONE || r == HEAD_LOST || r == HEAD_LEAVE) break;
-        if (r == HEAD_BAD) {
-            c->req = (struct request_log){.start_ns = request_began(c),
-                                          .bytes0 = {c->bytes[UP], c->bytes[DOWN]},
-                                          .method = "-",
-                                          .target = "-"};
-            enum why why = http_why_of(status);
-            if (status == 400 && proxy_header_sent(in)) why = WHY_PROXY_HEADER;
-            next = refuse(c, why, 0);
-        } else {
-            next = request(w, c, &m);
-        }
+        next = r == HEAD_BAD ? bad_head(c, in, status) : request(w, c, &m);
     }
     if (next == NEXT_PARK) return SERVED_PARK;
     end_upstream(w, c);
