@@ -142,7 +142,7 @@ install: $(BIN)
 	install -Dm644 $(B)/proxy.service $(DESTDIR)$(UNITDIR)/proxy.service
 	install -Dm644 proxy.socket $(DESTDIR)$(UNITDIR)/proxy.socket
 	install -d $(DESTDIR)$(PREFIX)/share/doc/proxy/examples
-	install -m644 README.md $(DESTDIR)$(PREFIX)/share/doc/proxy/
+	install -m644 README.md TOUR.md $(DESTDIR)$(PREFIX)/share/doc/proxy/
 	install -m644 examples/*.ini $(DESTDIR)$(PREFIX)/share/doc/proxy/examples/
 	test -e $(DESTDIR)/etc/proxy/proxy.ini || install -Dm600 proxy.ini $(DESTDIR)/etc/proxy/proxy.ini
 

@@ -1,5 +1,6 @@
 """tests/test_install.py — what a newcomer and a packager rely on: the example configs pass
-the check, the man page and proxy.ini name every key and the man page and README every metric,
+the check, the man page (the one reference) names every key and every metric and proxy.ini
+every key, the README stays short and the docs link only to code and files that exist,
 `make install` lays out binary, man page, unit and config under DESTDIR, the man page renders,
 and systemd accepts the unit."""
 import glob
@@ -30,12 +31,12 @@ def test_example_configs_pass_the_check():
 
 def test_the_reference_names_every_key_and_every_metric():
     """The man page is the complete reference: each key of config.c's table has an entry
-    there and a line in proxy.ini, and each metric the code exports is in the man page and in
-    the README's table."""
+    there and a line in proxy.ini, and each metric the code exports is named there. The README
+    and TOUR.md link to it instead of repeating it."""
     def read(name):
         with open(os.path.join(ROOT, name)) as f:
             return f.read()
-    page, ini, readme = read("proxy.1"), read("proxy.ini"), read("README.md")
+    page, ini = read("proxy.1"), read("proxy.ini")
     keys = re.findall(r'\{"(\w+)", "(\w+)", [A-Z]+,', read("config.c"))
     assert len(keys) > 20, keys
     for section, key in keys:
@@ -48,19 +49,21 @@ def test_the_reference_names_every_key_and_every_metric():
     assert len(metrics) > 20, metrics
     for m in sorted(metrics):
         assert m in page, "proxy.1 does not name the metric %s" % m
-        assert "`%s" % m in readme, "README.md does not name the metric %s" % m
+
+
+DOCS = ("README.md", "TOUR.md", "bench/README.md")
 
 
 def test_the_docs_link_only_to_code_that_exists():
-    """Every [`name`](file.c) link in the READMEs names something the file defines or uses
-    outside its comments, so that a rename fails here instead of a reader (the README linked
-    to http.c's send_request long after it was gone)."""
+    """Every [`name`](file.c) link in README.md, TOUR.md and bench/README.md names something
+    the file defines or uses outside its comments, so that a rename fails here instead of a
+    reader (the README linked to http.c's send_request long after it was gone)."""
     def code_of(path):
         with open(path) as f:
             text = f.read()
         return re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S)
     links = 0
-    for doc in ("README.md", "bench/README.md"):
+    for doc in DOCS:
         with open(os.path.join(ROOT, doc)) as f:
             text = f.read()
         for name, target in re.findall(r"\[`([A-Za-z_]\w*)(?:\(\))?`\]\(([\w./-]+\.[ch])\)", text):
@@ -69,7 +72,47 @@ def test_the_docs_link_only_to_code_that_exists():
             assert re.search(r"\b%s\b" % name, code_of(path)), \
                 "%s links to %s in %s, which has no such name" % (doc, name, target)
             links += 1
-    assert links > 30, links
+    assert links > 100, links
+
+
+def slug(heading):
+    """The anchor a Markdown renderer gives a heading: lower case, punctuation dropped,
+    spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_in_the_docs_stays_in_the_repo_and_exists():
+    """The docs stand alone: every Markdown link in README.md, TOUR.md and bench/README.md is
+    to a file of this repository that exists (and, with #anchor, to one of its headings),
+    never to a web address."""
+    checked = 0
+    for doc in DOCS:
+        with open(os.path.join(ROOT, doc)) as f:
+            text = f.read()
+        text = re.sub(r"```.*?```", " ", text, flags=re.S)  # code blocks hold no links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            assert not re.match(r"[a-z]+:", target), "%s links outside the repo: %s" % (doc, target)
+            path, _, anchor = target.partition("#")
+            full = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), path)) if path \
+                else os.path.join(ROOT, doc)
+            assert full.startswith(ROOT) and os.path.exists(full), \
+                "%s links to %s, which does not exist" % (doc, target)
+            if anchor:
+                with open(full) as f:
+                    heads = [slug(h) for h in re.findall(r"^#+ (.*)$", f.read(), re.M)]
+                assert anchor in heads, "%s links to %s: no such heading" % (doc, target)
+            checked += 1
+    assert checked > 100, checked
+
+
+def test_the_readme_is_short_and_starts_with_the_two_commands():
+    """The README is the way in, not the reference: at most 250 lines, and the first commands
+    in it are make run and make test."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    assert len(text.splitlines()) <= 250, "README.md has %d lines" % len(text.splitlines())
+    first = re.search(r"```sh\n(.*?)```", text, re.S).group(1).splitlines()
+    assert [line.split()[:2] for line in first[:2]] == [["make", "run"], ["make", "test"]], first
 
 
 def test_make_install_into_destdir():
