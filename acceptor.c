@@ -20,7 +20,6 @@
 /* All of it belongs to the acceptor thread; acceptor_start and acceptor_end run before and
  * after it. */
 static struct {
-    const struct mode *mode;
     pthread_t thread;
     int listen_fd, ep, stop_fd;
     int listening;         /* the listener is watched: 0 while it rests */
@@ -53,14 +52,6 @@ static struct watch listener_tag, mailbox_tag, stop_tag;
 
 /* ---- admitting new clients ------------------------------------------------------------ */
 
-/* Turns a client away: counted, logged, the mode's last word, closed. */
-static void refuse(int fd, const struct addr *peer, enum refusal why) {
-    atomic_fetch_add(&stats.refused[why], 1);
-    log_refused(refusal_texts[why], peer);
-    if (why != REFUSED_NOT_ALLOWED && a.mode->refuse) a.mode->refuse(fd, why);
-    close(fd);
-}
-
 /* Lets one accepted client in: it must be in the newest config's [access] allow, fewer than
  * max_connections may be open, and its per-client limits must let it (limits.c). A client
  * from trusted_proxies is a balancer: who the real client is, and so whether it may come in,
@@ -79,7 +70,8 @@ static void admit_client(int fd, struct addr *peer) {
     else if (!behind)
         why = limits_admit(now, peer, cfg.mode == MODE_TCP, &entry);
     if (why >= 0) {
-        refuse(fd, peer, (enum refusal)why);
+        pool_turn_away(fd, peer, (enum refusal)why);
+        close(fd);
     } else {
         atomic_fetch_add(&stats.active, 1);
         if (pool_submit(fd, peer, now, entry, behind) == 0) return;
@@ -385,13 +377,10 @@ static void *acceptor_main(void *arg) {
 
 /* ---- start and stop ------------------------------------------------------------------- */
 
-/* Starts the acceptor thread on the listening socket fd (made non-blocking here), handing
- * clients to the pool, which runs mode. Returns 0 or -1. */
-int acceptor_start(int listen_fd, const struct mode *mode) {
+int acceptor_start(int listen_fd) {
     struct epoll_event on = {.events = EPOLLIN, .data.ptr = &listener_tag};
     struct epoll_event mail = {.events = EPOLLIN, .data.ptr = &mailbox_tag};
     struct epoll_event stop = {.events = EPOLLIN, .data.ptr = &stop_tag};
-    a.mode = mode;
     a.listen_fd = listen_fd;
     a.listening = 1;
     a.heap = calloc((size_t)cfg.max_connections, sizeof(struct conn *));

@@ -143,7 +143,7 @@ static void http_done(const struct conn *c) {
 /* The last word to a client turned away before any request is read (by the acceptor, or
  * after a trusted balancer's PROXY header): 503 when the proxy is full, 429 over a per-client
  * limit, 400 for a bad PROXY header; never blocking. */
-static void http_refuse(int fd, enum refusal why) {
+static void http_last_word(int fd, enum refusal why) {
     static const enum why answer[REFUSED_MAX] = {
         [REFUSED_MAX_CONNECTIONS] = WHY_BUSY,
         [REFUSED_PER_CLIENT] = WHY_CLIENT_CONNECTIONS,
@@ -211,7 +211,7 @@ static int reply(struct conn *c, enum why why, int keep, int retry) {
 
 /* Answers a request with the proxy's own response (reply), logs it, and says what comes
  * next: the next request only if keep and the reply went out. */
-static enum next refuse(struct conn *c, enum why why, int keep) {
+static enum next answer_self(struct conn *c, enum why why, int keep) {
     int rc = reply(c, why, keep, 0);
     log_request(c);
     return keep && rc == 0 ? NEXT_READ : NEXT_CLOSE;
@@ -493,7 +493,7 @@ static enum next forward(struct worker *w, struct conn *c, const struct msg *m, 
     struct stream *in = &h->in[UP];
     uint64_t length = m->length > 0 ? (uint64_t)m->length : 0;
     long n = http_rewrite_request(h->out[UP], m, t, m->upgrade);
-    if (n < 0) return refuse(c, WHY_HEAD_TOO_LARGE, 0);
+    if (n < 0) return answer_self(c, WHY_HEAD_TOO_LARGE, 0);
     /* A body that came whole with its head goes with it, and is held for a second try. */
     x->out_len = (size_t)n;
     x->held = !m->chunked && in->len - in->off >= length && (size_t)n + length <= OUT_MAX;
@@ -550,12 +550,12 @@ static enum next tunnel(struct worker *w, struct conn *c, const struct msg *m) {
     int port;
     if (http_authority(m->target, m->tlen, host, sizeof host, &port, 0) < 0 || m->chunked ||
         m->length > 0)
-        return refuse(c, WHY_BAD_REQUEST, 0);
-    if (!auth_port_allowed(c->cfg->connect_ports, port)) return refuse(c, WHY_PORT, 0);
+        return answer_self(c, WHY_BAD_REQUEST, 0);
+    if (!auth_port_allowed(c->cfg->connect_ports, port)) return answer_self(c, WHY_PORT, 0);
     end_upstream(w, c);
     int fd = dial(w, c, host, port);
     if (fd < 0 && errno == EINPROGRESS) return NEXT_PARK; /* it comes back to this request */
-    if (fd < 0) return refuse(c, dial_why(c, errno), 0);
+    if (fd < 0) return answer_self(c, dial_why(c, errno), 0);
     pool_set_upstream(w, fd);
     if (copy_send(c, c->client, ok, sizeof ok - 1) < 0) {
         log_request(c);
@@ -650,7 +650,7 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     if (!again) count_method(c->req.method);
 
     int status = parse_target(c, m, &t);
-    if (status) return refuse(c, http_why_of(status), 0);
+    if (status) return answer_self(c, http_why_of(status), 0);
     status = admit_request(c, m);
     /* The connection may go on after a refusal only when no body follows the head. */
     int bodiless = !m->chunked && m->length <= 0 && !m->close;
@@ -658,15 +658,15 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     if (!again && over_rate(w, c, status == 0, bodiless, &next)) return next;
     if (status == 407) {
         int retry = auth_may_retry(c); /* counts this failure */
-        return refuse(c, WHY_AUTH, retry && bodiless);
+        return answer_self(c, WHY_AUTH, retry && bodiless);
     }
-    if (status) return refuse(c, http_why_of(status), 0);
+    if (status) return answer_self(c, http_why_of(status), 0);
     if (!strcmp(c->req.method, "CONNECT")) return tunnel(w, c, m);
     /* Any host, not any port: else a body could speak to SMTP on 25 or SSH on 22. */
     if (t.authority && !auth_port_allowed(c->cfg->forward_ports, t.port))
-        return refuse(c, WHY_PORT, 0);
-    if (!t.authority && !c->cfg->nup) return refuse(c, WHY_NO_UPSTREAM, 0);
-    if (!t.authority && m->version && !m->host) return refuse(c, WHY_BAD_REQUEST, 0);
+        return answer_self(c, WHY_PORT, 0);
+    if (!t.authority && !c->cfg->nup) return answer_self(c, WHY_NO_UPSTREAM, 0);
+    if (!t.authority && m->version && !m->host) return answer_self(c, WHY_BAD_REQUEST, 0);
     return forward(w, c, m, &x, &t);
 }
 
@@ -711,7 +711,7 @@ static enum next bad_head(struct conn *c, const struct stream *in, int status) {
                                   .method = "-",
                                   .target = "-"};
     if (status == 400 && proxy_header_sent(in)) why = WHY_PROXY_HEADER;
-    return refuse(c, why, 0);
+    return answer_self(c, why, 0);
 }
 
 /* Serves one client connection: every request head read, parsed and handled in turn, until a
@@ -781,6 +781,6 @@ const struct mode http_mode = {
     .done = http_done,
     .init = http_init,
     .free = http_free,
-    .refuse = http_refuse,
+    .last_word = http_last_word,
     .metrics = http_metrics,
 };

@@ -96,6 +96,12 @@ int pool_intake_open(void) {
     return open;
 }
 
+void pool_turn_away(int fd, const struct addr *peer, enum refusal why) {
+    atomic_fetch_add(&stats.refused[why], 1);
+    log_refused(refusal_texts[why], peer);
+    if (why != REFUSED_NOT_ALLOWED && mode->last_word) mode->last_word(fd, why);
+}
+
 /* Hands an accepted socket to the pool, served by config cf (held: the connection keeps the
  * reference). Returns 0, or -1 when the pool is stopping (the caller closes fd and drops cf).
  * The ring has a place and the slab a record for every connection that may be open
@@ -351,9 +357,7 @@ static int admit_behind(struct conn *c) {
             why = limits_admit(c->cfg, &c->peer, cfg.mode == MODE_TCP, &c->entry);
     }
     if (why < 0) return -1;
-    atomic_fetch_add(&stats.refused[why], 1);
-    log_refused(refusal_texts[why], &c->peer);
-    if (why != REFUSED_NOT_ALLOWED && mode->refuse) mode->refuse(c->client, (enum refusal)why);
+    pool_turn_away(c->client, &c->peer, (enum refusal)why);
     conn_end(c, END_REFUSED);
     return SERVED_DONE;
 }

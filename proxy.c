@@ -142,7 +142,7 @@ static void start(sigset_t *set) {
     if (pool_start(mode) < 0) err(1, "cannot start %d workers", cfg.workers);
     if (admin_fd >= 0 && admin_start(admin_fd, mode->metrics) < 0)
         err(1, "cannot start the metrics thread");
-    if (acceptor_start(listen_fd, mode) < 0) err(1, "cannot start the acceptor");
+    if (acceptor_start(listen_fd) < 0) err(1, "cannot start the acceptor");
 
     char where[64], admin[64] = "off";
     if (admin_fd >= 0) addr_format(&own[1], admin, sizeof admin);

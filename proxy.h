@@ -651,15 +651,15 @@ typedef enum served (*serve_fn)(struct worker *w, struct conn *c);
  * mode itself. */
 struct mode {
     const char *name;
-    serve_fn serve;                           /* the front thread's job for one connection, until it
-                                                 ends (SERVED_DONE) or parks (SERVED_PARK); called
-                                                 again when a parked connection has work */
-    int (*init)(struct worker *w);            /* allocates w->scratch; returns 0 or -1 */
-    void (*free)(struct worker *w);           /* frees w->scratch */
-    void (*refuse)(int fd, enum refusal why); /* a last word to a client turned away; never
-                                                 blocks; NULL: none */
-    void (*done)(const struct conn *c);       /* after c is closed and counted; NULL: nothing */
-    render_fn metrics;                        /* the mode's own metric families; NULL: none */
+    serve_fn serve;                 /* the front thread's job for one connection, until it
+                                       ends (SERVED_DONE) or parks (SERVED_PARK); called
+                                       again when a parked connection has work */
+    int (*init)(struct worker *w);  /* allocates w->scratch; returns 0 or -1 */
+    void (*free)(struct worker *w); /* frees w->scratch */
+    void (*last_word)(int fd, enum refusal why); /* to a client turned away (pool_turn_away);
+                                                    never blocks; NULL: none */
+    void (*done)(const struct conn *c);          /* after c is closed and counted; NULL: nothing */
+    render_fn metrics;                           /* the mode's own metric families; NULL: none */
 };
 
 /* A worker: a front thread that takes connections from the queue and a back thread that
@@ -688,6 +688,10 @@ int pool_intake_open(void);
 char *pool_head_take(void);
 /* Gives a head buffer back. */
 void pool_head_give(char *buf);
+/* Turns a client away before it is served (the acceptor, or after a trusted balancer's PROXY
+ * header): counted and logged as why, and given the mode's last word unless it is not allowed
+ * at all. The caller closes fd. */
+void pool_turn_away(int fd, const struct addr *peer, enum refusal why);
 /* Hands an accepted socket to the pool, served by config cf (held: the connection keeps the
  * reference), counted in limits.c as entry (-1: not), behind a trusted balancer if behind.
  * Returns 0, or -1 when the pool is stopping (the caller closes fd, drops cf, leaves entry). */
@@ -904,8 +908,8 @@ extern const struct mode http_mode;
 /* ==== acceptor.c: the acceptor thread and its waiting room ============================== */
 
 /* Starts the acceptor thread on the listening socket fd (made non-blocking here), handing
- * clients to the pool, which runs mode. Returns 0 or -1. */
-int acceptor_start(int listen_fd, const struct mode *mode);
+ * clients to the pool (pool_start first). Returns 0 or -1. */
+int acceptor_start(int listen_fd);
 /* Stops accepting: returns once the backlog is taken in (if drain_backlog: the listener closes
  * with us; else its clients wait for whoever listens next) and the listener may close, with
  * how many parked connections between requests were closed. Connections with work in progress
