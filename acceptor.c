@@ -408,10 +408,7 @@ static void ring_stop(void) {
     }
 }
 
-/* Stops accepting: returns once the backlog is taken in (if drain_backlog: the listener closes
- * with us; else its clients wait for whoever listens next) and the listener may close, with
- * how many connections between requests were closed (parked ones: nothing of theirs was in
- * progress). Connections with work in progress go on, parked or not, until acceptor_end. */
+/* Those closed were parked between requests: nothing of theirs was in progress. */
 uint64_t acceptor_stop(int drain_backlog) {
     atomic_store(&drain, drain_backlog);
     atomic_store(&stopping, 1);
@@ -423,8 +420,6 @@ uint64_t acceptor_stop(int drain_backlog) {
     return closed;
 }
 
-/* Closes every connection still parked (the grace period is over, or nothing is left) and ends
- * the acceptor thread. */
 void acceptor_end(void) {
     atomic_store(&ending, 1);
     ring_stop();

@@ -68,8 +68,6 @@ static void *admin_main(void *arg) {
     return NULL;
 }
 
-/* Starts the admin thread serving GET /metrics (stats_render with more) on the listening
- * socket fd. Returns 0 or -1. */
 int admin_start(int fd, render_fn more) {
     pthread_attr_t attr;
     admin_fd = fd;
@@ -81,7 +79,6 @@ int admin_start(int fd, render_fn more) {
     return rc ? -1 : 0;
 }
 
-/* Stops the admin thread (fd is shut down and closed). */
 void admin_stop(void) {
     if (admin_fd < 0) return;
     atomic_store(&admin_stopping, 1);

@@ -18,8 +18,6 @@ static int b64_value(unsigned char ch) {
     return -1;
 }
 
-/* Decodes strict base64 (padding required, no whitespace, zero pad bits) into out. Returns
- * the decoded length, or -1. */
 int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap) {
     /* Strict: whole quads, the alphabet only, '=' only as the last one or two characters,
      * and zero padding bits, so that one credential has exactly one spelling. */
@@ -56,8 +54,6 @@ static unsigned same_secret(const unsigned char *guess, size_t glen, const char 
     return diff == 0;
 }
 
-/* Checks the request's Proxy-Authorization against cf's [users] (AUTH_OK when there are none)
- * and copies the user name into user. Compares with every user in constant time. */
 enum auth auth_check(const struct config *cf, const struct msg *m, char *user, size_t cap) {
     unsigned char cred[256];
     user[0] = 0;
@@ -87,8 +83,6 @@ enum auth auth_check(const struct config *cf, const struct msg *m, char *user, s
     return AUTH_OK;
 }
 
-/* Counts a failed authentication (a 407) on c. Returns whether c may stay open for another
- * try: 0 once it has had AUTH_FAILURES_MAX. */
 int auth_may_retry(struct conn *c) {
     /* A guesser must reconnect every few tries (slower, and seen in the connection counters),
      * and a client stuck retrying bad credentials does not hold its worker for ever. */
@@ -96,8 +90,6 @@ int auth_may_retry(struct conn *c) {
     return c->auth_failures < AUTH_FAILURES_MAX;
 }
 
-/* Whether port is in ports, a bitmap of a config's (connect_ports for CONNECT, forward_ports
- * for absolute-form requests). */
 int auth_port_allowed(const uint8_t *ports, int port) {
     return port > 0 && port < 65536 && (ports[port / 8] >> (port % 8) & 1);
 }

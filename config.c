@@ -548,15 +548,11 @@ static long long other_fds(const struct config *c) {
     return 16 + (c->mode == MODE_HTTP ? LOOKUPS_MAX : 0);
 }
 
-/* File descriptors a full load needs: max_connections' sockets, the workers' pipes, the rest
- * (other_fds). */
+/* All but the sockets and the workers' fds are counted in other_fds. */
 long long config_fds(const struct config *c) {
     return (long long)c->max_connections * 2 + (long long)c->workers * pool_fds(c) + other_fds(c);
 }
 
-/* Warns on out (each line after prefix) when limit fds cannot hold a full load, saying what
- * max_connections would fit. Returns 0, or -1 when not even the workers and one connection
- * fit: then start-up fails, and lowering max_connections cannot help. */
 int config_fd_warning(const struct config *c, unsigned long long limit, const char *prefix,
                       FILE *out) {
     long long pool = (long long)c->workers * pool_fds(c) + other_fds(c);
@@ -606,10 +602,6 @@ static int check_log(const struct config *c, char *err, size_t errlen) {
     return -1;
 }
 
-/* Prints what -t shows: the pool (threads, stacks, buffers, pipes), the connections
- * (records, sockets), and whether the fd limit holds them; and opens what start-up opens
- * (the log; not the sockets). Returns 0, or -1 where start-up would fail (said on o, or in
- * err). */
 int config_plan(const struct config *c, FILE *o, char *err, size_t errlen) {
     if (check_log(c, err, errlen) < 0) return -1;
     static const char *modes[] = {"tcp", "http"}, *copies[] = {"splice", "buffer"};

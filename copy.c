@@ -14,7 +14,6 @@
 #include <string.h>
 #include <unistd.h>
 
-/* A worker's copier: allocated once (buffer or pipe by cfg.copy). Returns 0 or -1. */
 int copy_init(struct copier *k) {
     static _Atomic int warned;
     *k = (struct copier){.pipe = {-1, -1}};
@@ -27,7 +26,6 @@ int copy_init(struct copier *k) {
     return 0;
 }
 
-/* Between connections: forgets pacing; drains bytes a failed connection left in the pipe. */
 void copy_reset(struct copier *k) {
     char sink[4096];
     k->tat = 0;
@@ -41,7 +39,6 @@ void copy_reset(struct copier *k) {
     }
 }
 
-/* Frees what copy_init allocated. */
 void copy_free(struct copier *k) {
     free(k->buf);
     if (k->pipe[0] < 0) return;
@@ -49,7 +46,6 @@ void copy_free(struct copier *k) {
     close(k->pipe[1]);
 }
 
-/* Ends c for reason (if none was recorded yet) and wakes both loops. */
 void conn_end(struct conn *c, enum end reason) {
     int none = END_NONE;
     atomic_compare_exchange_strong(&c->end, &none, (int)reason);
@@ -60,7 +56,6 @@ void conn_end(struct conn *c, enum end reason) {
     if (c->upstream >= 0) shutdown(c->upstream, SHUT_RDWR);
 }
 
-/* Whether no byte moved on c, either way, for ms milliseconds (0: never). */
 int copy_idle_for(struct conn *c, uint64_t ms) {
     uint64_t last = atomic_load_explicit(&c->last_ns, memory_order_relaxed), now = mono_ns();
     return ms && now > last && now - last >= ms * 1000000u;
@@ -85,13 +80,10 @@ static int too_slow(struct conn *c, enum dir d, size_t n) {
     return 1;
 }
 
-/* Starts timing the body read in direction d against min_rate: read slower, it ends c
- * (END_SLOW). */
 void copy_rate_start(struct conn *c, enum dir d) {
     c->rate[d] = (struct rate){.from = c->cfg->min_rate ? mono_ns() : 0};
 }
 
-/* Stops timing the body read in direction d. */
 void copy_rate_stop(struct conn *c, enum dir d) {
     c->rate[d].from = 0;
 }
@@ -143,7 +135,6 @@ static void count_sent(struct conn *c, int to, size_t n) {
     touch(c);
 }
 
-/* Sends all n bytes to fd. Returns 0, or -1 when the connection ended. */
 int copy_send(struct conn *c, int to, const char *p, size_t n) {
     while (n) {
         ssize_t w = send(to, p, n, MSG_NOSIGNAL);
@@ -158,8 +149,6 @@ int copy_send(struct conn *c, int to, const char *p, size_t n) {
     return 0;
 }
 
-/* Receives up to len bytes into buf: RECV_DATA (*got bytes), RECV_EOF, RECV_TICK (TICK_MS
- * passed with nothing to read: the caller checks its own deadlines), or RECV_ENDED. */
 enum recv copy_recv(struct conn *c, int fd, void *buf, size_t len, size_t *got) {
     for (;;) {
         ssize_t n = recv(fd, buf, len, 0);
@@ -189,12 +178,10 @@ static int drain_pipe(struct conn *c, struct copier *k, int to, size_t n) {
     return 0;
 }
 
-/* Rate limiting: ns to wait before the next read may start (0: now). */
 uint64_t copy_pace_wait(const struct copier *k, uint64_t now) {
     return k->tat > now ? k->tat - now : 0;
 }
 
-/* Rate limiting: charges n bytes moved at now. */
 void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate) {
     /* GCRA: each byte pushes the theoretical arrival time on by 1/rate s; an idle spell
      * earns no credit beyond the next read, so a burst is at most one chunk. */
@@ -203,7 +190,6 @@ void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate) {
 
 /* ---- waiting for bytes, and leaving the worker ------------------------------------------ */
 
-/* Rings s's bell: its thread looks again at whether to keep its connection. */
 void copy_ring(struct seat *s) {
     uint64_t one = 1;
     ssize_t n = write(s->bell, &one, sizeof one);
@@ -218,17 +204,12 @@ static void ask_leave(struct conn *c, enum dir d, enum leave why) {
     if (c->relay) copy_ring(&c->seats[!d]);
 }
 
-/* One loop of c is done for good (at EOF): it no longer counts as awake. */
 void copy_loop_done(struct conn *c, enum dir d) {
     /* If the other loop waits, it waits with no eye on the clock: that was this one's, the
      * last awake. Ring it to take the clock over. */
     if (atomic_fetch_sub(&c->awake, 1) == 1) copy_ring(&c->seats[!d]);
 }
 
-/* The deadline of what c waits for, the same on a worker and in the waiting room (0: none): a
- * dial's, for its lookup or connect in progress (connect_timeout); a request head's
- * (c->head_deadline); a relay's, last byte + idle_timeout; an http connection's between
- * requests, last byte + keepalive_timeout. */
 uint64_t copy_deadline(struct conn *c) {
     if (c->dial) return c->dial->until;
     if (c->head_deadline) return c->head_deadline;
@@ -236,10 +217,8 @@ uint64_t copy_deadline(struct conn *c) {
     return s ? atomic_load(&c->last_ns) + (uint64_t)s * 1000000000u : 0;
 }
 
-/* Whether c is an http connection between requests (none begun, nor a tunnel): at the stop
- * nothing of it is in progress, so it is closed instead of kept (as nginx and haproxy close
- * idle keep-alive connections), unless a request is waiting already. A tcp connection is
- * always a relay or a dial when it can wait. */
+/* Why close and not keep: nginx and haproxy close idle keep-alive connections at a stop too. A tcp
+ * connection is never between requests: when it can wait it is always a relay or a dial. */
 int copy_between_requests(const struct conn *c) {
     return cfg.mode == MODE_HTTP && !c->relay && !c->dial && !c->head_first;
 }
@@ -294,12 +273,10 @@ static int timeout_ms(uint64_t deadline, uint64_t now) {
     return ms > INT_MAX ? INT_MAX : (int)ms;
 }
 
-/* Waits, on the thread of seat d, until fd is ready for events (POLLIN: a read will not block;
- * POLLOUT: a connect is done), or, if may_leave, until c should leave its worker (due). A
- * blocked read could not be woken to leave; poll on the socket and the thread's bell can, and
- * a ring that comes before the thread blocks is not lost: the bell stays readable until the
- * thread takes it. A dial waits on an fd conn_end does not shut: the client's hang-up, which
- * conn_end causes, wakes it. */
+/* Why poll and not a blocked read: a blocked read could not be woken to leave; poll on the socket
+ * and the thread's bell can, and a ring that comes before the thread blocks is not lost: the bell
+ * stays readable until the thread takes it. Whether c should leave is due()'s answer. A dial waits
+ * on an fd conn_end does not shut: the client's hang-up, which conn_end causes, wakes it. */
 enum wake copy_wait(struct conn *c, enum dir d, int fd, short events, int may_leave) {
     struct seat *me = &c->seats[d];
     for (;;) {
@@ -392,17 +369,10 @@ static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t
     return (int64_t)moved;
 }
 
-/* Moves up to limit bytes from → to, counting them. Returns the bytes moved when from reached
- * EOF or the limit, or -1 when the connection ended (c->end says why). */
 int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit) {
     return move(c, k, from, to, limit, 0, UP);
 }
 
-/* Copies one direction of c, UP on the front thread and DOWN on the back one, waiting for each
- * read in copy_wait (with park_after = 0, in the read itself, as a worker that never parks
- * would): STREAM_EOF at EOF (the write side of the destination is shut down, c->eof[d] set);
- * STREAM_LEAVE when c leaves its worker (c->leave); STREAM_ENDED when the connection ended.
- * It leaves only between reads: no byte is read and left behind. */
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d) {
     int from = d == UP ? c->client : c->upstream;
     int to = d == UP ? c->upstream : c->client;

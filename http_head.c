@@ -10,12 +10,10 @@
 
 static char via[48]; /* "1.1 proxy-PID"; written once by http_head_init, then read-only */
 
-/* Makes this process's Via value, before any worker runs (again: the same value). */
 void http_head_init(void) {
     snprintf(via, sizeof via, "1.1 proxy-%d", (int)getpid());
 }
 
-/* The Via value this proxy adds: "1.1 proxy-PID". */
 const char *http_via(void) {
     return via;
 }
@@ -74,9 +72,6 @@ static void put_fields(struct out *o, const struct msg *m, int keep_upgrade, int
     }
 }
 
-/* Writes the request head to forward into buf: origin-form target, hop-by-hop fields dropped,
- * Host from the target's authority if it has one, our own Connection, Via added. Returns its
- * length, or -1 when it does not fit. */
 long http_rewrite_request(char *buf, const struct msg *m, const struct target *t, int upgrade) {
     struct out o = {.p = buf};
     put(&o, m->method, m->mlen);
@@ -98,10 +93,6 @@ long http_rewrite_request(char *buf, const struct msg *m, const struct target *t
     return o.full ? -1 : (long)o.n;
 }
 
-/* Writes the response head to relay (r, parsed from head) into buf: our HTTP/1.1 status line
- * with the upstream's status and reason, its end-to-end fields, our own Connection (close when the
- * client connection ends after this response, keep-alive for an HTTP/1.0 client that asked for it,
- * upgrade on a 101), Via added. Returns its length, or -1 when it does not fit. */
 long http_rewrite_response(char *buf, const char *head, const struct msg *r, const struct msg *req,
                            int close) {
     struct out o = {.p = buf};

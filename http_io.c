@@ -144,12 +144,6 @@ static enum head wait_request(struct conn *c, struct stream *s, int fd) {
     return HEAD_OK;
 }
 
-/* Reads until s holds a whole head and parses it into m (a request if request: it must be whole
- * by c->head_deadline): HEAD_OK; HEAD_NONE at EOF before any byte, or when a client between
- * requests was idle for keepalive_timeout; HEAD_LEAVE when c leaves its worker while it waits
- * for a request or for the rest of one (copy_wait; a part read goes with it in c->stash);
- * HEAD_LOST when the connection ended or the client left mid-head; HEAD_BAD with the status to
- * refuse it with in *status (408 when its time is up; 502 for any bad response). */
 enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
                          int *status) {
     size_t scanned = 0, end, got;
@@ -213,8 +207,6 @@ static long read_line(struct conn *c, struct stream *s, int fd) {
     }
 }
 
-/* Relays exactly n body bytes from s (what is buffered, then the socket from) to `to`.
- * Returns 0 or -1. */
 int http_relay_n(struct conn *c, struct copier *k, struct stream *s, int from, int to, uint64_t n) {
     size_t have = s->len - s->off;
     if (have > n) have = (size_t)n;
@@ -224,9 +216,7 @@ int http_relay_n(struct conn *c, struct copier *k, struct stream *s, int from, i
     return copy_bytes(c, k, from, to, n - have) == (int64_t)(n - have) ? 0 : -1;
 }
 
-/* Relays a chunked body from s (what is buffered, then the socket from) to `to`, checking every
- * size line and trailer; the bytes go on exactly as they came. Returns 0 or -1. The loop is
- * flat on purpose: no recursion, no limit on the number of chunks, each one bounded. */
+/* The loop is flat on purpose: no recursion, no limit on the number of chunks, each one bounded. */
 int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to) {
     uint64_t size;
     for (;;) {

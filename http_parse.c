@@ -29,12 +29,10 @@ static int token_len(const char *p, const char *end) {
     return (int)(p - s);
 }
 
-/* Whether s[0, len) equals word, ignoring case. */
 int http_is(const char *s, size_t len, const char *word) {
     return strlen(word) == len && !strncasecmp(s, word, len);
 }
 
-/* Whether the comma-separated list holds item, ignoring case. */
 int http_list_has(const char *list, size_t len, const char *item, size_t ilen) {
     const char *p = list, *end = list + len;
     while (p < end) {
@@ -48,9 +46,6 @@ int http_list_has(const char *list, size_t len, const char *item, size_t ilen) {
     return 0;
 }
 
-/* Looks for the end of a head in buf[0, len), scanning on from *scanned: SCAN_DONE with *end
- * the head's length, SCAN_MORE if more bytes are needed, SCAN_BAD on a NUL, a bare CR or LF,
- * or a head that starts with CRLF (no start line). */
 enum scan http_head_end(const char *buf, size_t len, size_t *scanned, size_t *end) {
     /* Scans only what is new since the last call, so a head that arrives a byte at a time
      * costs linear, not quadratic, time. */
@@ -153,8 +148,6 @@ static int known_field(struct msg *m, const struct field *f, int request) {
     return 0;
 }
 
-/* Parses a whole head (request if request, else response) into m. Returns 0, or the status to
- * refuse it with: 400, 431, 505 for requests; 502 for responses. */
 int http_parse(const char *buf, size_t len, struct msg *m, int request) {
     const char *p = buf, *end = buf + len - 2; /* the head ends with an empty line */
     const char *eol = memchr(p, '\r', (size_t)(end - p));
@@ -179,8 +172,6 @@ int http_parse(const char *buf, size_t len, struct msg *m, int request) {
     return 0;
 }
 
-/* Parses the field line p[0, len) "name: value" (a header field or a trailer) into f.
- * Returns 0 or -1. */
 int http_field(const char *p, size_t len, struct field *f) {
     /* obs-fold, and whitespace between the name and the colon, are refused: both were ways
      * to make two parsers disagree on where a field starts or what it is called. */
@@ -195,7 +186,6 @@ int http_field(const char *p, size_t len, struct field *f) {
     return 0;
 }
 
-/* Parses a chunk-size line without its CRLF (hex size, optional extensions). 0 or -1. */
 int http_chunk_size(const char *line, size_t len, uint64_t *size) {
     size_t n = 0;
     *size = 0;
@@ -213,8 +203,6 @@ int http_chunk_size(const char *line, size_t len, uint64_t *size) {
     return 0;
 }
 
-/* Parses "host[:port]" or "[v6][:port]" into host (cap bytes) and port; the port defaults to
- * def, or is required when def is 0. Returns 0 or -1. */
 int http_authority(const char *s, size_t len, char *host, size_t cap, int *port, int def) {
     const char *end = s + len, *h = s, *he;
     int v6 = len && *s == '[';

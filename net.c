@@ -19,8 +19,6 @@
 
 /* ---- sockets -------------------------------------------------------------------------- */
 
-/* Opens a listening socket on a. With reuse_port, several processes may listen on the same
- * address and the kernel spreads connections over them. Returns the fd, or -1 with errno. */
 int net_listen(const struct addr *a, int reuse_port) {
     int one = 1;
     int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -33,8 +31,6 @@ int net_listen(const struct addr *a, int reuse_port) {
     return fd;
 }
 
-/* The local address of fd (a listener's port 0 becomes the port the kernel chose), IPv4-mapped
- * addresses unmapped. Returns 0, or -1 with errno. */
 int net_local(int fd, struct addr *a) {
     a->len = sizeof a->sa;
     if (getsockname(fd, (struct sockaddr *)&a->sa, &a->len) < 0) return -1;
@@ -42,7 +38,6 @@ int net_local(int fd, struct addr *a) {
     return 0;
 }
 
-/* Sets what every relayed socket needs: TCP_NODELAY and urgent data in line. */
 void net_prepare(int fd) {
     /* Best-effort: a socket without these still works, only slower. Without TCP_NODELAY a
      * small reply waits for the peer's delayed ACK (~40 ms). Set on a listening socket, they
@@ -52,16 +47,14 @@ void net_prepare(int fd) {
     setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one);
 }
 
-/* Makes every blocking read and write on fd give up after ms with EAGAIN: the tick at which a
- * blocked thread checks its deadlines. Accepted sockets inherit it from their listener. */
 void net_set_tick(int fd, int ms) {
     struct timeval tick = {ms / 1000, ms % 1000 * 1000L};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tick, sizeof tick);
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tick, sizeof tick);
 }
 
-/* Whether this host owns a's IP (any port): a socket can bind to it. The kernel's own answer,
- * so it covers every interface, alias and local route without a list that could go stale. */
+/* Why bind and not a list of interfaces: the kernel's own answer covers every interface, alias and
+ * local route, and cannot go stale. */
 int net_owns(const struct addr *a) {
     struct addr any = *a;
     int fd = socket(a->sa.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -72,10 +65,8 @@ int net_owns(const struct addr *a) {
     return rc == 0;
 }
 
-/* Starts connecting to a: a non-blocking socket, so that the wait for it can be given up on or
- * left (a blocking connect with SO_SNDTIMEO would hold its thread for the whole timeout). Its
- * connect is done, or in progress, when fd becomes writable; then net_connect_done. Returns the
- * fd, or -1 with errno (a connect refused at once, no fds). */
+/* Why non-blocking: so that the wait for the connect can be given up on or left; a blocking connect
+ * with SO_SNDTIMEO would hold its thread for the whole timeout. */
 int net_connect_start(const struct addr *a) {
     int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) return -1;
@@ -84,9 +75,6 @@ int net_connect_start(const struct addr *a) {
     return fd;
 }
 
-/* Finishes the connect net_connect_start began, once fd is writable: its result, and the
- * socket made ready for the copy loops (blocking, net_prepare, a tick of tick_ms). Returns 0,
- * or -1 with the connect's errno; the caller closes fd either way when it fails. */
 int net_connect_done(int fd, int tick_ms) {
     int err = 0;
     socklen_t len = sizeof err;
@@ -134,7 +122,7 @@ static int copy_addrs(const struct addrinfo *res, struct addr *out, int max) {
     return n ? n : -1;
 }
 
-/* Lets go of l; the last holder frees it. */
+/* The caller and the lookup's thread both hold l: the last holder frees it. */
 void net_lookup_drop(struct lookup *l) {
     pthread_mutex_lock(&l->mu);
     int last = --l->holders == 0;
@@ -205,13 +193,10 @@ static int lookup_start(struct lookup *l) {
     return -1;
 }
 
-/* The fd that becomes readable once l is done: wait on it, then net_lookup_take. */
 int net_lookup_fd(const struct lookup *l) {
     return l->done_fd;
 }
 
-/* Takes the addresses of l, which is done (its fd was readable): at most max into out, and
- * lets go of l. Returns how many, or -1 with errno (E_LOOKUP: the name did not resolve). */
 int net_lookup_take(struct lookup *l, struct addr *out, int max) {
     pthread_mutex_lock(&l->mu);
     int n = -1;
@@ -224,11 +209,6 @@ int net_lookup_take(struct lookup *l, struct addr *out, int max) {
     return n;
 }
 
-/* Resolves host:port into at most max addresses, in the resolver's order. An address needs no
- * lookup: returns how many at once. A name is looked up on a thread of its own: returns 0
- * with *l set, a lookup to wait for (net_lookup_fd) and take (net_lookup_take) or drop
- * (net_lookup_drop). Or -1 with errno (E_LOOKUP when it cannot resolve; EAGAIN: too many
- * lookups at once). */
 int net_resolve(const char *host, int port, struct addr *out, int max, struct lookup **l) {
     struct addrinfo hints = {.ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_NUMERICSERV | AI_NUMERICHOST};
@@ -271,8 +251,6 @@ static int reason(char *err, size_t errlen, const char *why) {
     return -1;
 }
 
-/* Parses "host:port", "[v6]:port" or "*:port" (resolving names). Returns 0, or -1 with a
- * reason in err. */
 int addr_parse(const char *s, struct addr *a, char *err, size_t errlen) {
     char host[256];
     const char *colon = strrchr(s, ':');
@@ -305,7 +283,6 @@ int addr_parse(const char *s, struct addr *a, char *err, size_t errlen) {
     return 0;
 }
 
-/* The address bytes of a (4 or 16 of them; *len says which). */
 const uint8_t *addr_ip(const struct addr *a, int *len) {
     const struct sockaddr_in *s4 = (const void *)&a->sa;
     const struct sockaddr_in6 *s6 = (const void *)&a->sa;
@@ -317,12 +294,10 @@ const uint8_t *addr_ip(const struct addr *a, int *len) {
     return (const uint8_t *)&s6->sin6_addr;
 }
 
-/* The port of a. */
 int addr_port(const struct addr *a) {
     return ntohs(((const struct sockaddr_in *)&a->sa)->sin_port); /* where sin6_port is, too */
 }
 
-/* Writes "1.2.3.4:80" or "[::1]:80" into buf; returns buf. */
 char *addr_format(const struct addr *a, char *buf, size_t len) {
     char ip[INET6_ADDRSTRLEN] = "?";
     int n;
@@ -331,7 +306,6 @@ char *addr_format(const struct addr *a, char *buf, size_t len) {
     return buf;
 }
 
-/* Rewrites an IPv4-mapped IPv6 address (::ffff:1.2.3.4) as plain IPv4. */
 void addr_unmap(struct addr *a) {
     struct sockaddr_in6 s6;
     memcpy(&s6, &a->sa, sizeof s6);
@@ -343,8 +317,6 @@ void addr_unmap(struct addr *a) {
     a->len = sizeof s4;
 }
 
-/* Whether a is a loopback, link-local or unspecified address (127.0.0.0/8, 169.254.0.0/16,
- * 0.0.0.0/8, ::1, fe80::/10, ::), IPv4-mapped forms included. */
 int addr_is_local(const struct addr *a) {
     struct addr t = *a;
     int len;
@@ -357,7 +329,6 @@ int addr_is_local(const struct addr *a) {
 
 /* ---- networks ------------------------------------------------------------------------- */
 
-/* Parses "10.0.0.0/8", "::1" (a single host) and so on. Returns 0 or -1. */
 int cidr_parse(const char *s, struct cidr *n) {
     char ip[INET6_ADDRSTRLEN];
     const char *slash = strchr(s, '/');
@@ -391,7 +362,6 @@ int cidr_parse(const char *s, struct cidr *n) {
     return 0;
 }
 
-/* Whether a is inside one of the count networks of list. */
 int cidr_match(const struct cidr *list, int count, const struct addr *a) {
     int len;
     const uint8_t *ip = addr_ip(a, &len);

@@ -85,9 +85,8 @@ static void enqueue(struct conn *c) {
     pthread_cond_signal(&q.cv);
 }
 
-/* Whether the queue has room for one more new connection (cfg.queue beyond the idle workers).
- * When it has none, the acceptor stops accepting, and its bell rings once there is room: the
- * clients wait in the kernel's listen backlog meanwhile, connected, instead of being refused. */
+/* While there is no room the acceptor stops accepting, instead of refusing: the clients wait in the
+ * kernel's listen backlog meanwhile, connected. */
 int pool_intake_open(void) {
     pthread_mutex_lock(&q.mu);
     int open = q.fresh < cfg.queue + q.idle;
@@ -102,11 +101,9 @@ void pool_turn_away(int fd, const struct addr *peer, enum refusal why) {
     if (why != REFUSED_NOT_ALLOWED && mode->last_word) mode->last_word(fd, why);
 }
 
-/* Hands an accepted socket to the pool, served by config cf (held: the connection keeps the
- * reference). Returns 0, or -1 when the pool is stopping (the caller closes fd and drops cf).
- * The ring has a place and the slab a record for every connection that may be open
- * (the acceptor admits at most max_connections, and a record is back before it stops counting
- * as active). */
+/* Why there is always room: the ring has a place and the slab a record for every connection that
+ * may be open (the acceptor admits at most max_connections, and a record is back before it stops
+ * counting as active). */
 int pool_submit(int fd, const struct addr *peer, struct config *cf, int entry, int behind) {
     pthread_mutex_lock(&q.mu);
     int ok = !q.stopping && q.nspare > 0;
@@ -157,8 +154,6 @@ static struct conn *take(void) {
     return c;
 }
 
-/* A head buffer (HEAD_MAX bytes) from the fixed pool of cfg.head_buffers, for a request head
- * read in part to wait in while its connection is parked (c->stash); NULL when none is left. */
 char *pool_head_take(void) {
     pthread_mutex_lock(&q.mu);
     char *buf = q.nspare_head ? q.spare_head[--q.nspare_head] : NULL;
@@ -166,7 +161,6 @@ char *pool_head_take(void) {
     return buf;
 }
 
-/* Gives a head buffer back. */
 void pool_head_give(char *buf) {
     pthread_mutex_lock(&q.mu);
     q.spare_head[q.nspare_head++] = buf;
@@ -185,8 +179,6 @@ static void release(struct conn *c) {
 
 /* ---- a worker's two threads ----------------------------------------------------------- */
 
-/* Makes fd the upstream socket of w's connection (closing the one before, if any). Only
- * through here, so that a forced stop never shuts down an fd number already reused. */
 void pool_set_upstream(struct worker *w, int fd) {
     pthread_mutex_lock(&w->mu);
     int old = w->conn->upstream;
@@ -199,7 +191,6 @@ void pool_set_upstream(struct worker *w, int fd) {
     if (old >= 0) close(old);
 }
 
-/* Starts the back thread running job(w, c); the job handles the upstream → client side. */
 void pool_back_start(struct worker *w, struct conn *c, job_fn job) {
     pthread_mutex_lock(&w->mu);
     w->job = c;
@@ -208,14 +199,12 @@ void pool_back_start(struct worker *w, struct conn *c, job_fn job) {
     pthread_mutex_unlock(&w->mu);
 }
 
-/* Waits until the back thread has finished with its job. */
 void pool_back_wait(struct worker *w) {
     pthread_mutex_lock(&w->mu);
     while (w->job) pthread_cond_wait(&w->cv, &w->mu);
     pthread_mutex_unlock(&w->mu);
 }
 
-/* The usual back job: copies upstream → client until EOF (copy_stream). */
 void pool_copy_down(struct worker *w, struct conn *c) {
     copy_stream(c, &w->cp[DOWN], DOWN);
 }
@@ -396,11 +385,8 @@ static void *front_main(void *arg) {
 
 /* ---- the relay: two copy loops that leave together -------------------------------------- */
 
-/* Relays c raw both ways, down (its job: copy_stream DOWN, after anything of the mode's own)
- * on the back thread and client → upstream here, skipping directions already at EOF:
- * SERVED_DONE once both reached EOF or c ended; SERVED_PARK once both loops left their worker
- * (c->leave says why: the loop that decides rings the other, which leaves at its next safe
- * point). A loop at EOF is done; the front then only waits for the back. */
+/* The loop that decides that c leaves rings the other, which leaves at its next safe point. A loop
+ * at EOF is done; the front then only waits for the back. */
 enum served pool_relay(struct worker *w, struct conn *c, job_fn down) {
     atomic_store(&c->awake, !c->eof[UP] + !c->eof[DOWN]);
     if (!c->eof[DOWN]) pool_back_start(w, c, down);
@@ -412,8 +398,6 @@ enum served pool_relay(struct worker *w, struct conn *c, job_fn down) {
 
 /* ---- the waiting room's side ---------------------------------------------------------- */
 
-/* The acceptor's bell, an eventfd: readable once connections have parked since
- * pool_take_parked, or once the queue has room for new connections again (pool_intake_open). */
 int pool_parked_fd(void) {
     return q.parked_fd;
 }
@@ -425,7 +409,6 @@ static struct conn *take_mail(void) {
     return list;
 }
 
-/* The connections parked since the last call, oldest first, linked by next; NULL: none. */
 struct conn *pool_take_parked(void) {
     uint64_t rang;
     /* First the bell, then the mail: a letter that comes in between is taken now, and one that
@@ -437,9 +420,8 @@ struct conn *pool_take_parked(void) {
     return list;
 }
 
-/* A parked connection has work (its socket is readable or hung up, or its request head's time
- * is up): back into the queue, behind those already waiting. New connections wait for room in
- * it (cfg.queue); this one was admitted long ago, and the ring has a place for every record. */
+/* Why no wait for room in the queue (cfg.queue), as new connections have: this one was admitted
+ * long ago, and the ring has a place for every record. */
 void pool_resume(struct conn *c) {
     pthread_mutex_lock(&q.mu);
     atomic_fetch_sub(&stats.parked, 1);
@@ -448,7 +430,6 @@ void pool_resume(struct conn *c) {
     pthread_mutex_unlock(&q.mu);
 }
 
-/* Closes a parked connection for why: its sockets, its counts, its log line, its record. */
 void pool_close_parked(struct conn *c, enum end why) {
     int none = END_NONE;
     atomic_compare_exchange_strong(&c->end, &none, (int)why);
@@ -456,11 +437,8 @@ void pool_close_parked(struct conn *c, enum end why) {
     retire(c);
 }
 
-/* The stop begins: from now on a connection between http requests that would park is closed
- * instead (park), and http connections end at their next request boundary (stats.stopping):
- * every thread that sleeps with an eye on it is rung to look. Tunnels, relays, dials and heads
- * begun still park: the room keeps them through the grace period. Returns those that parked
- * since the last pool_take_parked, as that does. */
+/* Closing instead of parking takes effect in park; ending at the next request boundary goes
+ * through stats.stopping. Every thread that sleeps with an eye on either is rung to look. */
 struct conn *pool_stop_begin(void) {
     pthread_mutex_lock(&q.mu);
     q.stop_begun = 1;
@@ -471,8 +449,6 @@ struct conn *pool_stop_begin(void) {
     return list;
 }
 
-/* The stop meets parked c between requests: a request (or a hang-up) that came already is
- * served, with the stop's Connection: close; else c is closed. Returns 1 if it closed c. */
 int pool_stop_idle(struct conn *c) {
     if (has_bytes(c)) {
         pool_resume(c);
@@ -482,8 +458,6 @@ int pool_stop_idle(struct conn *c) {
     return 1;
 }
 
-/* The grace period is over: from now on any connection that would park is closed instead.
- * Returns those that parked since the last pool_take_parked, as that does. */
 struct conn *pool_room_close(void) {
     pthread_mutex_lock(&q.mu);
     q.room_closed = 1;
@@ -507,8 +481,6 @@ static int start_worker(struct worker *w, const pthread_attr_t *attr) {
     return 0;
 }
 
-/* Creates cfg.workers workers that serve each connection by m, and returns once all of them
- * wait for work. Returns 0 or -1. */
 int pool_start(const struct mode *m) {
     int records = cfg.max_connections;
     mode = m;
@@ -575,8 +547,7 @@ static void force_stop(void) {
     }
 }
 
-/* The stop: waits until no connection is left (the last one out rings) or seconds have
- * passed, whichever comes first. */
+/* The last connection out rings, so the wait ends as soon as none is left. */
 void pool_drain(int seconds) {
     struct timespec until;
     clock_gettime(CLOCK_MONOTONIC, &until);
@@ -588,8 +559,7 @@ void pool_drain(int seconds) {
     pthread_mutex_unlock(&q.mu);
 }
 
-/* The stop's end (the waiting room is closed already): ends what is still queued or served,
- * lets the workers take what is left in the queue (each ends at once), joins every thread. */
+/* The workers take what is left in the queue, and each ends at once. */
 void pool_stop(void) {
     force_stop();
     pthread_mutex_lock(&q.mu);

@@ -18,7 +18,8 @@
  *     net.c                sockets, addresses, networks
  *
  * This file lists them bottom-up: each section's structs and the contract of every function
- * its file offers. Read it first. */
+ * its file offers, here and only here (a comment at a definition says how or why, never the
+ * contract again). Read it first. */
 #ifndef PROXY_H
 #define PROXY_H
 
@@ -76,35 +77,41 @@ struct cidr {
     uint8_t net[16];
 };
 
-/* Opens a listening socket on a (SO_REUSEPORT too if asked). Returns the fd or -1 with errno. */
+/* Opens a listening socket on a (SO_REUSEPORT too if asked: several processes may then listen on
+ * the same address and the kernel spreads connections over them). Returns the fd or -1 with
+ * errno. */
 int net_listen(const struct addr *a, int reuse_port);
-/* The local address of fd, IPv4-mapped addresses unmapped. Returns 0, or -1 with errno. */
+/* The local address of fd (a listener's port 0 becomes the port the kernel chose), IPv4-mapped
+ * addresses unmapped. Returns 0, or -1 with errno. */
 int net_local(int fd, struct addr *a);
 /* Sets what every relayed socket needs: TCP_NODELAY and urgent data in line. */
 void net_prepare(int fd);
-/* Makes every blocking read and write on fd give up after ms with EAGAIN. */
+/* Makes every blocking read and write on fd give up after ms with EAGAIN: the tick at which a
+ * blocked thread checks its deadlines. Accepted sockets inherit it from their listener. */
 void net_set_tick(int fd, int ms);
 /* Whether this host owns a's IP (any port): a socket can bind to it. */
 int net_owns(const struct addr *a);
-/* Starts connecting to a (non-blocking): done or failed once fd is writable, then
- * net_connect_done. Returns the fd, or -1 with errno. */
+/* Starts connecting to a (non-blocking): done or failed once fd is writable, then net_connect_done.
+ * Returns the fd, or -1 with errno (a connect refused at once, no fds). */
 int net_connect_start(const struct addr *a);
-/* Finishes a connect once fd is writable: its result, and the socket made blocking and
- * prepared (net_prepare) with a tick of tick_ms. Returns 0, or -1 with the connect's errno. */
+/* Finishes a connect once fd is writable: its result, and the socket made blocking and prepared
+ * (net_prepare) with a tick of tick_ms. Returns 0, or -1 with the connect's errno; the caller
+ * closes fd either way when it fails. */
 int net_connect_done(int fd, int tick_ms);
 /* A name lookup running on a thread of its own (net.c). */
 struct lookup;
 /* errno when a name did not resolve: one no connect returns, so that an answer can tell a
  * failed lookup from an unreachable host. */
 #define E_LOOKUP ENXIO
-/* Resolves host:port into at most max addresses: an address at once (returns how many); a name
- * on a thread of its own (returns 0 with *l set: wait for net_lookup_fd, then net_lookup_take,
- * or net_lookup_drop). -1 with errno (E_LOOKUP, EAGAIN: too many lookups at once). */
+/* Resolves host:port into at most max addresses, in the resolver's order: an address at once
+ * (returns how many); a name on a thread of its own (returns 0 with *l set: wait for net_lookup_fd,
+ * then net_lookup_take, or net_lookup_drop). -1 with errno (E_LOOKUP, EAGAIN: too many lookups at
+ * once). */
 int net_resolve(const char *host, int port, struct addr *out, int max, struct lookup **l);
 /* The fd that becomes readable once l is done. */
 int net_lookup_fd(const struct lookup *l);
-/* Takes the addresses of l, which is done, and lets go of it. Returns how many, or -1 with
- * errno (E_LOOKUP: the name did not resolve). */
+/* Takes the addresses of l, which is done (its fd was readable): at most max into out, and lets go
+ * of l. Returns how many, or -1 with errno (E_LOOKUP: the name did not resolve). */
 int net_lookup_take(struct lookup *l, struct addr *out, int max);
 /* Lets go of l, done or not: its thread frees it if it still runs. */
 void net_lookup_drop(struct lookup *l);
@@ -260,13 +267,13 @@ void config_free(struct config *c);
  * the lookups' eventfds (http), a few to spare. */
 long long config_fds(const struct config *c);
 /* Warns on out (each line after prefix) when limit fds cannot hold a full load, saying what
- * max_connections would fit. Returns 0, or -1 (said as an error) when not even the workers
- * fit: start-up would fail. */
+ * max_connections would fit. Returns 0, or -1 (said as an error) when not even the workers and one
+ * connection fit: start-up would fail, and lowering max_connections cannot help. */
 int config_fd_warning(const struct config *c, unsigned long long limit, const char *prefix,
                       FILE *out);
-/* Prints what -t shows: threads, stacks, buffers, pipes, descriptors, connection records; and
- * opens what start-up opens (the log). Returns 0, or -1 where start-up would fail (said on
- * out, or in err). */
+/* Prints what -t shows: the pool (threads, stacks, buffers, pipes), the connections (records,
+ * sockets), and whether the fd limit holds them; and opens what start-up opens (the log; not the
+ * sockets). Returns 0, or -1 where start-up would fail (said on out, or in err). */
 int config_plan(const struct config *c, FILE *out, char *err, size_t errlen);
 
 /* ==== a connection: the record every layer from stats.c up works on ==================== */
@@ -426,8 +433,8 @@ extern const char *const refusal_texts[REFUSED_MAX]; /* for the log */
 /* Writes a mode's own metric families (see metric_*). */
 typedef void (*render_fn)(FILE *f);
 
-/* Counts a closed connection: its end reason (recording END_DONE in c->end if none was
- * recorded) and its duration. */
+/* Counts a closed connection: its end reason (recording END_DONE in c->end if none was recorded)
+ * and its duration. It stays active until pool.c has its record back. */
 void stats_conn_done(struct conn *c);
 /* Counts one duration of ns into h. */
 void stats_observe(struct histogram *h, uint64_t ns);
@@ -536,16 +543,18 @@ enum wake {
 int copy_init(struct copier *k);
 /* Between connections: forgets pacing; drains bytes a failed connection left in the pipe. */
 void copy_reset(struct copier *k);
+/* Frees what copy_init allocated. */
 void copy_free(struct copier *k);
 /* Moves up to limit bytes from → to, counting them. Returns the bytes moved when from reached
  * EOF or the limit, or -1 when the connection ended (c->end says why). */
 int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit);
 /* Sends all n bytes to fd. Returns 0, or -1 when the connection ended. */
 int copy_send(struct conn *c, int to, const char *p, size_t n);
-/* Copies one direction of c, UP on the front thread and DOWN on the back one, waiting for each
- * read in copy_wait: STREAM_EOF at EOF (the write side of the destination is shut down,
- * c->eof[d] set); STREAM_LEAVE when c leaves its worker (c->leave); STREAM_ENDED when the
- * connection ended. It leaves only between reads: no byte is read and left behind. */
+/* Copies one direction of c, UP on the front thread and DOWN on the back one, waiting for each read
+ * in copy_wait (with park_after = 0, in the read itself, as a worker that never parks would):
+ * STREAM_EOF at EOF (the write side of the destination is shut down, c->eof[d] set); STREAM_LEAVE
+ * when c leaves its worker (c->leave); STREAM_ENDED when the connection ended. It leaves only
+ * between reads: no byte is read and left behind. */
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d);
 /* Waits, on the thread of seat d, until fd is ready for events (POLLIN: can be read without
  * blocking; POLLOUT: a connect is done), or, if may_leave, until c should leave its worker: its
@@ -560,8 +569,8 @@ enum wake copy_wait(struct conn *c, enum dir d, int fd, short events, int may_le
  * last byte + idle_timeout; an http connection's between requests, last byte +
  * keepalive_timeout. */
 uint64_t copy_deadline(struct conn *c);
-/* Whether c is an http connection between requests (none begun): at the stop nothing of it is
- * in progress, so it is closed instead of kept, unless a request is waiting. */
+/* Whether c is an http connection between requests (none begun, nor a tunnel): at the stop nothing
+ * of it is in progress, so it is closed instead of kept, unless a request is waiting already. */
 int copy_between_requests(const struct conn *c);
 /* Starts timing the body read in direction d against min_rate: read slower, it ends c
  * (END_SLOW). */
@@ -712,7 +721,8 @@ void pool_copy_down(struct worker *w, struct conn *c);
 enum served pool_relay(struct worker *w, struct conn *c, job_fn down);
 /* The stop: waits until no connection is left or seconds have passed. */
 void pool_drain(int seconds);
-/* The stop's end: ends what is still queued or served, joins every thread. */
+/* The stop's end (the waiting room is closed already): ends what is still queued or served, joins
+ * every thread. */
 void pool_stop(void);
 
 /* The waiting room's side (acceptor.c): a connection a worker parked comes out here, goes back
@@ -729,14 +739,15 @@ void pool_resume(struct conn *c);
 /* Closes a parked connection for why: its sockets, its counts, its log line, its record. */
 void pool_close_parked(struct conn *c, enum end why);
 /* The stop begins: from now on a connection between http requests that would park is closed
- * instead, and http connections end at their next request boundary. Returns those that parked
+ * instead, and http connections end at their next request boundary. Tunnels, relays, dials and
+ * heads begun still park: the room keeps them through the grace period. Returns those that parked
  * since the last pool_take_parked, as that does. */
 struct conn *pool_stop_begin(void);
-/* The stop meets parked c between requests: served if a request (or a hang-up) came already,
- * else closed. Returns 1 if it closed c. */
+/* The stop meets parked c between requests: served if a request (or a hang-up) came already, with
+ * the stop's Connection: close; else closed. Returns 1 if it closed c. */
 int pool_stop_idle(struct conn *c);
-/* The room closes for good: from now on any connection that would park is closed instead.
- * Returns those that parked since the last pool_take_parked. */
+/* The room closes for good (the grace period is over): from now on any connection that would park
+ * is closed instead. Returns those that parked since the last pool_take_parked, as that does. */
 struct conn *pool_room_close(void);
 
 /* ==== http_parse.c: strict HTTP/1.1 heads, targets and chunk sizes ===================== */
@@ -814,12 +825,13 @@ struct stream {
 /* What http_read_head found. */
 enum head { HEAD_OK, HEAD_NONE, HEAD_LOST, HEAD_BAD, HEAD_LEAVE };
 
-/* Reads until s holds a whole head and parses it into m (a request if request: it must be whole
- * by c->head_deadline, which is set at its first byte if it is not yet): HEAD_OK; HEAD_NONE at
- * EOF before any byte, or when a client between requests was idle for keepalive_timeout;
- * HEAD_LEAVE when c leaves its worker while it waits for a request (copy_wait); HEAD_LOST when
- * the connection ended or the client left mid-head; HEAD_BAD with the status to refuse it with
- * in *status (408 when its time is up; 502 for any bad response). */
+/* Reads until s holds a whole head and parses it into m (a request if request: it must be whole by
+ * c->head_deadline, which is set at its first byte if it is not yet): HEAD_OK; HEAD_NONE at EOF
+ * before any byte, or when a client between requests was idle for keepalive_timeout; HEAD_LEAVE
+ * when c leaves its worker while it waits for a request or for the rest of one (copy_wait; a part
+ * read goes with it in c->stash); HEAD_LOST when the connection ended or the client left mid-head;
+ * HEAD_BAD with the status to refuse it with in *status (408 when its time is up; 502 for any bad
+ * response). */
 enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
                          int *status);
 /* Relays exactly n body bytes from s (what is buffered, then the socket from) to `to`.
@@ -890,10 +902,11 @@ const char *http_via(void);
  * fields dropped (Upgrade kept only with upgrade), Host from the target's authority if it has
  * one, our own Connection, Via added. Returns its length, or -1 when it does not fit. */
 long http_rewrite_request(char *buf, const struct msg *m, const struct target *t, int upgrade);
-/* Writes the response head to relay (r, parsed from head; answering req) into buf (OUT_MAX
- * bytes): our HTTP/1.1 status line with the upstream's status and reason, its end-to-end
- * fields, our own Connection (close when close, keep-alive for an HTTP/1.0 client, upgrade on a
- * 101), Via added. Returns its length, or -1 when it does not fit. */
+/* Writes the response head to relay (r, parsed from head; answering req) into buf (OUT_MAX bytes):
+ * our HTTP/1.1 status line with the upstream's status and reason, its end-to-end fields, our own
+ * Connection (close when close: the client connection ends after this response; keep-alive for an
+ * HTTP/1.0 client that asked for it; upgrade on a 101), Via added. Returns its length, or -1 when
+ * it does not fit. */
 long http_rewrite_response(char *buf, const char *head, const struct msg *r, const struct msg *req,
                            int close);
 
@@ -915,7 +928,8 @@ int acceptor_start(int listen_fd);
  * how many parked connections between requests were closed. Connections with work in progress
  * go on, parked or not, until acceptor_end. */
 uint64_t acceptor_stop(int drain_backlog);
-/* Closes every connection still parked and ends the acceptor thread. */
+/* Called once the grace period is over, or nothing is left: closes every connection still parked
+ * and ends the acceptor thread. */
 void acceptor_end(void);
 
 #endif

@@ -15,8 +15,6 @@ static const char v2_sig[12] = "\r\n\r\n\0\r\nQUIT\n";
     1040 /* a version 2 header we accept: 16 bytes and up to 1 KiB of addresses, TLVs              \
           */
 
-/* Writes the PROXY protocol header (version 1 or 2) for src → dst into buf (at least 108
- * bytes) and returns its length. */
 int proxy_protocol_write(int version, const struct addr *src, const struct addr *dst, char *buf) {
     int len, dlen;
     const uint8_t *sip = addr_ip(src, &len), *dip = addr_ip(dst, &dlen);

@@ -33,8 +33,6 @@ struct stats stats = {.duration.le = duration_le, .queue_wait.le = wait_le};
 
 static _Atomic int log_fd = 2; /* -1: off */
 
-/* Opens the log: "-" is stderr, "off" disables, else a file opened for append. Also used
- * on SIGHUP to reopen. Returns 0 or -1 with errno. */
 int log_open(const char *where) {
     if (!strcmp(where, "off") || !strcmp(where, "-")) {
         atomic_store(&log_fd, strcmp(where, "off") ? 2 : -1);
@@ -54,7 +52,6 @@ int log_open(const char *where) {
     return 0;
 }
 
-/* Writes len bytes as they are, with one write(2). */
 void log_raw(const char *buf, size_t len) {
     int fd = atomic_load(&log_fd);
     if (fd >= 0 && write(fd, buf, len) < 0) return; /* best-effort: nowhere to report it */
@@ -73,7 +70,6 @@ void log_refused(const char *why, const struct addr *peer) {
     log_line("%s refused: %s (%u more refusals not logged)", p, why, atomic_exchange(&quiet, 0));
 }
 
-/* Writes one line (a timestamp, the message, a newline) with one write(2). */
 void log_line(const char *fmt, ...) {
     char buf[1024];
     struct timespec ts;
@@ -95,7 +91,6 @@ void log_line(const char *fmt, ...) {
 
 /* ---- counting a connection ------------------------------------------------------------ */
 
-/* Counts one duration of ns into h. */
 void stats_observe(struct histogram *h, uint64_t ns) {
     uint64_t us = ns / 1000;
     int b = 0;
@@ -104,8 +99,6 @@ void stats_observe(struct histogram *h, uint64_t ns) {
     atomic_fetch_add_explicit(&h->sum_us, us, memory_order_relaxed);
 }
 
-/* Counts a closed connection: its end reason (recording END_DONE in c->end if none was
- * recorded) and its duration. It stays active until pool.c has its record back. */
 void stats_conn_done(struct conn *c) {
     int none = END_NONE;
     atomic_compare_exchange_strong(&c->end, &none, END_DONE);
@@ -120,13 +113,11 @@ static void metric_head(FILE *f, const char *name, const char *type, const char 
     fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-/* A family of one sample. */
 void metric_one(FILE *f, const char *name, const char *type, const char *help, uint64_t v) {
     metric_head(f, name, type, help);
     fprintf(f, "%s %llu\n", name, (unsigned long long)v);
 }
 
-/* A family of n samples that differ in one label: name{label="keys[i]"} v[i]. */
 void metric_family(FILE *f, const char *name, const char *type, const char *help, const char *label,
                    const char *const *keys, _Atomic uint64_t *v, int n) {
     metric_head(f, name, type, help);
@@ -149,8 +140,6 @@ static void metric_histogram(FILE *f, const char *name, const char *help, struct
     fprintf(f, "%s_count %llu\n", name, (unsigned long long)total);
 }
 
-/* Returns the Prometheus text of every counter, with more's families (may be NULL) among
- * them: malloc'd, the caller frees; NULL on failure. */
 char *stats_render(render_fn more, size_t *len) {
     static const char *const refusals[] = {"not_allowed", "max_connections",
                                            "connections_per_client", "requests_per_second",

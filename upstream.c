@@ -18,8 +18,7 @@ static _Atomic unsigned next_rr;
 static struct addr own[2];
 static int nown;
 
-/* Which upstream a client starts at for balance = source: stable for one address. FNV-1a
- * over the address bytes, not the port: one client machine, one upstream. */
+/* FNV-1a over the address bytes, not the port: one client machine, one upstream. */
 unsigned upstream_hash(const struct addr *client, unsigned n) {
     int len;
     const uint8_t *p = addr_ip(client, &len);
@@ -28,8 +27,6 @@ unsigned upstream_hash(const struct addr *client, unsigned n) {
     return h % n;
 }
 
-/* Whether a connect that failed with err counts against the upstream (marks it down): not when
- * the shortage was our own (fds, memory, buffers, local ports) or the connection ended. */
 int upstream_at_fault(int err) {
     /* EADDRNOTAVAIL: no ephemeral port is left to that address. Marking the upstream down for
      * it would move the load to the others and take a healthy backend out of service. */
@@ -37,8 +34,6 @@ int upstream_at_fault(int err) {
              err == EADDRNOTAVAIL || err == ECANCELED);
 }
 
-/* Tells the dial path the proxy's own listeners (as bound: port 0 resolved, unmapped), which no
- * request may reach. Called once, before the pool starts. */
 void upstream_own(const struct addr *listeners, int n) {
     for (nown = 0; nown < n && nown < (int)(sizeof own / sizeof own[0]); nown++)
         own[nown] = listeners[nown];
@@ -82,8 +77,8 @@ static int own_listener(const struct addr *a) {
     return 0;
 }
 
-/* The rules in the order the man page gives: our own listeners, the denied networks (so that a
- * name resolving into one is stopped too), the allowed ones, local_destinations. */
+/* The rules in the order the man page gives. The denied networks come before the allowed ones, and
+ * apply even by_name, so that a name resolving into one is stopped too. */
 enum reach upstream_reach(const struct config *cf, const struct addr *a, int by_name) {
     const struct destinations *allow = &cf->allow_destinations;
     struct addr t = reached(a);
