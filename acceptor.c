@@ -8,6 +8,7 @@
 #include "proxy.h"
 
 #include <fcntl.h>
+#include <linux/filter.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -282,8 +283,17 @@ static int next_wait(uint64_t now) {
 
 /* Takes what is already in the listener's backlog (those clients are connected, and closing
  * the listener would reset them), at most max_connections of them, so that a flood cannot keep
- * the stop from going on. */
+ * the stop from going on. First the door shuts: a socket filter that drops every packet keeps
+ * handshakes from completing, so that a client cannot slip into the backlog between the last
+ * accept and the close, only to be reset there. One knocking now is refused once the listener
+ * closes (its SYN is sent again after a second, and meets nothing). */
 static void drain_backlog(void) {
+    struct sock_filter drop_all = BPF_STMT(BPF_RET | BPF_K, 0);
+    struct sock_fprog door = {.len = 1, .filter = &drop_all};
+    if (setsockopt(a.listen_fd, SOL_SOCKET, SO_ATTACH_FILTER, &door, sizeof door) < 0)
+        log_line("stopping: the listener cannot be shut before its backlog is taken in (%s): "
+                 "a client arriving meanwhile may be reset",
+                 strerror(errno));
     int left = cfg.max_connections;
     while (left > 0) {
         if (accept_one() == 0)

@@ -338,10 +338,12 @@ def random_bytes(n):
     return _random[n]
 
 
-def exchange(addr, data, timeout=60):
+def exchange(addr, data, timeout=60, ports=None):
     """Sends data (from a thread) while reading the reply until EOF; returns the sha256 and
-    length of what came back."""
+    length of what came back. The local port goes into the list ports, if given."""
     s = connect(addr, timeout)
+    if ports is not None:
+        ports.append(s.getsockname()[1])
     err = []
 
     def send():
