@@ -18,8 +18,8 @@
 #define EVENTS       256 /* events taken from epoll per wait */
 #define ACCEPT_BATCH 64  /* clients accepted per wait, so that wake-ups are not kept waiting */
 
-/* All of it belongs to the acceptor thread; acceptor_start and acceptor_end run before and
- * after it. */
+/* The acceptor's state. All of it belongs to the acceptor thread; acceptor_start and acceptor_end
+ * run before and after it. */
 static struct {
     pthread_t thread;
     int listen_fd, ep, stop_fd;
@@ -32,7 +32,7 @@ static struct {
      * leaves early is taken out in O(log n). */
     struct conn **heap;
     int nheap;
-} a;
+} acceptor;
 
 /* The stop, in two steps, each set by its function, which rings stop_fd: no more clients
  * (acceptor_stop); then the waiting room closes too (acceptor_end). */
@@ -87,7 +87,7 @@ static void admit_client(int fd, struct addr *peer) {
  * is empty). Nothing slow here: accepted sockets inherit their options from the listener. */
 static int accept_one(void) {
     struct addr peer = {.len = sizeof peer.sa};
-    int fd = accept4(a.listen_fd, (struct sockaddr *)&peer.sa, &peer.len, SOCK_CLOEXEC);
+    int fd = accept4(acceptor.listen_fd, (struct sockaddr *)&peer.sa, &peer.len, SOCK_CLOEXEC);
     if (fd < 0) return -1;
     admit_client(fd, &peer);
     return 0;
@@ -96,8 +96,8 @@ static int accept_one(void) {
 /* Stops watching the listener: new clients wait in the kernel's backlog meanwhile. */
 static void accept_rest(void) {
     struct epoll_event off = {.events = 0, .data.ptr = &listener_tag};
-    epoll_ctl(a.ep, EPOLL_CTL_MOD, a.listen_fd, &off);
-    a.listening = 0;
+    epoll_ctl(acceptor.ep, EPOLL_CTL_MOD, acceptor.listen_fd, &off);
+    acceptor.listening = 0;
 }
 
 /* The listener is readable: accepts up to ACCEPT_BATCH clients, while the queue has room for
@@ -108,7 +108,7 @@ static void accept_rest(void) {
 static void accept_some(void) {
     for (int i = 0; i < ACCEPT_BATCH; i++) {
         if (!pool_intake_open()) {
-            a.intake_closed = 1;
+            acceptor.intake_closed = 1;
             accept_rest();
             return;
         }
@@ -117,7 +117,7 @@ static void accept_some(void) {
         if (errno == EAGAIN) return;
         atomic_fetch_add(&stats.accept_errors, 1);
         log_refused(strerror(errno), NULL);
-        a.paused_until = mono_ns() + 100000000u;
+        acceptor.paused_until = mono_ns() + 100000000u;
         accept_rest();
         return;
     }
@@ -126,27 +126,29 @@ static void accept_some(void) {
 /* The listener's rest is over (its time, and room in the queue): it is watched again. */
 static void accept_again(uint64_t now) {
     struct epoll_event on = {.events = EPOLLIN, .data.ptr = &listener_tag};
-    if (a.listening || a.stopped || (a.paused_until && now < a.paused_until)) return;
-    if (a.intake_closed && !pool_intake_open()) return;
-    a.paused_until = 0;
-    a.intake_closed = 0;
-    a.listening = 1;
-    epoll_ctl(a.ep, EPOLL_CTL_MOD, a.listen_fd, &on);
+    if (acceptor.listening || acceptor.stopped ||
+        (acceptor.paused_until && now < acceptor.paused_until))
+        return;
+    if (acceptor.intake_closed && !pool_intake_open()) return;
+    acceptor.paused_until = 0;
+    acceptor.intake_closed = 0;
+    acceptor.listening = 1;
+    epoll_ctl(acceptor.ep, EPOLL_CTL_MOD, acceptor.listen_fd, &on);
 }
 
 /* ---- the waiting room ------------------------------------------------------------------- */
 
 /* Puts c at place i of the heap. */
 static void heap_set(int i, struct conn *c) {
-    a.heap[i] = c;
+    acceptor.heap[i] = c;
     c->slot = i;
 }
 
 /* Moves the connection at place i up while its deadline is nearer than its parent's. */
 static void heap_up(int i) {
-    struct conn *c = a.heap[i];
-    while (i > 0 && a.heap[(i - 1) / 2]->deadline > c->deadline) {
-        heap_set(i, a.heap[(i - 1) / 2]);
+    struct conn *c = acceptor.heap[i];
+    while (i > 0 && acceptor.heap[(i - 1) / 2]->deadline > c->deadline) {
+        heap_set(i, acceptor.heap[(i - 1) / 2]);
         i = (i - 1) / 2;
     }
     heap_set(i, c);
@@ -154,13 +156,14 @@ static void heap_up(int i) {
 
 /* Moves the connection at place i down while a child's deadline is nearer. */
 static void heap_down(int i) {
-    struct conn *c = a.heap[i];
+    struct conn *c = acceptor.heap[i];
     for (;;) {
         int k = 2 * i + 1;
-        if (k >= a.nheap) break;
-        if (k + 1 < a.nheap && a.heap[k + 1]->deadline < a.heap[k]->deadline) k++;
-        if (c->deadline <= a.heap[k]->deadline) break;
-        heap_set(i, a.heap[k]);
+        if (k >= acceptor.nheap) break;
+        if (k + 1 < acceptor.nheap && acceptor.heap[k + 1]->deadline < acceptor.heap[k]->deadline)
+            k++;
+        if (c->deadline <= acceptor.heap[k]->deadline) break;
+        heap_set(i, acceptor.heap[k]);
         i = k;
     }
     heap_set(i, c);
@@ -168,7 +171,7 @@ static void heap_down(int i) {
 
 /* Takes c out of the heap: the last connection fills its place and moves up or down. */
 static void heap_remove(struct conn *c) {
-    struct conn *last = a.heap[--a.nheap];
+    struct conn *last = acceptor.heap[--acceptor.nheap];
     int i = c->slot;
     c->slot = -1;
     if (last == c) return;
@@ -182,7 +185,7 @@ static void heap_remove(struct conn *c) {
 static void unwatch(struct conn *c) {
     for (int d = UP; d <= DOWN; d++) {
         if (!c->watch[d].c) continue;
-        epoll_ctl(a.ep, EPOLL_CTL_DEL, c->watch[d].fd, NULL);
+        epoll_ctl(acceptor.ep, EPOLL_CTL_DEL, c->watch[d].fd, NULL);
         c->watch[d].c = NULL;
     }
 }
@@ -193,7 +196,7 @@ static int watch(struct conn *c, enum dir d, int fd, int out) {
     struct epoll_event ev = {.events = out ? EPOLLOUT : EPOLLIN | EPOLLRDHUP,
                              .data.ptr = &c->watch[d]};
     c->watch[d] = (struct watch){.c = c, .fd = fd};
-    if (epoll_ctl(a.ep, EPOLL_CTL_ADD, fd, &ev) == 0) return 0;
+    if (epoll_ctl(acceptor.ep, EPOLL_CTL_ADD, fd, &ev) == 0) return 0;
     c->watch[d].c = NULL;
     return -1;
 }
@@ -220,7 +223,7 @@ static void enter(struct conn *c) {
     }
     c->deadline = c->held_until ? c->held_until : copy_deadline(c);
     if (!c->deadline) c->deadline = UINT64_MAX; /* never: it sorts last */
-    heap_set(a.nheap++, c);
+    heap_set(acceptor.nheap++, c);
     heap_up(c->slot);
 }
 
@@ -238,7 +241,7 @@ static void woken(struct watch *w) {
     if (!c->relay && !c->dial && w == &c->watch[DOWN]) {
         /* The kept-alive upstream connection closed, or spoke out of turn: it can carry no
          * further request. The client stays parked; its next request opens a new one. */
-        epoll_ctl(a.ep, EPOLL_CTL_DEL, c->upstream, NULL);
+        epoll_ctl(acceptor.ep, EPOLL_CTL_DEL, c->upstream, NULL);
         c->watch[DOWN].c = NULL;
         close(c->upstream);
         c->upstream = -1;
@@ -253,8 +256,8 @@ static void woken(struct watch *w) {
  * worker for that. One held for its rate is watched from now on, as any other between
  * requests. */
 static void expire(uint64_t now) {
-    while (a.nheap && a.heap[0]->deadline <= now) {
-        struct conn *c = a.heap[0];
+    while (acceptor.nheap && acceptor.heap[0]->deadline <= now) {
+        struct conn *c = acceptor.heap[0];
         int held = c->held_until != 0;
         leave_room(c);
         if (held) { /* the time it was not read is not its client's idle time */
@@ -272,8 +275,10 @@ static void expire(uint64_t now) {
 
 /* ms until the nearest deadline (a parked connection's, the listener's rest); -1: none. */
 static int next_wait(uint64_t now) {
-    uint64_t next = a.nheap && a.heap[0]->deadline < UINT64_MAX ? a.heap[0]->deadline : 0;
-    if (a.paused_until && (!next || a.paused_until < next)) next = a.paused_until;
+    uint64_t next =
+        acceptor.nheap && acceptor.heap[0]->deadline < UINT64_MAX ? acceptor.heap[0]->deadline : 0;
+    if (acceptor.paused_until && (!next || acceptor.paused_until < next))
+        next = acceptor.paused_until;
     if (!next) return -1;
     uint64_t ms = next > now ? (next - now + 999999) / 1000000 : 0;
     return ms > 86400000u ? 86400000 : (int)ms;
@@ -290,7 +295,7 @@ static int next_wait(uint64_t now) {
 static void drain_backlog(void) {
     struct sock_filter drop_all = BPF_STMT(BPF_RET | BPF_K, 0);
     struct sock_fprog door = {.len = 1, .filter = &drop_all};
-    if (setsockopt(a.listen_fd, SOL_SOCKET, SO_ATTACH_FILTER, &door, sizeof door) < 0)
+    if (setsockopt(acceptor.listen_fd, SOL_SOCKET, SO_ATTACH_FILTER, &door, sizeof door) < 0)
         log_line("stopping: the listener cannot be shut before its backlog is taken in (%s): "
                  "a client arriving meanwhile may be reset",
                  strerror(errno));
@@ -310,9 +315,9 @@ static void drain_backlog(void) {
 static void stop_accepting(void) {
     uint64_t closed = 0;
     if (atomic_load(&drain)) drain_backlog();
-    epoll_ctl(a.ep, EPOLL_CTL_DEL, a.listen_fd, NULL);
-    a.stopped = 1;
-    a.listening = 0;
+    epoll_ctl(acceptor.ep, EPOLL_CTL_DEL, acceptor.listen_fd, NULL);
+    acceptor.stopped = 1;
+    acceptor.listening = 0;
     /* From here on the pool closes, instead of parking, a connection between requests; those
      * that parked before are in the mail or the room. */
     for (struct conn *c = pool_stop_begin(), *next; c; c = next) {
@@ -320,10 +325,10 @@ static void stop_accepting(void) {
         enter(c);
     }
     struct conn *idle = NULL;
-    for (int i = 0; i < a.nheap; i++)
-        if (copy_between_requests(a.heap[i])) {
-            a.heap[i]->next = idle;
-            idle = a.heap[i];
+    for (int i = 0; i < acceptor.nheap; i++)
+        if (copy_between_requests(acceptor.heap[i])) {
+            acceptor.heap[i]->next = idle;
+            idle = acceptor.heap[i];
         }
     for (struct conn *c = idle, *next; c; c = next) {
         next = c->next;
@@ -343,8 +348,8 @@ static void close_room(void) {
         next = c->next;
         pool_close_parked(c, END_STOPPED);
     }
-    while (a.nheap) {
-        struct conn *c = a.heap[0];
+    while (acceptor.nheap) {
+        struct conn *c = acceptor.heap[0];
         leave_room(c);
         pool_close_parked(c, END_STOPPED);
     }
@@ -357,8 +362,8 @@ static void *acceptor_main(void *arg) {
     struct epoll_event ev[EVENTS];
     (void)arg;
     while (!atomic_load(&ending)) {
-        if (!a.stopped && atomic_load(&stopping)) stop_accepting();
-        int n = epoll_wait(a.ep, ev, EVENTS, next_wait(mono_ns())), mail = 0;
+        if (!acceptor.stopped && atomic_load(&stopping)) stop_accepting();
+        int n = epoll_wait(acceptor.ep, ev, EVENTS, next_wait(mono_ns())), mail = 0;
         for (int i = 0; i < n; i++) {
             struct watch *w = ev[i].data.ptr;
             uint64_t rang;
@@ -368,7 +373,7 @@ static void *acceptor_main(void *arg) {
                 mail = 1;
             else if (w != &stop_tag)
                 woken(w);
-            else if (read(a.stop_fd, &rang, sizeof rang) < 0) { /* EAGAIN: taken already */
+            else if (read(acceptor.stop_fd, &rang, sizeof rang) < 0) { /* EAGAIN: taken already */
             }
         }
         /* The mailbox last: a connection woken in this batch may have parked again already,
@@ -391,22 +396,22 @@ int acceptor_start(int listen_fd) {
     struct epoll_event on = {.events = EPOLLIN, .data.ptr = &listener_tag};
     struct epoll_event mail = {.events = EPOLLIN, .data.ptr = &mailbox_tag};
     struct epoll_event stop = {.events = EPOLLIN, .data.ptr = &stop_tag};
-    a.listen_fd = listen_fd;
-    a.listening = 1;
-    a.heap = calloc((size_t)cfg.max_connections, sizeof(struct conn *));
-    if (!a.heap) return -1;
+    acceptor.listen_fd = listen_fd;
+    acceptor.listening = 1;
+    acceptor.heap = calloc((size_t)cfg.max_connections, sizeof(struct conn *));
+    if (!acceptor.heap) return -1;
     /* Accepted sockets do not inherit O_NONBLOCK on Linux: they stay blocking for the workers. */
     if (fcntl(listen_fd, F_SETFL, O_NONBLOCK) < 0) return -1;
-    a.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (a.stop_fd < 0) return -1;
-    a.ep = epoll_create1(EPOLL_CLOEXEC);
-    if (a.ep < 0) return close_failed(a.stop_fd);
-    if (epoll_ctl(a.ep, EPOLL_CTL_ADD, listen_fd, &on) < 0 ||
-        epoll_ctl(a.ep, EPOLL_CTL_ADD, pool_parked_fd(), &mail) < 0 ||
-        epoll_ctl(a.ep, EPOLL_CTL_ADD, a.stop_fd, &stop) < 0 ||
-        pthread_create(&a.thread, NULL, acceptor_main, NULL)) {
-        close(a.stop_fd);
-        return close_failed(a.ep);
+    acceptor.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (acceptor.stop_fd < 0) return -1;
+    acceptor.ep = epoll_create1(EPOLL_CLOEXEC);
+    if (acceptor.ep < 0) return close_failed(acceptor.stop_fd);
+    if (epoll_ctl(acceptor.ep, EPOLL_CTL_ADD, listen_fd, &on) < 0 ||
+        epoll_ctl(acceptor.ep, EPOLL_CTL_ADD, pool_parked_fd(), &mail) < 0 ||
+        epoll_ctl(acceptor.ep, EPOLL_CTL_ADD, acceptor.stop_fd, &stop) < 0 ||
+        pthread_create(&acceptor.thread, NULL, acceptor_main, NULL)) {
+        close(acceptor.stop_fd);
+        return close_failed(acceptor.ep);
     }
     return 0;
 }
@@ -414,7 +419,7 @@ int acceptor_start(int listen_fd) {
 /* Rings the acceptor's stop bell. */
 static void ring_stop(void) {
     uint64_t one = 1;
-    if (write(a.stop_fd, &one, sizeof one) < 0) { /* full: it is readable anyway */
+    if (write(acceptor.stop_fd, &one, sizeof one) < 0) { /* full: it is readable anyway */
     }
 }
 
@@ -433,8 +438,8 @@ uint64_t acceptor_stop(int drain_backlog) {
 void acceptor_end(void) {
     atomic_store(&ending, 1);
     ring_stop();
-    pthread_join(a.thread, NULL);
-    close(a.ep);
-    close(a.stop_fd);
-    free(a.heap);
+    pthread_join(acceptor.thread, NULL);
+    close(acceptor.ep);
+    close(acceptor.stop_fd);
+    free(acceptor.heap);
 }

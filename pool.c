@@ -39,9 +39,9 @@ static struct {
     int stop_begun;           /* the stop: one between requests that would park is closed */
     int room_closed;          /* the stop's end: any that would park is closed instead */
     int parked_fd;            /* eventfd, the acceptor's bell: mail, or room for new ones */
-} q = {.mu = PTHREAD_MUTEX_INITIALIZER,
-       .cv = PTHREAD_COND_INITIALIZER,
-       .all_idle = PTHREAD_COND_INITIALIZER};
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER,
+          .cv = PTHREAD_COND_INITIALIZER,
+          .all_idle = PTHREAD_COND_INITIALIZER};
 
 static const struct mode *mode; /* set by pool_start, before any worker runs */
 static struct worker *workers;
@@ -53,7 +53,7 @@ static _Atomic int forced; /* the grace period is over: end every connection */
 /* Rings the acceptor's bell (the mailbox's eventfd). */
 static void ring_acceptor(void) {
     uint64_t one = 1;
-    ssize_t n = write(q.parked_fd, &one, sizeof one);
+    ssize_t n = write(pool.parked_fd, &one, sizeof one);
     (void)n; /* it fails only when the counter is full, and then it is readable anyway */
 }
 
@@ -69,29 +69,29 @@ static void ring_sleepers(void) {
  * there are any, connections take turns. When the number leaves 0, rings every thread that
  * waits for bytes with no eye on its time slice (copy_wait): it must look again now. A thread
  * says it sleeps before it reads stats.waiting, and this sets stats.waiting before it reads
- * that, so no thread misses the news. Under q.mu. */
+ * that, so no thread misses the news. Under pool.mu. */
 static void publish_waiting(void) {
-    int n = q.len > q.idle ? q.len - q.idle : 0;
+    int n = pool.len > pool.idle ? pool.len - pool.idle : 0;
     if (atomic_exchange(&stats.waiting, (uint64_t)n) || !n) return;
     ring_sleepers();
 }
 
-/* Puts c at the tail of the queue. Under q.mu. */
+/* Puts c at the tail of the queue. Under pool.mu. */
 static void enqueue(struct conn *c) {
     c->queued_ns = mono_ns();
-    q.ring[(q.first + q.len++) % q.size] = c;
+    pool.ring[(pool.first + pool.len++) % pool.size] = c;
     atomic_fetch_add(&stats.queued, 1);
     publish_waiting();
-    pthread_cond_signal(&q.cv);
+    pthread_cond_signal(&pool.cv);
 }
 
 /* While there is no room the acceptor stops accepting, instead of refusing: the clients wait in the
  * kernel's listen backlog meanwhile, connected. */
 int pool_intake_open(void) {
-    pthread_mutex_lock(&q.mu);
-    int open = q.fresh < cfg.queue + q.idle;
-    if (!open) q.intake_waits = 1;
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_lock(&pool.mu);
+    int open = pool.fresh < cfg.queue + pool.idle;
+    if (!open) pool.intake_waits = 1;
+    pthread_mutex_unlock(&pool.mu);
     return open;
 }
 
@@ -105,10 +105,10 @@ void pool_turn_away(int fd, const struct addr *peer, enum refusal why) {
  * may be open (the acceptor admits at most max_connections, and a record is back before it stops
  * counting as active). */
 int pool_submit(int fd, const struct addr *peer, struct config *cf, int entry, int behind) {
-    pthread_mutex_lock(&q.mu);
-    int ok = !q.stopping && q.nspare > 0;
+    pthread_mutex_lock(&pool.mu);
+    int ok = !pool.stopping && pool.nspare > 0;
     if (ok) {
-        struct conn *c = q.spare[--q.nspare];
+        struct conn *c = pool.spare[--pool.nspare];
         /* Its clocks start now: the time it waits for a worker is part of what its client
          * sees (the log, header_timeout, the duration histogram). */
         *c = (struct conn){.client = fd,
@@ -120,10 +120,10 @@ int pool_submit(int fd, const struct addr *peer, struct config *cf, int entry, i
                            .behind = behind,
                            .start_ns = mono_ns()};
         atomic_store(&c->last_ns, c->start_ns);
-        q.fresh++;
+        pool.fresh++;
         enqueue(c);
     }
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_unlock(&pool.mu);
     return ok ? 0 : -1;
 }
 
@@ -131,50 +131,51 @@ int pool_submit(int fd, const struct addr *peer, struct config *cf, int entry, i
  * is empty. */
 static struct conn *take(void) {
     struct conn *c = NULL;
-    pthread_mutex_lock(&q.mu);
-    if (++q.idle == cfg.workers) pthread_cond_signal(&q.all_idle);
+    pthread_mutex_lock(&pool.mu);
+    if (++pool.idle == cfg.workers) pthread_cond_signal(&pool.all_idle);
     /* An idle worker is room for one more new connection (taking one changes nothing: both
      * fresh and idle go down). */
-    if (q.intake_waits && q.fresh < cfg.queue + q.idle) {
-        q.intake_waits = 0;
+    if (pool.intake_waits && pool.fresh < cfg.queue + pool.idle) {
+        pool.intake_waits = 0;
         ring_acceptor();
     }
     publish_waiting();
-    while (!q.len && !q.stopping) pthread_cond_wait(&q.cv, &q.mu);
-    q.idle--;
-    if (q.len) {
-        c = q.ring[q.first];
-        q.first = (q.first + 1) % q.size;
-        q.len--;
+    while (!pool.len && !pool.stopping) pthread_cond_wait(&pool.cv, &pool.mu);
+    pool.idle--;
+    if (pool.len) {
+        c = pool.ring[pool.first];
+        pool.first = (pool.first + 1) % pool.size;
+        pool.len--;
         atomic_fetch_sub(&stats.queued, 1);
-        if (!c->turns) q.fresh--;
+        if (!c->turns) pool.fresh--;
     }
     publish_waiting();
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_unlock(&pool.mu);
     return c;
 }
 
 char *pool_head_take(void) {
-    pthread_mutex_lock(&q.mu);
-    char *buf = q.nspare_head ? q.spare_head[--q.nspare_head] : NULL;
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_lock(&pool.mu);
+    char *buf = pool.nspare_head ? pool.spare_head[--pool.nspare_head] : NULL;
+    pthread_mutex_unlock(&pool.mu);
     return buf;
 }
 
 void pool_head_give(char *buf) {
-    pthread_mutex_lock(&q.mu);
-    q.spare_head[q.nspare_head++] = buf;
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_lock(&pool.mu);
+    pool.spare_head[pool.nspare_head++] = buf;
+    pthread_mutex_unlock(&pool.mu);
 }
 
 /* Returns a closed connection's record to the slab; only then does it stop counting as
  * active, so that the acceptor, which admits up to max_connections active ones, always finds a
  * record for the next. The last one out in the stop says so. */
 static void release(struct conn *c) {
-    pthread_mutex_lock(&q.mu);
-    q.spare[q.nspare++] = c;
-    if (atomic_fetch_sub(&stats.active, 1) == 1 && q.stop_begun) pthread_cond_broadcast(&q.drained);
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_lock(&pool.mu);
+    pool.spare[pool.nspare++] = c;
+    if (atomic_fetch_sub(&stats.active, 1) == 1 && pool.stop_begun)
+        pthread_cond_broadcast(&pool.drained);
+    pthread_mutex_unlock(&pool.mu);
 }
 
 /* ---- a worker's two threads ----------------------------------------------------------- */
@@ -275,19 +276,20 @@ static void retire(struct conn *c) {
  * closed to it (the stop: to every connection once the grace period is over, before that to
  * one between requests): the caller closes c. */
 static int park(struct conn *c) {
-    pthread_mutex_lock(&q.mu);
-    int closed = q.room_closed || (q.stop_begun && copy_between_requests(c)), wake = !q.mail;
+    pthread_mutex_lock(&pool.mu);
+    int closed = pool.room_closed || (pool.stop_begun && copy_between_requests(c)),
+        wake = !pool.mail;
     if (!closed) {
         c->next = NULL;
-        if (q.mail)
-            q.last->next = c;
+        if (pool.mail)
+            pool.last->next = c;
         else
-            q.mail = c;
-        q.last = c;
+            pool.mail = c;
+        pool.last = c;
         atomic_fetch_add(&stats.parked, 1);
         atomic_fetch_add(&stats.parks, 1);
     }
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_unlock(&pool.mu);
     if (closed) {
         conn_end(c, END_STOPPED);
         return -1;
@@ -309,9 +311,9 @@ static int has_bytes(const struct conn *c) {
 
 /* Puts c, whose turn is over, at the tail of the queue. */
 static void requeue(struct conn *c) {
-    pthread_mutex_lock(&q.mu);
+    pthread_mutex_lock(&pool.mu);
     enqueue(c);
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_unlock(&pool.mu);
 }
 
 /* c came from a trusted balancer: its PROXY header names the client, who must be in [access]
@@ -399,13 +401,13 @@ enum served pool_relay(struct worker *w, struct conn *c, job_fn down) {
 /* ---- the waiting room's side ---------------------------------------------------------- */
 
 int pool_parked_fd(void) {
-    return q.parked_fd;
+    return pool.parked_fd;
 }
 
-/* Empties the mailbox. Under q.mu. */
+/* Empties the mailbox. Under pool.mu. */
 static struct conn *take_mail(void) {
-    struct conn *list = q.mail;
-    q.mail = q.last = NULL;
+    struct conn *list = pool.mail;
+    pool.mail = pool.last = NULL;
     return list;
 }
 
@@ -413,21 +415,21 @@ struct conn *pool_take_parked(void) {
     uint64_t rang;
     /* First the bell, then the mail: a letter that comes in between is taken now, and one that
      * comes after rings again, into an empty mailbox. */
-    if (read(q.parked_fd, &rang, sizeof rang) < 0) rang = 0; /* EAGAIN: nothing rang */
-    pthread_mutex_lock(&q.mu);
+    if (read(pool.parked_fd, &rang, sizeof rang) < 0) rang = 0; /* EAGAIN: nothing rang */
+    pthread_mutex_lock(&pool.mu);
     struct conn *list = take_mail();
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_unlock(&pool.mu);
     return list;
 }
 
 /* Why no wait for room in the queue (cfg.queue), as new connections have: this one was admitted
  * long ago, and the ring has a place for every record. */
 void pool_resume(struct conn *c) {
-    pthread_mutex_lock(&q.mu);
+    pthread_mutex_lock(&pool.mu);
     atomic_fetch_sub(&stats.parked, 1);
     atomic_fetch_add(&stats.wakeups, 1);
     enqueue(c);
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_unlock(&pool.mu);
 }
 
 void pool_close_parked(struct conn *c, enum end why) {
@@ -440,12 +442,12 @@ void pool_close_parked(struct conn *c, enum end why) {
 /* Closing instead of parking takes effect in park; ending at the next request boundary goes
  * through stats.stopping. Every thread that sleeps with an eye on either is rung to look. */
 struct conn *pool_stop_begin(void) {
-    pthread_mutex_lock(&q.mu);
-    q.stop_begun = 1;
+    pthread_mutex_lock(&pool.mu);
+    pool.stop_begun = 1;
     atomic_store(&stats.stopping, 1);
     ring_sleepers();
     struct conn *list = take_mail();
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_unlock(&pool.mu);
     return list;
 }
 
@@ -459,10 +461,10 @@ int pool_stop_idle(struct conn *c) {
 }
 
 struct conn *pool_room_close(void) {
-    pthread_mutex_lock(&q.mu);
-    q.room_closed = 1;
+    pthread_mutex_lock(&pool.mu);
+    pool.room_closed = 1;
     struct conn *list = take_mail();
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_unlock(&pool.mu);
     return list;
 }
 
@@ -487,23 +489,25 @@ int pool_start(const struct mode *m) {
     pthread_condattr_t monotonic;
     pthread_condattr_init(&monotonic);
     pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
-    pthread_cond_init(&q.drained, &monotonic);
+    pthread_cond_init(&pool.drained, &monotonic);
     pthread_condattr_destroy(&monotonic);
-    q.parked_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (q.parked_fd < 0) return -1;
-    q.size = records;
-    q.ring = calloc((size_t)records, sizeof(struct conn *));
-    q.slab = calloc((size_t)records, sizeof *q.slab);
-    q.spare = calloc((size_t)records, sizeof(struct conn *));
+    pool.parked_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (pool.parked_fd < 0) return -1;
+    pool.size = records;
+    pool.ring = calloc((size_t)records, sizeof(struct conn *));
+    pool.slab = calloc((size_t)records, sizeof *pool.slab);
+    pool.spare = calloc((size_t)records, sizeof(struct conn *));
     /* Resident only once used, as the slab: a head buffer is touched when a head parks in it.
      * Only http reads heads. */
     int heads = cfg.mode == MODE_HTTP ? cfg.head_buffers : 0;
-    q.heads = calloc((size_t)heads + 1, HEAD_MAX);
-    q.spare_head = calloc((size_t)heads + 1, sizeof(char *));
+    pool.heads = calloc((size_t)heads + 1, HEAD_MAX);
+    pool.spare_head = calloc((size_t)heads + 1, sizeof(char *));
     workers = calloc((size_t)cfg.workers, sizeof *workers);
-    if (!q.ring || !q.slab || !q.spare || !q.heads || !q.spare_head || !workers) return -1;
-    for (int i = 0; i < records; i++) q.spare[q.nspare++] = &q.slab[i];
-    for (int i = 0; i < heads; i++) q.spare_head[q.nspare_head++] = q.heads + (size_t)i * HEAD_MAX;
+    if (!pool.ring || !pool.slab || !pool.spare || !pool.heads || !pool.spare_head || !workers)
+        return -1;
+    for (int i = 0; i < records; i++) pool.spare[pool.nspare++] = &pool.slab[i];
+    for (int i = 0; i < heads; i++)
+        pool.spare_head[pool.nspare_head++] = pool.heads + (size_t)i * HEAD_MAX;
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, STACK_SIZE);
@@ -512,9 +516,9 @@ int pool_start(const struct mode *m) {
     if (started < cfg.workers) return -1;
     /* Ready means every worker waits for work: with queue = 0, a connection that came before
      * they did would otherwise be refused. */
-    pthread_mutex_lock(&q.mu);
-    while (q.idle < cfg.workers) pthread_cond_wait(&q.all_idle, &q.mu);
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.idle < cfg.workers) pthread_cond_wait(&pool.all_idle, &pool.mu);
+    pthread_mutex_unlock(&pool.mu);
     return 0;
 }
 
@@ -523,17 +527,17 @@ static void force_stop(void) {
     struct conn *left[64];
     int n;
     atomic_store(&forced, 1);
-    do { /* in batches: retire() takes q.mu to give the record back */
-        pthread_mutex_lock(&q.mu);
-        for (n = 0; q.len && n < 64; n++) {
-            left[n] = q.ring[q.first];
-            q.first = (q.first + 1) % q.size;
-            q.len--;
-            if (!left[n]->turns) q.fresh--;
+    do { /* in batches: retire() takes pool.mu to give the record back */
+        pthread_mutex_lock(&pool.mu);
+        for (n = 0; pool.len && n < 64; n++) {
+            left[n] = pool.ring[pool.first];
+            pool.first = (pool.first + 1) % pool.size;
+            pool.len--;
+            if (!left[n]->turns) pool.fresh--;
         }
         atomic_fetch_sub(&stats.queued, (uint64_t)n);
         publish_waiting();
-        pthread_mutex_unlock(&q.mu);
+        pthread_mutex_unlock(&pool.mu);
         for (int i = 0; i < n; i++) {
             atomic_store(&left[i]->end, END_STOPPED);
             retire(left[i]);
@@ -552,20 +556,20 @@ void pool_drain(int seconds) {
     struct timespec until;
     clock_gettime(CLOCK_MONOTONIC, &until);
     until.tv_sec += seconds;
-    pthread_mutex_lock(&q.mu);
+    pthread_mutex_lock(&pool.mu);
     while (atomic_load(&stats.active) > 0 &&
-           pthread_cond_timedwait(&q.drained, &q.mu, &until) != ETIMEDOUT) {
+           pthread_cond_timedwait(&pool.drained, &pool.mu, &until) != ETIMEDOUT) {
     }
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_unlock(&pool.mu);
 }
 
 /* The workers take what is left in the queue, and each ends at once. */
 void pool_stop(void) {
     force_stop();
-    pthread_mutex_lock(&q.mu);
-    q.stopping = 1;
-    pthread_cond_broadcast(&q.cv);
-    pthread_mutex_unlock(&q.mu);
+    pthread_mutex_lock(&pool.mu);
+    pool.stopping = 1;
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
     for (int i = 0; i < started; i++) {
         struct worker *w = &workers[i];
         pthread_join(w->front, NULL);
@@ -577,10 +581,10 @@ void pool_stop(void) {
         if (mode->free) mode->free(w);
     }
     free(workers);
-    free(q.ring);
-    free(q.slab);
-    free(q.spare);
-    free(q.heads);
-    free(q.spare_head);
-    close(q.parked_fd);
+    free(pool.ring);
+    free(pool.slab);
+    free(pool.spare);
+    free(pool.heads);
+    free(pool.spare_head);
+    close(pool.parked_fd);
 }
