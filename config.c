@@ -1,20 +1,17 @@
-/* config.c — reads proxy.ini with inih into `cfg`, checking every key against one table (its
- * type, range, default, and whether only a restart changes it), and prints the memory plan for
- * -t. It owns the config in force: the snapshots a reload publishes, the rule for freeing
- * them, and the upstreams' health, which outlives a snapshot. Every error is "FILE:LINE: what
- * is wrong". */
+/* config.c — reads proxy.ini with inih into a struct config, checking every key against one
+ * table (its type, range, default, and whether only a restart changes it), then the keys
+ * against each other. Every error is "FILE:LINE: what is wrong". What is in force is
+ * running.c's; what a config costs, plan.c's. */
 #include "proxy.h"
 
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ini.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 struct config cfg;
@@ -276,6 +273,18 @@ void config_free(struct config *c) {
     names_free(&c->allow_destinations.names);
 }
 
+/* Where value is among words (space-separated), counting from 0; -1 if it is not: an ENUM
+ * key's words are listed in the order of its enum's values. */
+static int word_index(const char *words, const char *value) {
+    const char *w = words;
+    for (int i = 0; *w; i++) {
+        size_t n = strcspn(w, " ");
+        if (strlen(value) == n && !strncmp(w, value, n)) return i;
+        w += n + (w[n] == ' ');
+    }
+    return -1;
+}
+
 /* Sets key k (called name in the file) to value: a default, or a line of the file. Returns 0,
  * or -1 on an error (recorded by fail). */
 static int set(struct loader *l, const struct key *k, const char *name, const char *value) {
@@ -293,18 +302,11 @@ static int set(struct loader *l, const struct key *k, const char *name, const ch
                         value, k->min, k->max, k->kind == SIZE ? " (k, m, g allowed)" : "");
         *(int *)field = (int)v;
         return 0;
-    case ENUM: {
-        const char *w = k->enums;
-        for (int i = 0; *w; i++) {
-            size_t n = strcspn(w, " ");
-            if (strlen(value) == n && !strncmp(w, value, n)) {
-                *(int *)field = i;
-                return 0;
-            }
-            w += n + (w[n] == ' ');
-        }
-        return fail(l, l->line, "%s = '%s': expected one of: %s", name, value, k->enums);
-    }
+    case ENUM:
+        if ((v = word_index(k->enums, value)) < 0)
+            return fail(l, l->line, "%s = '%s': expected one of: %s", name, value, k->enums);
+        *(int *)field = (int)v;
+        return 0;
     case ADDR:
         if (!*value && field == &c->stats_listen) {
             c->stats_listen.len = 0; /* the admin listener is off */
@@ -454,76 +456,99 @@ static int keep_restart_keys(struct loader *l, const struct config *keep, char *
     return 0;
 }
 
-/* Loads and validates FILE into *c (then defaults for the keys it left out); with keep (a
- * reload), the restart-only keys keep keep's values, and those the file changed are named in
- * note. Returns 0, or -1 with "FILE:LINE: what is wrong" in err. Names in upstream and listen
- * are resolved here. */
+/* Reads l->c->file through inih into l->c: the keys it sets, no defaults yet. Returns 0, or -1
+ * with the error in l->err. */
+static int read_file(struct loader *l) {
+    const char *file = l->c->file;
+    l->f = fopen(file, "r");
+    if (!l->f) {
+        snprintf(l->err, l->errlen, "proxy: %s: cannot open: %s (name the file with -c FILE)", file,
+                 strerror(errno));
+        return -1;
+    }
+    int bad = ini_parse_stream(reader, l, handler, l);
+    fclose(l->f);
+    l->value = NULL;
+    if (l->read_errno) { /* a directory opens, then fails to read: never "configuration ok" */
+        snprintf(l->err, l->errlen, "proxy: %s: cannot read: %s", file, strerror(l->read_errno));
+        return -1;
+    }
+    if (bad > 0) fail(l, bad, "expected 'key = value' or '[section]'");
+    if (bad < 0) fail(l, l->line, "out of memory");
+    return bad || l->err_line ? -1 : 0;
+}
+
+/* Sets the keys the file left out to their defaults, checked like the file's values. A list
+ * the file gives replaces the default instead of adding to it. */
+static void set_defaults(struct loader *l) {
+    struct config *c = l->c;
+    for (size_t i = 0; i < NKEYS; i++)
+        if (keys[i].def && !l->seen[i]) set(l, &keys[i], keys[i].name, keys[i].def);
+    l->value = NULL;
+    /* The table of clients left out grows to hold max_connections (set, it must:
+     * check_across_keys). */
+    if (!line_of(l, "limits", "clients", 0) && c->clients < c->max_connections)
+        c->clients = c->max_connections;
+}
+
+/* The checks across keys, each error pointing at the line of the key to change (else at
+ * [proxy]); fail() keeps the first only. */
+static void check_across_keys(struct loader *l) {
+    const struct config *c = l->c;
+    int where = l->proxy_line ? l->proxy_line : 1;
+    if (c->mode == MODE_TCP && c->nup == 0)
+        fail(l, where, "[proxy] needs 'upstream = host:port' in tcp mode");
+    if (c->mode == MODE_TCP && c->nusers)
+        fail(l, line_of(l, "users", "*", where),
+             "[users] needs mode = http: tcp mode has no way to ask");
+    if (c->mode == MODE_HTTP && c->send_proxy)
+        fail(l, line_of(l, "proxy", "send_proxy", where), "send_proxy works in tcp mode only");
+    for (int i = 0; i < c->nup; i++)
+        if (same_listener(&c->listen, &c->up[i].addr))
+            fail(l, line_of(l, "proxy", "upstream", where),
+                 "upstream %s is this proxy's own listen address", c->up[i].name);
+    if (same_listener(&c->listen, &c->stats_listen))
+        fail(l, line_of(l, "stats", "listen", where),
+             "[stats] listen must differ from the proxy's listen address");
+    /* An entry with open connections is never forgotten: the table must hold them all. */
+    if (c->clients < c->max_connections)
+        fail(l, line_of(l, "limits", "clients", line_of(l, "proxy", "max_connections", where)),
+             "[limits] clients = %d must be at least max_connections (%d): a client with "
+             "connections open is never forgotten",
+             c->clients, c->max_connections);
+    if (c->limit_by == LIMIT_BY_USER && !c->nusers)
+        fail(l, line_of(l, "limits", "limit_by", where),
+             "limit_by = user needs [users]: without them no request has a user");
+    if (c->request_burst && !c->requests_per_second)
+        fail(l, line_of(l, "limits", "request_burst", where),
+             "request_burst needs requests_per_second: a burst above which rate?");
+}
+
+/* What follows from the keys once all are set: min_rate within rate_limit, where log was set,
+ * and what local_destinations = auto means for this listen address. */
+static void derive(struct loader *l) {
+    struct config *c = l->c;
+    /* Our own pacing must not make a body look slow. */
+    if (c->rate_limit && c->min_rate > c->rate_limit / 2) c->min_rate = c->rate_limit / 2;
+    c->log_line = line_of(l, "proxy", "log", l->proxy_line ? l->proxy_line : 1);
+    /* A proxy on loopback serves this host's own users, who can reach its local services
+     * anyway; on any other address, clients from elsewhere could reach them through it. */
+    c->local_auto = c->local_destinations == LOCAL_AUTO;
+    if (c->local_auto) c->local_destinations = loopback(&c->listen) ? LOCAL_ALLOW : LOCAL_DENY;
+}
+
+/* Both loads (keep: config_load_keeping's). On failure c may still hold lists: the callers free
+ * them. */
 static int load(struct config *c, const char *file, const struct config *keep, char *note,
                 size_t notelen, char *err, size_t errlen) {
     struct loader l = {.c = c, .err = err, .errlen = errlen};
     memset(c, 0, sizeof *c);
     c->file = file;
-    l.f = fopen(file, "r");
-    if (!l.f) {
-        snprintf(err, errlen, "proxy: %s: cannot open: %s (name the file with -c FILE)", file,
-                 strerror(errno));
-        return -1;
-    }
-    int bad = ini_parse_stream(reader, &l, handler, &l);
-    fclose(l.f);
-    l.value = NULL;
-    if (l.read_errno) { /* a directory opens, then fails to read: never "configuration ok" */
-        snprintf(err, errlen, "proxy: %s: cannot read: %s", file, strerror(l.read_errno));
-        return -1;
-    }
-    if (bad > 0) fail(&l, bad, "expected 'key = value' or '[section]'");
-    if (bad < 0) fail(&l, l.line, "out of memory");
-    if (bad || l.err_line) return -1;
-    /* Then the defaults of the keys the file left out, checked like the file's values. A
-     * list the file gives replaces the default instead of adding to it. */
-    for (size_t i = 0; i < NKEYS; i++)
-        if (keys[i].def && !l.seen[i]) set(&l, &keys[i], keys[i].name, keys[i].def);
-    l.value = NULL;
-    /* The table of clients left out grows to hold max_connections (set, it must: below). */
-    if (!line_of(&l, "limits", "clients", 0) && c->clients < c->max_connections)
-        c->clients = c->max_connections;
+    if (read_file(&l) < 0) return -1;
+    set_defaults(&l);
     if (keep && keep_restart_keys(&l, keep, note, notelen) < 0) return -1;
-
-    /* Checks across keys: fail() keeps the first error only. */
-    int where = l.proxy_line ? l.proxy_line : 1;
-    if (c->mode == MODE_TCP && c->nup == 0)
-        fail(&l, where, "[proxy] needs 'upstream = host:port' in tcp mode");
-    if (c->mode == MODE_TCP && c->nusers)
-        fail(&l, line_of(&l, "users", "*", where),
-             "[users] needs mode = http: tcp mode has no way to ask");
-    if (c->mode == MODE_HTTP && c->send_proxy)
-        fail(&l, line_of(&l, "proxy", "send_proxy", where), "send_proxy works in tcp mode only");
-    for (int i = 0; i < c->nup; i++)
-        if (same_listener(&c->listen, &c->up[i].addr))
-            fail(&l, line_of(&l, "proxy", "upstream", where),
-                 "upstream %s is this proxy's own listen address", c->up[i].name);
-    if (same_listener(&c->listen, &c->stats_listen))
-        fail(&l, line_of(&l, "stats", "listen", where),
-             "[stats] listen must differ from the proxy's listen address");
-    /* A proxy on loopback serves this host's own users, who can reach its local services
-     * anyway; on any other address, clients from elsewhere could reach them through it. */
-    /* Our own pacing must not make a body look slow. */
-    if (c->rate_limit && c->min_rate > c->rate_limit / 2) c->min_rate = c->rate_limit / 2;
-    /* An entry with open connections is never forgotten: the table must hold them all. */
-    if (c->clients < c->max_connections)
-        fail(&l, line_of(&l, "limits", "clients", line_of(&l, "proxy", "max_connections", where)),
-             "[limits] clients = %d must be at least max_connections (%d): a client with "
-             "connections open is never forgotten",
-             c->clients, c->max_connections);
-    if (c->limit_by == LIMIT_BY_USER && !c->nusers)
-        fail(&l, line_of(&l, "limits", "limit_by", where),
-             "limit_by = user needs [users]: without them no request has a user");
-    if (c->request_burst && !c->requests_per_second)
-        fail(&l, line_of(&l, "limits", "request_burst", where),
-             "request_burst needs requests_per_second: a burst above which rate?");
-    c->log_line = line_of(&l, "proxy", "log", where);
-    c->local_auto = c->local_destinations == LOCAL_AUTO;
-    if (c->local_auto) c->local_destinations = loopback(&c->listen) ? LOCAL_ALLOW : LOCAL_DENY;
+    check_across_keys(&l);
+    derive(&l);
     return l.err_line ? -1 : 0;
 }
 
@@ -533,52 +558,16 @@ int config_load(struct config *c, const char *file, char *err, size_t errlen) {
     return -1;
 }
 
-/* ---- the memory plan (-t) ------------------------------------------------------------- */
-
-/* File descriptors one worker holds for good: its two threads' bells (eventfds), and its two
- * pipes with copy = splice. */
-static long long pool_fds(const struct config *c) {
-    return 2 + (c->copy == COPY_SPLICE ? 4 : 0);
+int config_load_keeping(struct config *c, const char *file, const struct config *keep, char *note,
+                        size_t notelen, char *err, size_t errlen) {
+    if (load(c, file, keep, note, notelen, err, errlen) == 0) return 0;
+    config_free(c);
+    return -1;
 }
 
-/* File descriptors held besides connections' and workers': the listeners, the acceptor's
- * epoll set and bells, the log, a few to spare; in http mode one eventfd per name lookup that
- * may run (a dial waits for it to ring). */
-static long long other_fds(const struct config *c) {
-    return 16 + (c->mode == MODE_HTTP ? LOOKUPS_MAX : 0);
-}
-
-/* All but the sockets and the workers' fds are counted in other_fds. */
-long long config_fds(const struct config *c) {
-    return (long long)c->max_connections * 2 + (long long)c->workers * pool_fds(c) + other_fds(c);
-}
-
-int config_fd_warning(const struct config *c, unsigned long long limit, const char *prefix,
-                      FILE *out) {
-    long long pool = (long long)c->workers * pool_fds(c) + other_fds(c);
-    long long fit = ((long long)limit - pool) / 2;
-    if ((unsigned long long)config_fds(c) <= limit) return 0;
-    if (fit < 1) {
-        fprintf(out,
-                "%serror: before any connection the %d workers need %lld fds (%lld each%s, and "
-                "%lld for the rest), the limit is %llu: lower workers%s or raise the limit "
-                "(LimitNOFILE=, ulimit -n)\n",
-                prefix, c->workers, pool, pool_fds(c),
-                c->copy == COPY_SPLICE ? " with their pipes" : "", other_fds(c), limit,
-                c->copy == COPY_SPLICE ? ", use copy = buffer (no pipes)," : "");
-        return -1;
-    }
-    fprintf(out,
-            "%swarning: a full load needs %lld fds, the limit is %llu: lower max_connections to "
-            "%lld or raise the limit (LimitNOFILE=, ulimit -n)\n",
-            prefix, config_fds(c), limit, fit);
-    return 0;
-}
-
-/* Whether the log can be opened as start-up will open it (appending, created if missing),
- * without creating it: an existing file must open for writing, a new one's directory must
- * take it. Returns 0, or -1 with "FILE:LINE: why" in err. */
-static int check_log(const struct config *c, char *err, size_t errlen) {
+/* Without creating the log: an existing file must open for writing, a new one's directory
+ * must take it. */
+int config_check_log(const struct config *c, char *err, size_t errlen) {
     if (!strcmp(c->log, "-") || !strcmp(c->log, "off")) return 0;
     int fd = open(c->log, O_WRONLY | O_APPEND | O_CLOEXEC);
     if (fd >= 0) {
@@ -600,182 +589,4 @@ static int check_log(const struct config *c, char *err, size_t errlen) {
     snprintf(err, errlen, "%s:%d: log = %s: cannot open: %s", c->file, c->log_line, c->log,
              strerror(e));
     return -1;
-}
-
-int config_plan(const struct config *c, FILE *o, char *err, size_t errlen) {
-    if (check_log(c, err, errlen) < 0) return -1;
-    static const char *modes[] = {"tcp", "http"}, *copies[] = {"splice", "buffer"};
-    char listen[64], admin[64] = "off";
-    double w = c->workers, mib = 1 << 20, n = c->max_connections;
-    struct rlimit rl = {0};
-    getrlimit(RLIMIT_NOFILE, &rl);
-    if (c->stats_listen.len) addr_format(&c->stats_listen, admin, sizeof admin);
-    fprintf(o, "%s: configuration ok\nmode %s on %s, %d upstream(s), copy %s, metrics on %s\n",
-            c->file, modes[c->mode], addr_format(&c->listen, listen, sizeof listen), c->nup,
-            copies[c->copy], admin);
-    if (c->mode == MODE_HTTP) {
-        fprintf(o, "local destinations: %s%s\n",
-                c->local_destinations == LOCAL_DENY ? "deny" : "allow",
-                c->local_auto ? " (auto)" : "");
-        const struct destinations *deny = &c->deny_destinations, *allow = &c->allow_destinations;
-        fprintf(o, "destinations: denied: %d names and %d networks; allowed: ", deny->names.n,
-                deny->nets.n);
-        if (allow->names.n || allow->nets.n)
-            fprintf(o, "only %d names and %d networks\n", allow->names.n, allow->nets.n);
-        else
-            fprintf(o, "any other\n");
-    }
-    if (c->trusted_proxies.n)
-        fprintf(o,
-                "trusted proxies: %d networks, whose connections must start with a PROXY "
-                "header naming the client\n",
-                c->trusted_proxies.n);
-    fprintf(o,
-            "pool: %d workers: %d threads, %.1f MiB of stacks (resident only as touched), %.1f MiB "
-            "of %s",
-            c->workers, 2 * c->workers, w * 2 * STACK_SIZE / mib, w * 2 * c->buffer_size / mib,
-            c->copy == COPY_SPLICE ? "pipe buffers in the kernel at most" : "buffers");
-    if (c->mode == MODE_HTTP) /* http.c: two input buffers and two rewritten heads */
-        fprintf(o, ", %.1f MiB of http heads", w * 4 * HEAD_MAX / mib);
-    fprintf(o, "; %lld fds\n", (long long)c->workers * pool_fds(c));
-    /* pool.c's slab: a record for every connection that can be open at once, resident only
-     * once used; and two sockets each. The kernel's socket buffers come on top. */
-    fprintf(o,
-            "connections: max_connections %d (busy, queued or parked; the queue holds %d new "
-            "ones): %.1f MiB of records, %lld fds\n",
-            c->max_connections, c->queue, n * sizeof(struct conn) / mib, (long long)n * 2);
-    /* pool.c's head buffers: where a request head read in part waits while parked. */
-    if (c->mode == MODE_HTTP)
-        fprintf(o,
-                "slow heads: %d head buffers, %.1f MiB (resident only as used); min_rate %d "
-                "bytes/s for heads and bodies%s\n",
-                c->head_buffers, (double)c->head_buffers * HEAD_MAX / mib, c->min_rate,
-                c->min_rate ? "" : " (none)");
-    /* How to size the pool: what takes turns, and what holds a worker throughout. */
-    if (c->park_after && c->time_slice)
-        fprintf(o,
-                "turns: beyond %d busy connections they take turns of %d ms (a round of N "
-                "busy ones takes N / %d x %d ms); an http request waiting for its answer "
-                "holds its worker throughout: add workers for those you expect at once\n",
-                c->workers, c->time_slice, c->workers, c->time_slice);
-    if (c->park_after)
-        fprintf(o, "park_after %d ms, time_slice %d ms%s", c->park_after, c->time_slice,
-                c->time_slice ? "" : " (no turns)");
-    else
-        fprintf(o, "park_after 0 (never park, no turns: a connection keeps its worker)");
-    fprintf(o, ", keepalive_timeout %d s, idle_timeout %d s\n", c->keepalive_timeout,
-            c->idle_timeout);
-    fprintf(o, "fds at full load: %lld (limit %llu)\n", config_fds(c),
-            (unsigned long long)rl.rlim_max);
-    return config_fd_warning(c, (unsigned long long)rl.rlim_max, "", o);
-}
-
-/* ---- the config in force: snapshots, and the upstreams' health ------------------------ */
-
-#define STATES (4 * MAX_UPSTREAMS) /* upstream names listed by the snapshots alive at once */
-
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* newest, and states' holders */
-static struct config *newest = &cfg;
-static _Atomic uint64_t generation = 1; /* newest's, to be read without the lock */
-static struct upstream_state states[STATES];
-
-/* Lets go of the health of c's upstreams: a state no snapshot lists is free. Under mu. */
-static void let_go_states(struct config *c, int n) {
-    for (int i = 0; i < n; i++) c->up[i].st->holders--;
-}
-
-/* Gives each upstream of c its health: the state of the same name if a snapshot alive lists
- * it (so a reload keeps it), else a free one, fresh. Returns 0, or -1 when none is free. Under
- * mu. */
-static int adopt_states(struct config *c) {
-    for (int i = 0; i < c->nup; i++) {
-        struct upstream_state *same = NULL, *spare = NULL;
-        for (int k = 0; k < STATES && !same; k++) {
-            if (states[k].holders && !strcmp(states[k].name, c->up[i].name)) same = &states[k];
-            if (!states[k].holders && !spare) spare = &states[k];
-        }
-        if (!same && !spare) {
-            let_go_states(c, i);
-            return -1;
-        }
-        if (!same) {
-            same = spare;
-            snprintf(same->name, sizeof same->name, "%s", c->up[i].name);
-            atomic_store(&same->down_until, 0);
-            atomic_store(&same->connects, 0);
-            atomic_store(&same->failures, 0);
-        }
-        same->holders++;
-        c->up[i].st = same;
-    }
-    return 0;
-}
-
-void config_start(void) {
-    pthread_mutex_lock(&mu);
-    adopt_states(&cfg); /* cannot fail: MAX_UPSTREAMS < STATES */
-    cfg.generation = 1;
-    atomic_store(&cfg.refs, 2); /* newest's, and one nobody drops: cfg is not on the heap */
-    pthread_mutex_unlock(&mu);
-}
-
-struct config *config_hold(void) {
-    pthread_mutex_lock(&mu);
-    struct config *c = newest;
-    atomic_fetch_add(&c->refs, 1);
-    pthread_mutex_unlock(&mu);
-    return c;
-}
-
-void config_drop(struct config *c) {
-    if (atomic_fetch_sub(&c->refs, 1) != 1) return;
-    pthread_mutex_lock(&mu);
-    let_go_states(c, c->nup);
-    pthread_mutex_unlock(&mu);
-    config_free(c);
-    free(c);
-}
-
-void config_refresh(struct config **c) {
-    if ((*c)->generation == atomic_load(&generation)) return;
-    struct config *now = config_hold();
-    config_drop(*c);
-    *c = now;
-}
-
-uint64_t config_generation(void) {
-    return atomic_load(&generation);
-}
-
-int config_reload(char *err, size_t errlen, char *note, size_t notelen) {
-    struct config *c = malloc(sizeof *c);
-    note[0] = 0;
-    if (!c) {
-        snprintf(err, errlen, "%s: cannot reload: out of memory", cfg.file);
-        return -1;
-    }
-    if (load(c, cfg.file, &cfg, note, notelen, err, errlen) < 0 || check_log(c, err, errlen) < 0) {
-        config_free(c);
-        free(c);
-        return -1;
-    }
-    pthread_mutex_lock(&mu);
-    if (adopt_states(c) < 0) {
-        pthread_mutex_unlock(&mu);
-        snprintf(err, errlen,
-                 "%s: cannot reload: connections still hold configs listing %d upstreams in all;"
-                 " try again once they close",
-                 cfg.file, STATES);
-        config_free(c);
-        free(c);
-        return -1;
-    }
-    struct config *old = newest;
-    c->generation = old->generation + 1;
-    atomic_store(&c->refs, 1); /* newest's */
-    newest = c;
-    atomic_store(&generation, c->generation);
-    pthread_mutex_unlock(&mu);
-    config_drop(old);
-    return 0;
 }

@@ -2,6 +2,7 @@
  * (`make layers` checks this from the object files):
  *
  *     proxy.c              main: options, start, signals, stop
+ *     plan.c               the plan -t prints: memory and fds at full load, the fd limit
  *     acceptor.c           the acceptor thread: new clients, and the waiting room of idle ones
  *     tcp.c   http.c       the two modes: what a worker does with a connection
  *     http_head.c          the heads forwarded and relayed: hop-by-hop fields, Via
@@ -14,7 +15,8 @@
  *     proxy_protocol.c     the PROXY header: sent upstream, read from a trusted balancer
  *     limits.c             what each client may take: connections, requests per second
  *     stats.c              counters, gauges, the log
- *     config.c             proxy.ini
+ *     running.c            the config in force: snapshots, reload, the upstreams' health
+ *     config.c             proxy.ini: the keys, their values, the checks across them
  *     net.c                sockets, addresses, networks
  *
  * This file lists them bottom-up: each section's structs and the contract of every function
@@ -163,15 +165,6 @@ void names_free(struct names *l);
 
 /* ==== config.c: proxy.ini ============================================================== */
 
-/* What belongs to an upstream and not to a config: its health and its counters. A reload keeps
- * them for every upstream it still lists (by name); config.c hands them out. */
-struct upstream_state {
-    char name[272];
-    int holders;                 /* (config.c's lock) snapshots that list it; 0: free */
-    _Atomic uint64_t down_until; /* monotonic ns; skipped until then unless all are down */
-    _Atomic uint64_t connects, failures;
-};
-
 /* One configured upstream. */
 struct upstream {
     char name[272]; /* "host:port" as configured: log lines and metric labels */
@@ -238,6 +231,32 @@ struct config {
 
 extern struct config cfg;
 
+/* Loads and validates FILE into *c (then defaults for the keys it left out). Returns 0, or -1
+ * with "FILE:LINE: what is wrong" in err (nothing is left allocated). Names in upstream and
+ * listen are resolved here. */
+int config_load(struct config *c, const char *file, char *err, size_t errlen);
+/* As config_load, for a reload: the keys only a restart changes keep keep's values (the running
+ * config's), and those the file changes are named in note, comma-separated. A change of mode is
+ * an error: other keys' checks depend on it. */
+int config_load_keeping(struct config *c, const char *file, const struct config *keep, char *note,
+                        size_t notelen, char *err, size_t errlen);
+/* Whether c's log opens as start-up will open it (appending, created if missing), without
+ * creating it. Returns 0, or -1 with "FILE:LINE: log = PATH: cannot open: why" in err. */
+int config_check_log(const struct config *c, char *err, size_t errlen);
+/* Frees the lists c holds (not c itself). */
+void config_free(struct config *c);
+
+/* ==== running.c: the config in force =================================================== */
+
+/* What belongs to an upstream and not to a config: its health and its counters. A reload keeps
+ * them for every upstream it still lists (by name); running.c hands them out. */
+struct upstream_state {
+    char name[272];
+    int holders;                 /* (running.c's lock) snapshots that list it; 0: free */
+    _Atomic uint64_t down_until; /* monotonic ns; skipped until then unless all are down */
+    _Atomic uint64_t connects, failures;
+};
+
 /* A reload publishes a new snapshot; one is never changed once published. The rule for
  * freeing one: each holder has a reference (the pointer to the newest, and each connection,
  * from accept to close; an http connection moves to the newest at each request), and the last
@@ -257,24 +276,6 @@ void config_start(void);
 int config_reload(char *err, size_t errlen, char *note, size_t notelen);
 /* The generation in force: 1 at start, one more for each reload. */
 uint64_t config_generation(void);
-/* Loads and validates FILE into *c (then defaults for the keys it left out). Returns 0, or -1
- * with "FILE:LINE: what is wrong" in err (nothing is left allocated). Names in upstream and
- * listen are resolved here. */
-int config_load(struct config *c, const char *file, char *err, size_t errlen);
-/* Frees the lists c holds (not c itself). */
-void config_free(struct config *c);
-/* File descriptors a full load needs: max_connections' sockets, the workers' pipes and bells,
- * the lookups' eventfds (http), a few to spare. */
-long long config_fds(const struct config *c);
-/* Warns on out (each line after prefix) when limit fds cannot hold a full load, saying what
- * max_connections would fit. Returns 0, or -1 (said as an error) when not even the workers and one
- * connection fit: start-up would fail, and lowering max_connections cannot help. */
-int config_fd_warning(const struct config *c, unsigned long long limit, const char *prefix,
-                      FILE *out);
-/* Prints what -t shows: the pool (threads, stacks, buffers, pipes), the connections (records,
- * sockets), and whether the fd limit holds them; and opens what start-up opens (the log; not the
- * sockets). Returns 0, or -1 where start-up would fail (said on out, or in err). */
-int config_plan(const struct config *c, FILE *out, char *err, size_t errlen);
 
 /* ==== a connection: the record every layer from stats.c up works on ==================== */
 
@@ -931,5 +932,20 @@ uint64_t acceptor_stop(int drain_backlog);
 /* Called once the grace period is over, or nothing is left: closes every connection still parked
  * and ends the acceptor thread. */
 void acceptor_end(void);
+
+/* ==== plan.c: what -t prints =========================================================== */
+
+/* File descriptors a full load needs: max_connections' sockets, the workers' pipes and bells,
+ * the lookups' eventfds (http), a few to spare. */
+long long config_fds(const struct config *c);
+/* Warns on out (each line after prefix) when limit fds cannot hold a full load, saying what
+ * max_connections would fit. Returns 0, or -1 (said as an error) when not even the workers and one
+ * connection fit: start-up would fail, and lowering max_connections cannot help. */
+int config_fd_warning(const struct config *c, unsigned long long limit, const char *prefix,
+                      FILE *out);
+/* Prints what -t shows: the pool (threads, stacks, buffers, pipes), the connections (records,
+ * sockets), and whether the fd limit holds them; and opens what start-up opens (the log; not the
+ * sockets). Returns 0, or -1 where start-up would fail (said on out, or in err). */
+int config_plan(const struct config *c, FILE *out, char *err, size_t errlen);
 
 #endif
