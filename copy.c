@@ -103,7 +103,7 @@ static int still_alive(struct conn *c, enum dir d) {
  * interrupted, or a tick with the peer alive. Otherwise the failure ends c, or only its
  * upstream connection when the mode asked for that (http: it may send the request again, or
  * answer 502 itself). */
-static int retry(struct conn *c, int fd, int err, enum dir d) {
+static int retry_or_end(struct conn *c, int fd, int err, enum dir d) {
     if (err == EINTR) return 1;
     if (err == EAGAIN) return still_alive(c, d);
     if (fd == c->client)
@@ -142,7 +142,7 @@ int copy_send(struct conn *c, int to, const char *p, size_t n) {
             p += w;
             n -= (size_t)w;
             count_sent(c, to, (size_t)w);
-        } else if (!retry(c, to, w < 0 ? errno : EPIPE, send_dir(c, to))) {
+        } else if (!retry_or_end(c, to, w < 0 ? errno : EPIPE, send_dir(c, to))) {
             return -1;
         }
     }
@@ -159,7 +159,7 @@ enum recv copy_recv(struct conn *c, int fd, void *buf, size_t len, size_t *got) 
         }
         if (n == 0) return RECV_EOF;
         if (errno == EAGAIN) return still_alive(c, read_dir(c, fd)) ? RECV_TICK : RECV_ENDED;
-        if (!retry(c, fd, errno, read_dir(c, fd))) return RECV_ENDED;
+        if (!retry_or_end(c, fd, errno, read_dir(c, fd))) return RECV_ENDED;
     }
 }
 
@@ -171,21 +171,21 @@ static int drain_pipe(struct conn *c, struct copier *k, int to, size_t n) {
         if (w > 0) {
             k->pending -= (int)w;
             count_sent(c, to, (size_t)w);
-        } else if (!retry(c, to, w < 0 ? errno : EPIPE, send_dir(c, to))) {
+        } else if (!retry_or_end(c, to, w < 0 ? errno : EPIPE, send_dir(c, to))) {
             return -1;
         }
     }
     return 0;
 }
 
-uint64_t copy_pace_wait(const struct copier *k, uint64_t now) {
+uint64_t copy_pace_delay(const struct copier *k, uint64_t now) {
     return k->tat > now ? k->tat - now : 0;
 }
 
-void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate) {
-    /* GCRA: each byte pushes the theoretical arrival time on by 1/rate s; an idle spell
+void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate_limit) {
+    /* GCRA: each byte pushes the theoretical arrival time on by 1/rate_limit s; an idle spell
      * earns no credit beyond the next read, so a burst is at most one chunk. */
-    k->tat = (k->tat > now ? k->tat : now) + n * 1000000000ull / (uint64_t)rate;
+    k->tat = (k->tat > now ? k->tat : now) + n * 1000000000ull / (uint64_t)rate_limit;
 }
 
 /* ---- waiting for bytes, and leaving the worker ------------------------------------------ */
@@ -235,8 +235,8 @@ static int on_client(struct conn *c) {
     return !c->relay || atomic_load_explicit(&c->last_dir, memory_order_relaxed) == DOWN;
 }
 
-/* Whether c, one of whose loops is about to wait (the last awake one if last), should leave its
- * worker now. While others wait: at once in a dial (its connect or lookup is nothing a worker
+/* Whether c, one of whose loops is about to wait (the last awake one if last_awake), should leave
+ * its worker now. While others wait: at once in a dial (its connect or lookup is nothing a worker
  * can speed up, and a black-holed upstream would hold one for connect_timeout); once its time
  * slice is over (a turn); or, with nothing to do (LEAVE_PARK), at once if it never moved a
  * byte, and after QUIET_MS if it waits on its client, which may think for seconds. One waiting for
@@ -244,7 +244,7 @@ static int on_client(struct conn *c) {
  * parking those under load filled the queue with their own wake-ups. With nobody waiting: once it
  * was quiet for park_after. Else moves *until to the moment that answer may change. Only the last
  * loop to wait keeps an eye on the clock; the other is woken by its bytes or its bell. */
-static enum leave due(struct conn *c, uint64_t now, int last, uint64_t *until) {
+static enum leave due(struct conn *c, uint64_t now, int last_awake, uint64_t *until) {
     int others = atomic_load(&stats.waiting) > 0;
     uint64_t last_ns = atomic_load(&c->last_ns), quiet = (uint64_t)cfg.park_after;
     if (c->dial) return others ? LEAVE_PARK : LEAVE_NO;
@@ -256,7 +256,7 @@ static enum leave due(struct conn *c, uint64_t now, int last, uint64_t *until) {
         *until = earlier(*until, at);
     }
     if (others && cfg.time_slice && now >= c->slice_end) return LEAVE_TURN;
-    if (!last) return LEAVE_NO;
+    if (!last_awake) return LEAVE_NO;
     if (others && last_ns == c->start_ns) return LEAVE_PARK;
     if (others && cfg.time_slice) *until = earlier(*until, c->slice_end);
     if (others && on_client(c) && QUIET_MS < quiet) quiet = QUIET_MS;
@@ -287,9 +287,9 @@ enum wake copy_wait(struct conn *c, enum dir d, int fd, short events, int may_le
         /* The last loop to wait asks to be rung when others begin to wait. It says so before
          * it reads stats.waiting, and pool.c sets that before it reads sleeping: one of the
          * two sees the other, so the ring is never missed. */
-        int last = atomic_fetch_sub(&c->awake, 1) == 1 && may_leave;
-        atomic_store(&me->sleeping, last);
-        enum leave why = may_leave ? due(c, now, last, &until) : LEAVE_NO;
+        int last_awake = atomic_fetch_sub(&c->awake, 1) == 1 && may_leave;
+        atomic_store(&me->sleeping, last_awake);
+        enum leave why = may_leave ? due(c, now, last_awake, &until) : LEAVE_NO;
         struct pollfd p[3] = {{.fd = fd, .events = events},
                               {.fd = me->bell, .events = POLLIN},
                               {.fd = c->client, .events = 0}}; /* hang-ups only */
@@ -314,57 +314,90 @@ enum wake copy_wait(struct conn *c, enum dir d, int fd, short events, int may_le
     }
 }
 
-/* copy_bytes, and for copy_stream also (wait set): each read waits in copy_wait first, and
- * -2 is returned when the loop for direction d leaves its worker there. */
-static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t limit, int wait,
-                    enum dir d) {
-    uint64_t moved = 0;
+/* What move returns instead of the bytes moved: c ended (c->end says why), or its loop leaves its
+ * worker (c->leave says why). */
+enum { MOVE_ENDED = -1, MOVE_LEFT = -2 };
+
+/* The most one read asks for. */
+static size_t chunk_size(int rate_limit) {
     size_t chunk = (size_t)cfg.buffer_size;
-    int rate = c->cfg->rate_limit;
-    if (rate && chunk > (size_t)rate / 8) /* ~8 reads a second when paced */
-        chunk = rate >= 8 ? (size_t)rate / 8 : 1;
+    if (rate_limit && chunk > (size_t)rate_limit / 8) /* ~8 reads a second when paced */
+        chunk = rate_limit >= 8 ? (size_t)rate_limit / 8 : 1;
+    return chunk;
+}
+
+/* The rate limit, before a read: sleeps until the bytes moved so far are paid for
+ * (copy_pace_spend). */
+static void pace_sleep(const struct copier *k) {
+    uint64_t pause = copy_pace_delay(k, mono_ns());
+    struct timespec ts = {(time_t)(pause / 1000000000u), (long)(pause % 1000000000u)};
+    if (pause) nanosleep(&ts, NULL);
+}
+
+/* Waits in copy_wait until from is readable: 0, or what move returns when it may not read. */
+static int wait_readable(struct conn *c, enum dir d, int from) {
+    enum wake w = copy_wait(c, d, from, POLLIN, 1);
+    if (w == WAKE_LEAVE) return MOVE_LEFT;
+    if (w == WAKE_ENDED) return MOVE_ENDED;
+    if (w == WAKE_TIMEOUT) {
+        conn_end(c, END_IDLE);
+        return MOVE_ENDED;
+    }
+    return 0;
+}
+
+/* Whether from, where splice just returned 0, is at EOF and not at TCP urgent data. */
+static int at_eof(int from) {
+    char probe = 0;
+    return recv(from, &probe, 1, MSG_PEEK | MSG_DONTWAIT) != 1;
+}
+
+/* read_chunk's answer when c ended in it: no buffer to fall back to. */
+enum { READ_ENDED = -2 };
+
+/* Reads up to want bytes from `from`: spliced into k's pipe (*piped set), or read into its buffer.
+ * Returns as read does, or READ_ENDED. */
+static ssize_t read_chunk(struct conn *c, struct copier *k, int from, size_t want, int *piped) {
+    *piped = k->pipe[0] >= 0;
+    if (!*piped) return read(from, k->buf, want);
+    ssize_t n = splice(from, NULL, k->pipe[1], NULL, want, SPLICE_F_MOVE);
+    if (n > 0 || (n < 0 && errno != EINVAL && errno != ENOSYS)) return n;
+    /* splice returns 0 at TCP urgent data as at EOF (a peek tells them apart), and
+     * EINVAL where these fds cannot splice: then read through the buffer. */
+    if (n == 0 && at_eof(from)) return 0;
+    if (!k->buf && !(k->buf = malloc(cfg.buffer_size))) {
+        conn_end(c, END_CLIENT);
+        return READ_ENDED;
+    }
+    *piped = 0;
+    return read(from, k->buf, want);
+}
+
+/* copy_bytes, and for copy_stream also (wait_first set): each read waits in copy_wait first,
+ * and MOVE_LEFT is returned when the loop for direction d leaves its worker there. */
+static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t limit,
+                    int wait_first, enum dir d) {
+    int rate_limit = c->cfg->rate_limit;
+    size_t chunk = chunk_size(rate_limit);
+    uint64_t moved = 0;
     while (moved < limit) {
         size_t want = limit - moved < chunk ? (size_t)(limit - moved) : chunk;
-        if (rate) {
-            uint64_t pause = copy_pace_wait(k, mono_ns());
-            struct timespec ts = {(time_t)(pause / 1000000000u), (long)(pause % 1000000000u)};
-            if (pause) nanosleep(&ts, NULL);
-        }
-        if (wait) {
-            enum wake w = copy_wait(c, d, from, POLLIN, 1);
-            if (w == WAKE_LEAVE) return -2;
-            if (w == WAKE_ENDED) return -1;
-            if (w == WAKE_TIMEOUT) {
-                conn_end(c, END_IDLE);
-                return -1;
-            }
-        }
-        int piped = k->pipe[0] >= 0;
-        ssize_t n = piped ? splice(from, NULL, k->pipe[1], NULL, want, SPLICE_F_MOVE)
-                          : read(from, k->buf, want);
-        if (piped && (n == 0 || (n < 0 && (errno == EINVAL || errno == ENOSYS)))) {
-            /* splice returns 0 at TCP urgent data as at EOF (a peek tells them apart), and
-             * EINVAL where these fds cannot splice: then read through the buffer. */
-            char probe = 0;
-            if (n == 0 && recv(from, &probe, 1, MSG_PEEK | MSG_DONTWAIT) != 1) break; /* EOF */
-            if (!k->buf && !(k->buf = malloc(cfg.buffer_size))) {
-                conn_end(c, END_CLIENT);
-                return -1;
-            }
-            piped = 0;
-            n = read(from, k->buf, want);
-        }
+        if (rate_limit) pace_sleep(k);
+        int stop = wait_first ? wait_readable(c, d, from) : 0;
+        if (stop) return stop;
+        int piped;
+        ssize_t n = read_chunk(c, k, from, want, &piped);
         if (n == 0) break; /* EOF */
         if (n < 0) {
-            if (retry(c, from, errno, read_dir(c, from))) continue;
-            return -1;
+            if (n != READ_ENDED && retry_or_end(c, from, errno, read_dir(c, from))) continue;
+            return MOVE_ENDED;
         }
         touch(c);
-        if (too_slow(c, read_dir(c, from), (size_t)n)) return -1;
+        if (too_slow(c, read_dir(c, from), (size_t)n)) return MOVE_ENDED;
         if (piped ? drain_pipe(c, k, to, (size_t)n) : copy_send(c, to, k->buf, (size_t)n))
-            return -1;
+            return MOVE_ENDED;
         moved += (uint64_t)n;
-        if (rate) copy_pace_spend(k, mono_ns(), (size_t)n, rate);
+        if (rate_limit) copy_pace_spend(k, mono_ns(), (size_t)n, rate_limit);
     }
     return (int64_t)moved;
 }
@@ -377,7 +410,7 @@ enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d) {
     int from = d == UP ? c->client : c->upstream;
     int to = d == UP ? c->upstream : c->client;
     int64_t moved = move(c, k, from, to, UINT64_MAX, cfg.park_after != 0, d);
-    if (moved == -2) return STREAM_LEAVE;
+    if (moved == MOVE_LEFT) return STREAM_LEAVE;
     if (moved < 0) return STREAM_ENDED;
     shutdown(to, SHUT_WR); /* EOF: pass the half-close on; the other direction goes on */
     c->eof[d] = 1;

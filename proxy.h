@@ -590,9 +590,9 @@ enum recv copy_recv(struct conn *c, int fd, void *buf, size_t len, size_t *got);
 /* Ends c for reason (if none was recorded yet) and wakes both loops. */
 void conn_end(struct conn *c, enum end reason);
 /* Rate limiting: ns to wait before the next read may start (0: now). */
-uint64_t copy_pace_wait(const struct copier *k, uint64_t now);
-/* Rate limiting: charges n bytes moved at now. */
-void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate);
+uint64_t copy_pace_delay(const struct copier *k, uint64_t now);
+/* Rate limiting: charges n bytes moved at now, at rate_limit bytes a second. */
+void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate_limit);
 
 /* ==== upstream.c: choosing an upstream and connecting ================================== */
 

@@ -510,26 +510,26 @@ static void test_pacing(void) {
     struct copier k = {0};
     uint64_t s = 1000000000ull, t0 = 50 * s;
     int rate = 256 * 1024;
-    CHECK(copy_pace_wait(&k, t0) == 0); /* a fresh copier may start at once */
+    CHECK(copy_pace_delay(&k, t0) == 0); /* a fresh copier may start at once */
     copy_pace_spend(&k, t0, 32 * 1024, rate);
-    CHECK(copy_pace_wait(&k, t0) == s / 8);   /* 32 KiB at 256 KiB/s: 1/8 s */
+    CHECK(copy_pace_delay(&k, t0) == s / 8);   /* 32 KiB at 256 KiB/s: 1/8 s */
     copy_pace_spend(&k, t0, 32 * 1024, rate); /* spent early: the debt adds up */
-    CHECK(copy_pace_wait(&k, t0) == s / 4);
-    CHECK(copy_pace_wait(&k, t0 + s / 4) == 0);
+    CHECK(copy_pace_delay(&k, t0) == s / 4);
+    CHECK(copy_pace_delay(&k, t0 + s / 4) == 0);
     /* An idle minute earns no credit: the next chunk is charged from now. */
     copy_pace_spend(&k, t0 + 60 * s, 1024, rate);
-    CHECK(copy_pace_wait(&k, t0 + 60 * s) == s / 256);
+    CHECK(copy_pace_delay(&k, t0 + 60 * s) == s / 256);
     /* 1 MiB in chunks of rate/8 takes (1 MiB - one chunk) / rate of waiting: 3.875 s. */
     struct copier m = {0};
     uint64_t now = 0;
     for (int sent = 0; sent < 1 << 20; sent += rate / 8) {
-        now += copy_pace_wait(&m, now);
+        now += copy_pace_delay(&m, now);
         copy_pace_spend(&m, now, (size_t)rate / 8, rate);
     }
     CHECK(now == 3 * s + 7 * s / 8);
     struct copier big = {0}; /* no overflow at the largest rate and buffer */
     copy_pace_spend(&big, 0, 64 << 20, 0x7fffffff);
-    CHECK(copy_pace_wait(&big, 0) >= s / 32 && copy_pace_wait(&big, 0) < s / 31);
+    CHECK(copy_pace_delay(&big, 0) >= s / 32 && copy_pace_delay(&big, 0) < s / 31);
 }
 
 /* Parses a head; returns http_parse's status, 400 when http_head_end refused it, or -1 when
