@@ -140,15 +140,12 @@ static void metric_histogram(FILE *f, const char *name, const char *help, struct
     fprintf(f, "%s_count %llu\n", name, (unsigned long long)total);
 }
 
-char *stats_render(render_fn more, size_t *len) {
+/* Who came in and who was turned away. */
+static void render_admission(FILE *f) {
     static const char *const refusals[] = {"not_allowed", "max_connections",
                                            "connections_per_client", "requests_per_second",
                                            "proxy_header"},
-                             *limits[] = {"connections_per_client", "requests_per_second"},
-                             *dirs[] = {"up", "down"}, *reload_results[] = {"ok", "failed"};
-    char *out = NULL;
-    FILE *f = open_memstream(&out, len);
-    if (!f) return NULL;
+                             *limits[] = {"connections_per_client", "requests_per_second"};
     metric_one(f, "proxy_connections_accepted_total", "counter", "Connections accepted.",
                atomic_load(&stats.accepted));
     metric_family(f, "proxy_connections_refused_total", "counter", "Connections closed at once.",
@@ -166,6 +163,10 @@ char *stats_render(render_fn more, size_t *len) {
     metric_one(f, "proxy_accept_errors_total", "counter",
                "accept() failures such as running out of file descriptors.",
                atomic_load(&stats.accept_errors));
+}
+
+/* The pool: workers, the queue, the waiting room and the turns. */
+static void render_pool(FILE *f) {
     metric_one(f, "proxy_connections_active", "gauge",
                "Connections open now: queued, served or parked.", atomic_load(&stats.active));
     metric_one(f, "proxy_workers", "gauge", "Workers in the pool.", (uint64_t)cfg.workers);
@@ -189,41 +190,71 @@ char *stats_render(render_fn more, size_t *len) {
     metric_one(f, "proxy_waiting_room_timeouts_total", "counter",
                "Parked connections closed by keepalive_timeout or idle_timeout.",
                atomic_load(&stats.room_timeouts));
+}
+
+/* How connections ended and the bytes they moved. */
+static void render_traffic(FILE *f) {
+    static const char *const dirs[] = {"up", "down"};
     metric_family(f, "proxy_connections_closed_total", "counter", "Connections ended, by how.",
                   "reason", end_names + END_DONE, stats.ended + END_DONE, END_MAX - END_DONE);
     metric_family(f, "proxy_bytes_total", "counter",
                   "Bytes relayed: up is client to upstream, down is upstream to client.",
                   "direction", dirs, stats.bytes, 2);
+}
+
+/* Each upstream's connects and health. */
+static void render_upstreams(FILE *f) {
     /* The upstreams the newest config lists: their health outlives a reload. */
-    struct config *now = config_hold();
-    const struct upstream *up = now->up;
+    struct config *cf = config_hold();
+    const struct upstream *up = cf->up;
     metric_head(f, "proxy_upstream_connects_total", "counter", "Successful connects, by upstream.");
-    for (int i = 0; i < now->nup; i++)
+    for (int i = 0; i < cf->nup; i++)
         fprintf(f, "proxy_upstream_connects_total{upstream=\"%s\"} %llu\n", up[i].name,
                 (unsigned long long)atomic_load(&up[i].st->connects));
     metric_head(f, "proxy_upstream_connect_failures_total", "counter",
                 "Failed connects, by upstream.");
-    for (int i = 0; i < now->nup; i++)
+    for (int i = 0; i < cf->nup; i++)
         fprintf(f, "proxy_upstream_connect_failures_total{upstream=\"%s\"} %llu\n", up[i].name,
                 (unsigned long long)atomic_load(&up[i].st->failures));
     metric_head(f, "proxy_upstream_up", "gauge", "0 while an upstream is skipped after a failure.");
-    for (int i = 0; i < now->nup; i++)
+    for (int i = 0; i < cf->nup; i++)
         fprintf(f, "proxy_upstream_up{upstream=\"%s\"} %d\n", up[i].name,
                 atomic_load(&up[i].st->down_until) <= mono_ns());
-    config_drop(now);
+    config_drop(cf);
+}
+
+/* The config's reloads and the one in force. */
+static void render_config(FILE *f) {
+    static const char *const reload_results[] = {"ok", "failed"};
     metric_family(f, "proxy_config_reloads_total", "counter",
                   "SIGHUP reloads of the config file, by result.", "result", reload_results,
                   stats.reloads, 2);
     metric_one(f, "proxy_config_generation", "gauge",
                "The config in force: 1 as loaded at start, one more for each reload.",
                config_generation());
-    if (more) more(f); /* the mode's families */
+}
+
+/* How long connections lasted and waited. */
+static void render_durations(FILE *f) {
     metric_histogram(f, "proxy_connection_duration_seconds",
                      "How long connections lasted, from accept to close.", &stats.duration);
     metric_histogram(f, "proxy_queue_wait_seconds",
                      "How long connections waited in the queue for a worker, from accept or "
                      "from waking in the waiting room.",
                      &stats.queue_wait);
+}
+
+char *stats_render(render_fn more, size_t *len) {
+    char *out = NULL;
+    FILE *f = open_memstream(&out, len);
+    if (!f) return NULL;
+    render_admission(f);
+    render_pool(f);
+    render_traffic(f);
+    render_upstreams(f);
+    render_config(f);
+    if (more) more(f); /* the mode's families */
+    render_durations(f);
     if (fclose(f)) {
         free(out);
         return NULL;
