@@ -1,9 +1,9 @@
 /* copy.c — the copy loops that move a connection's bytes, one direction per thread: through a
  * buffer (read/send) or through a pipe (splice), with half-close, the idle clock, the rate
  * limit; the wait for bytes (copy_wait), where a connection's turn on its worker ends when it
- * has nothing to do or others have waited long enough; and conn_end, which wakes both loops
- * when a connection ends. It reads what pool.c publishes (stats.waiting, the seats) but knows
- * nothing of queues or protocols: pool.c and the modes call it. */
+ * has nothing to do or others have waited long enough. It reads what pool.c publishes
+ * (stats.waiting, the seats) but knows nothing of queues or protocols: pool.c and the modes
+ * call it; a connection's end is end.c's. */
 #include "proxy.h"
 
 #include <errno.h>
@@ -44,16 +44,6 @@ void copy_free(struct copier *k) {
     if (k->pipe[0] < 0) return;
     close(k->pipe[0]);
     close(k->pipe[1]);
-}
-
-void conn_end(struct conn *c, enum end reason) {
-    int none = END_NONE;
-    atomic_compare_exchange_strong(&c->end, &none, (int)reason);
-    /* shutdown, not close: it wakes a thread blocked on the fd without freeing the number.
-     * When the upstream failed, the client may still be owed a reply (http: 502), so only its
-     * reading side is shut; the front thread closes the socket once the reply is out. */
-    shutdown(c->client, reason == END_UPSTREAM ? SHUT_RD : SHUT_RDWR);
-    if (c->upstream >= 0) shutdown(c->upstream, SHUT_RDWR);
 }
 
 int copy_idle_for(struct conn *c, uint64_t ms) {

@@ -261,12 +261,9 @@ static void leave(struct worker *w) {
 
 /* c is over: both sockets close, it is counted and logged, its record goes back. */
 static void retire(struct conn *c) {
-    close(c->client);
-    if (c->upstream >= 0) close(c->upstream);
     if (c->stash) pool_head_give(c->stash);
     upstream_drop(c);
-    stats_conn_done(c);
-    if (mode->done) mode->done(c);
+    conn_close(c, mode->done);
     config_drop(c->cfg);
     limits_leave(c->entry); /* before release: an entry with connections open is kept */
     release(c);
@@ -433,8 +430,7 @@ void pool_resume(struct conn *c) {
 }
 
 void pool_close_parked(struct conn *c, enum end why) {
-    int none = END_NONE;
-    atomic_compare_exchange_strong(&c->end, &none, (int)why);
+    conn_why(c, why);
     atomic_fetch_sub(&stats.parked, 1);
     retire(c);
 }

@@ -11,6 +11,7 @@
  *     pool.c               the queue, the worker pairs, the back-thread hand-off, parking, the stop
  *     upstream.c           choosing an upstream (balance, failover) and connecting to it
  *     copy.c               the copy loops: splice or buffer, half-close, idle clock, rate limit
+ *     end.c                a connection's end: why, the shutdowns that wake it, the close
  *     admin.c              the /metrics listener
  *     proxy_protocol.c     the PROXY header: sent upstream, read from a trusted balancer
  *     limits.c             what each client may take: connections, requests per second
@@ -327,7 +328,7 @@ struct conn {
     _Atomic uint64_t last_ns;      /* either thread: the last byte moved, the idle clock */
     _Atomic int last_dir;          /* either thread: which way the last byte sent went (enum
                                       dir): whom a relay waits for (copy_wait) */
-    _Atomic int end;               /* any thread, first reason wins: enum end */
+    _Atomic int end;               /* any thread, through end.c: enum end, first wins */
     uint64_t bytes[2];             /* by enum dir: the one thread sending that way now */
     int upstream_apart;            /* the front thread: an upstream failure ends only the
                                       upstream connection (http, between tunnels), not c */
@@ -434,9 +435,9 @@ extern const char *const refusal_texts[REFUSED_MAX]; /* for the log */
 /* Writes a mode's own metric families (see metric_*). */
 typedef void (*render_fn)(FILE *f);
 
-/* Counts a closed connection: its end reason (recording END_DONE in c->end if none was recorded)
- * and its duration. It stays active until pool.c has its record back. */
-void stats_conn_done(struct conn *c);
+/* Counts a closed connection: its end reason and its duration. It stays active until pool.c
+ * has its record back. */
+void stats_conn_done(const struct conn *c);
 /* Counts one duration of ns into h. */
 void stats_observe(struct histogram *h, uint64_t ns);
 /* Returns the Prometheus text of every counter, with more's families (may be NULL) among
@@ -497,6 +498,18 @@ int proxy_protocol_read(int fd, uint64_t deadline, struct addr *client);
 int admin_start(int fd, render_fn more);
 /* Stops the admin thread (fd is shut down and closed). */
 void admin_stop(void);
+
+/* ==== end.c: a connection's end ======================================================== */
+
+/* Records reason as why c ends, unless a reason was recorded first. */
+void conn_why(struct conn *c, enum end reason);
+/* Ends c for reason (if none was recorded yet) and wakes both loops: its sockets are shut down,
+ * not closed, so their numbers stay c's until conn_close. */
+void conn_end(struct conn *c, enum end reason);
+/* Closes c's sockets, records END_DONE if no reason was recorded, counts c (stats_conn_done)
+ * and calls log for its access log line (NULL: none). Once only, when no thread holds c's
+ * sockets any more. */
+void conn_close(struct conn *c, void (*log)(const struct conn *c));
 
 /* ==== copy.c: the copy loops =========================================================== */
 
@@ -587,8 +600,6 @@ int copy_idle_for(struct conn *c, uint64_t ms);
 /* Receives up to len bytes into buf: RECV_DATA (*got bytes), RECV_EOF, RECV_TICK (TICK_MS
  * passed with nothing to read: the caller checks its own deadlines), or RECV_ENDED. */
 enum recv copy_recv(struct conn *c, int fd, void *buf, size_t len, size_t *got);
-/* Ends c for reason (if none was recorded yet) and wakes both loops. */
-void conn_end(struct conn *c, enum end reason);
 /* Rate limiting: ns to wait before the next read may start (0: now). */
 uint64_t copy_pace_delay(const struct copier *k, uint64_t now);
 /* Rate limiting: charges n bytes moved at now, at rate_limit bytes a second. */

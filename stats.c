@@ -99,9 +99,7 @@ void stats_observe(struct histogram *h, uint64_t ns) {
     atomic_fetch_add_explicit(&h->sum_us, us, memory_order_relaxed);
 }
 
-void stats_conn_done(struct conn *c) {
-    int none = END_NONE;
-    atomic_compare_exchange_strong(&c->end, &none, END_DONE);
+void stats_conn_done(const struct conn *c) {
     stats_observe(&stats.duration, mono_ns() - c->start_ns);
     atomic_fetch_add(&stats.ended[atomic_load(&c->end)], 1);
 }
