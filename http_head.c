@@ -1,4 +1,4 @@
-/* http_head.c — the heads http mode forwards and relays, written anew from parsed ones: the
+/* http_head.c — the heads http mode forwards, written anew from parsed ones: the
  * request target in origin-form, Host from an absolute-form target, the hop-by-hop fields
  * (RFC 9110 7.6.1) dropped both ways, our own Connection, and Via, which is also how a request
  * that loops through this proxy is seen. Pure functions over buffers: no sockets here. */

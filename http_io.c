@@ -1,7 +1,7 @@
 /* http_io.c — HTTP messages between sockets: reading a head until it is whole, reading a
- * chunk-size or trailer line, relaying a body of known length or a chunked one, checked as it
- * goes, and writing the proxy's own error responses. Bytes move through copy.c; heads and
- * lines are parsed by http_parse.c. */
+ * chunk-size or trailer line, copying a body of known length or a chunked one, checked as it
+ * goes, and writing and sending the proxy's own error responses. Bytes move through copy.c; heads
+ * and lines are parsed by http_parse.c. */
 #include "proxy.h"
 
 #include <poll.h>
@@ -87,6 +87,20 @@ int http_error(char *buf, size_t cap, enum why why, int keep, const char *realm,
     return snprintf(
         buf, cap, "HTTP/1.1 %d %s\r\n%sContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s",
         status, reason, extra, blen, keep ? "" : "Connection: close\r\n", body);
+}
+
+int http_reply(struct conn *c, enum why why, int keep, int retry) {
+    char buf[768];
+    int n = http_error(buf, sizeof buf, why, keep, c->cfg->realm, retry);
+    c->req.error = http_why_word(why);
+    if (copy_send(c, c->client, buf, (size_t)n) < 0) return -1;
+    c->req.status = http_why_status(why);
+    return 0;
+}
+
+void http_stream_clear(struct stream *s) {
+    s->off = 0;
+    s->len = 0;
 }
 
 /* Moves the unread bytes of s to the start of its buffer. */
@@ -207,7 +221,7 @@ static long read_line(struct conn *c, struct stream *s, int fd) {
     }
 }
 
-int http_relay_n(struct conn *c, struct copier *k, struct stream *s, int from, int to, uint64_t n) {
+int http_copy_n(struct conn *c, struct copier *k, struct stream *s, int from, int to, uint64_t n) {
     size_t have = s->len - s->off;
     if (have > n) have = (size_t)n;
     if (have && copy_send(c, to, s->buf + s->off, have) < 0) return -1;
@@ -217,7 +231,7 @@ int http_relay_n(struct conn *c, struct copier *k, struct stream *s, int from, i
 }
 
 /* The loop is flat on purpose: no recursion, no limit on the number of chunks, each one bounded. */
-int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to) {
+int http_copy_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to) {
     uint64_t size;
     for (;;) {
         long n = read_line(c, s, from);
@@ -225,7 +239,7 @@ int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int f
         if (copy_send(c, to, s->buf + s->off, (size_t)n + 2) < 0) return -1;
         s->off += (size_t)n + 2;
         if (!size) break;
-        if (http_relay_n(c, k, s, from, to, size) < 0 || read_line(c, s, from) != 0) return -1;
+        if (http_copy_n(c, k, s, from, to, size) < 0 || read_line(c, s, from) != 0) return -1;
         if (copy_send(c, to, "\r\n", 2) < 0) return -1;
         s->off += 2;
     }

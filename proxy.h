@@ -5,7 +5,8 @@
  *     plan.c               the plan -t prints: memory and fds at full load, the fd limit
  *     acceptor.c           the acceptor thread: new clients, and the waiting room of idle ones
  *     tcp.c   http.c       the two modes: what a worker does with a connection
- *     http_head.c          the heads forwarded and relayed: hop-by-hop fields, Via
+ *     http_exchange.c      a request's exchange with the upstream; tunnels and upgrades
+ *     http_head.c          the heads forwarded both ways: hop-by-hop fields, Via
  *     http_io.c            HTTP messages between sockets: heads, bodies, error replies
  *     auth.c  http_parse.c http's pure helpers: credentials and ports; strict heads
  *     pool.c               the queue, the worker pairs, the back-thread hand-off, parking, the stop
@@ -834,6 +835,9 @@ struct stream {
     size_t off, len; /* the unread bytes are buf[off, len) */
 };
 
+/* Forgets what s holds. */
+void http_stream_clear(struct stream *s);
+
 /* What http_read_head found. */
 enum head { HEAD_OK, HEAD_NONE, HEAD_LOST, HEAD_BAD, HEAD_LEAVE };
 
@@ -846,12 +850,12 @@ enum head { HEAD_OK, HEAD_NONE, HEAD_LOST, HEAD_BAD, HEAD_LEAVE };
  * response). */
 enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
                          int *status);
-/* Relays exactly n body bytes from s (what is buffered, then the socket from) to `to`.
+/* Copies exactly n body bytes from s (what is buffered, then the socket from) to `to`.
  * Returns 0 or -1. */
-int http_relay_n(struct conn *c, struct copier *k, struct stream *s, int from, int to, uint64_t n);
-/* Relays a chunked body from s (what is buffered, then the socket from) to `to`, checking
+int http_copy_n(struct conn *c, struct copier *k, struct stream *s, int from, int to, uint64_t n);
+/* Copies a chunked body from s (what is buffered, then the socket from) to `to`, checking
  * every size line and trailer; the bytes go on exactly as they came. Returns 0 or -1. */
-int http_relay_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to);
+int http_copy_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to);
 /* Why the proxy answers a request itself; each has its status, a word for the access log and
  * a sentence for the client (http_io.c's table). */
 enum why {
@@ -892,8 +896,12 @@ const char *http_why_word(enum why why);
  * sentence; for 407 the Basic challenge in realm; Retry-After: retry seconds if retry, 1 for a
  * 503; Connection: close unless keep) and returns its length. */
 int http_error(char *buf, size_t cap, enum why why, int keep, const char *realm, int retry);
+/* Sends c's client the proxy's own answer for why (http_error, in c's realm) and records it in
+ * c->req for the log. Returns 0, or -1 when the client could not take it. The caller decides
+ * whether the connection goes on (keep). */
+int http_reply(struct conn *c, enum why why, int keep, int retry);
 
-/* ==== http_head.c: the heads forwarded and relayed ===================================== */
+/* ==== http_head.c: the heads forwarded both ways ======================================= */
 
 #define OUT_MAX (HEAD_MAX + 1024) /* a rewritten head: Host, Via, Connection add a little */
 
@@ -914,13 +922,58 @@ const char *http_via(void);
  * fields dropped (Upgrade kept only with upgrade), Host from the target's authority if it has
  * one, our own Connection, Via added. Returns its length, or -1 when it does not fit. */
 long http_rewrite_request(char *buf, const struct msg *m, const struct target *t, int upgrade);
-/* Writes the response head to relay (r, parsed from head; answering req) into buf (OUT_MAX bytes):
- * our HTTP/1.1 status line with the upstream's status and reason, its end-to-end fields, our own
- * Connection (close when close: the client connection ends after this response; keep-alive for an
- * HTTP/1.0 client that asked for it; upgrade on a 101), Via added. Returns its length, or -1 when
- * it does not fit. */
+/* Writes the response head to forward (r, parsed from head; answering req) into buf (OUT_MAX
+ * bytes): our HTTP/1.1 status line with the upstream's status and reason, its end-to-end fields,
+ * our own Connection (close when close: the client connection ends after this response; keep-alive
+ * for an HTTP/1.0 client that asked for it; upgrade on a 101), Via added. Returns its length, or -1
+ * when it does not fit. */
 long http_rewrite_response(char *buf, const char *head, const struct msg *r, const struct msg *req,
                            int close);
+
+/* ==== http_exchange.c: a request's exchange with the upstream ========================== */
+
+/* One worker's http scratch (w->scratch): allocated once (http.c's init), reused for each
+ * connection. */
+struct http_worker {
+    struct stream in[2]; /* [UP] reads the client, [DOWN] the upstream */
+    char *out[2];        /* [UP] a rewritten request head, kept for a retry; [DOWN] a response's */
+    /* The body job: the front thread sets these before pool_back_start and reads body_rc after
+     * pool_back_wait; the back thread owns in[UP] and body_rc in between. */
+    int body_chunked;
+    uint64_t body_length;
+    int body_rc; /* 0: the whole body went upstream; -1: it did not */
+};
+
+/* What the front thread does after a request. Each function below that returns it leaves the
+ * request's log line to its caller: the request is done unless NEXT_PARK. */
+enum next {
+    NEXT_READ,  /* read the next request */
+    NEXT_CLOSE, /* end the connection */
+    NEXT_PARK   /* park it: quiet between requests, or a quiet tunnel */
+};
+
+/* Forwards the request m (its head at the start of the scratch's in[UP], whatever follows it
+ * its body, if any, or the next request), going where t says, and forwards its response back.
+ * A kept-alive upstream connection that failed before any byte of a response is dropped, and
+ * the request sent once more on a fresh one when that is safe. The proxy answers itself (502,
+ * 504, ...) when no response came, and a 101 makes c a raw relay (http_relay_raw). NEXT_PARK:
+ * c leaves its worker while its upstream connection is made, and this request is handled again
+ * from the start when it is back (c->dial); or an upgraded connection is quiet. */
+enum next http_forward(struct worker *w, struct conn *c, const struct msg *m,
+                       const struct target *t);
+/* CONNECT host:port: an allowed port, a connection, 200, then raw bytes both ways
+ * (http_relay_raw); the proxy answers itself when any of it fails. NEXT_PARK as for
+ * http_forward. */
+enum next http_tunnel(struct worker *w, struct conn *c, const struct msg *m);
+/* Relays a tunnel (after CONNECT's 200) or an upgraded connection (after a 101) raw both ways
+ * (pool_relay), what came behind the heads first: until both sides are done or it ends
+ * (NEXT_CLOSE: the request that opened it is done); or until it is quiet (NEXT_PARK), and the
+ * worker that takes it back from the waiting room calls this again. */
+enum next http_relay_raw(struct worker *w, struct conn *c);
+/* Closes c's upstream connection, if it has one; the next request opens a new one. */
+void http_end_upstream(struct worker *w, struct conn *c);
+/* The exchange's metric families (tunnels, upgrades, retries), the last of http's. */
+void http_exchange_metrics(FILE *f);
 
 /* ==== tcp.c: tcp mode ================================================================== */
 

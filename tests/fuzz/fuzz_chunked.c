@@ -1,5 +1,5 @@
-/* tests/fuzz/fuzz_chunked.c — libFuzzer target: the real chunked-body relay, fed through a
- * socketpair. Checks, beyond "no crash": when the relay accepts a body, what came out is
+/* tests/fuzz/fuzz_chunked.c — libFuzzer target: the real chunked-body copy, fed through a
+ * socketpair. Checks, beyond "no crash": when the copy accepts a body, what came out is
  * exactly the bytes it consumed, unchanged; and it never consumes past the input. */
 #include "../../proxy.h"
 
@@ -37,13 +37,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     struct conn c = {.client = in[1], .upstream = sink[0], .cfg = &cfg, .start_ns = mono_ns()};
     atomic_store(&c.last_ns, c.start_ns);
     s.off = s.len = 0;
-    int rc = http_relay_chunked(&c, &k, &s, in[1], sink[0]);
+    int rc = http_copy_chunked(&c, &k, &s, in[1], sink[0]);
     shutdown(sink[0], SHUT_WR);
     size_t got = 0;
     for (ssize_t n; (n = read(sink[1], out + got, (1 << 20) - got)) > 0;) got += (size_t)n;
     if (got > size || memcmp(out, data, got)) abort(); /* out is always a prefix of in */
     if (rc == 0) {
-        /* Consumed = what the relay read off the socket, minus what it left buffered. */
+        /* Consumed = what the copy read off the socket, minus what it left buffered. */
         size_t left = 0;
         char probe[4096];
         for (ssize_t n; (n = read(in[1], probe, sizeof probe)) > 0;) left += (size_t)n;
