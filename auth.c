@@ -1,6 +1,6 @@
-/* auth.c — who may use the HTTP proxy and where it may go: Proxy-Authorization Basic (RFC 7617)
- * checked against [users] on every request, and the ports CONNECT and absolute-form reach.
- * Credentials are only compared here; nothing here logs or echoes them. */
+/* auth.c — who may use the HTTP proxy: Proxy-Authorization Basic (RFC 7617) checked against
+ * [users] on every request. Where a request may go is upstream.c's and net.c's. Credentials are
+ * only compared here; nothing here logs or echoes them. */
 #include "proxy.h"
 
 #include <string.h>
@@ -88,8 +88,4 @@ int auth_may_retry(struct conn *c) {
      * and a client stuck retrying bad credentials does not hold its worker for ever. */
     c->auth_failures++;
     return c->auth_failures < AUTH_FAILURES_MAX;
-}
-
-int auth_port_allowed(const uint8_t *ports, int port) {
-    return port > 0 && port < 65536 && (ports[port / 8] >> (port % 8) & 1);
 }

@@ -143,7 +143,7 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     if (status) return answer_self(c, http_why_of(status), 0);
     if (!strcmp(c->req.method, "CONNECT")) return log_unless_parked(c, http_tunnel(w, c, m));
     /* Any host, not any port: else a body could speak to SMTP on 25 or SSH on 22. */
-    if (t.authority && !auth_port_allowed(c->cfg->forward_ports, t.port))
+    if (t.authority && !ports_match(c->cfg->forward_ports, t.port))
         return answer_self(c, WHY_PORT, 0);
     if (!t.authority && !c->cfg->nup) return answer_self(c, WHY_NO_UPSTREAM, 0);
     if (!t.authority && m->version && !m->host) return answer_self(c, WHY_BAD_REQUEST, 0);

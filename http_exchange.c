@@ -423,7 +423,7 @@ enum next http_tunnel(struct worker *w, struct conn *c, const struct msg *m) {
     if (http_authority(m->target, m->tlen, host, sizeof host, &port, 0) < 0 || m->chunked ||
         m->length > 0)
         return refuse(c, WHY_BAD_REQUEST);
-    if (!auth_port_allowed(c->cfg->connect_ports, port)) return refuse(c, WHY_PORT);
+    if (!ports_match(c->cfg->connect_ports, port)) return refuse(c, WHY_PORT);
     http_end_upstream(w, c);
     int fd = dial(w, c, host, port);
     if (fd < 0 && errno == EINPROGRESS) return NEXT_PARK; /* it comes back to this request */

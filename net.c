@@ -1,7 +1,8 @@
 /* net.c — sockets and addresses, the bottom layer: listeners, connects that do not block
  * (started, then finished once the socket is writable), the socket options the copy loops rely
  * on, name lookups on threads of their own that ring an eventfd when done, addresses
- * ("host:port") and networks ("10.0.0.0/8"). It calls nothing of the proxy's own. A failure is
+ * ("host:port"), and the lists access rules are made of: networks ("10.0.0.0/8"), host names,
+ * ports. It calls nothing of the proxy's own. A failure is
  * -1 with errno, or -1 with a reason in err where a person has to read why (a config value). */
 #include "proxy.h"
 
@@ -389,6 +390,10 @@ int nets_add(struct nets *l, const struct cidr *n) {
 
 int nets_match(const struct nets *l, const struct addr *a) {
     return cidr_match(l->v, l->n, a);
+}
+
+int ports_match(const uint8_t *ports, int port) {
+    return port > 0 && port < 65536 && (ports[port / 8] >> (port % 8) & 1);
 }
 
 void nets_free(struct nets *l) {

@@ -8,7 +8,7 @@
  *     http_exchange.c      a request's exchange with the upstream; tunnels and upgrades
  *     http_head.c          the heads forwarded both ways: hop-by-hop fields, Via
  *     http_io.c            HTTP messages between sockets: heads, bodies, error replies
- *     auth.c  http_parse.c http's pure helpers: credentials and ports; strict heads
+ *     auth.c  http_parse.c http's pure helpers: credentials; strict heads
  *     pool.c               the queue, the worker pairs, the back-thread hand-off, parking, the stop
  *     upstream.c           choosing an upstream (balance, failover) and connecting to it
  *     copy.c               the copy loops: splice or buffer, half-close, idle clock, rate limit
@@ -19,7 +19,7 @@
  *     stats.c              counters, gauges, the log
  *     running.c            the config in force: snapshots, reload, the upstreams' health
  *     config.c             proxy.ini: the keys, their values, the checks across them
- *     net.c                sockets, addresses, networks
+ *     net.c                sockets, addresses, networks, lists of names and ports
  *
  * This file lists them bottom-up: each section's structs and the contract of every function
  * its file offers, here and only here (a comment at a definition says how or why, never the
@@ -150,6 +150,9 @@ int nets_add(struct nets *l, const struct cidr *n);
 /* Whether a is in one of l's networks. */
 int nets_match(const struct nets *l, const struct addr *a);
 void nets_free(struct nets *l);
+/* Whether port is in ports, a bitmap of 65536 bits: a config's connect_ports (CONNECT) or
+ * forward_ports (absolute-form requests). */
+int ports_match(const uint8_t *ports, int port);
 
 /* A set of host names of any size: "example.com" matches that name, ".example.com" it and
  * every name under it. Case and a trailing dot do not matter. A hash table, so that a list of
@@ -808,7 +811,7 @@ int http_is(const char *s, size_t len, const char *word);
 /* Whether the comma-separated list holds item, ignoring case. */
 int http_list_has(const char *list, size_t len, const char *item, size_t ilen);
 
-/* ==== auth.c: Proxy-Authorization and the ports requests may reach ===================== */
+/* ==== auth.c: Proxy-Authorization ===================================================== */
 
 enum auth { AUTH_OK, AUTH_MISSING, AUTH_MALFORMED, AUTH_BAD, AUTH_MAX };
 extern const char *const auth_names[AUTH_MAX];
@@ -822,9 +825,6 @@ int auth_may_retry(struct conn *c);
 /* Decodes strict base64 (padding required, no whitespace, zero pad bits) into out. Returns
  * the decoded length, or -1. */
 int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap);
-/* Whether port is in ports, a bitmap of a config's (connect_ports for CONNECT, forward_ports
- * for absolute-form requests). */
-int auth_port_allowed(const uint8_t *ports, int port);
 
 /* ==== http_io.c: HTTP messages between sockets ========================================= */
 

@@ -254,24 +254,24 @@ static void test_config_values(void) {
     STR_EQ(c.users[1].name, "Bob");
     STR_EQ(c.users[1].pass, "p=q");
     const uint8_t *ports = c.connect_ports;
-    CHECK(auth_port_allowed(ports, 8000) && auth_port_allowed(ports, 8002));
-    CHECK(auth_port_allowed(ports, 22) && !auth_port_allowed(ports, 443));
-    CHECK(!auth_port_allowed(ports, 8003) && !auth_port_allowed(ports, 0));
+    CHECK(ports_match(ports, 8000) && ports_match(ports, 8002));
+    CHECK(ports_match(ports, 22) && !ports_match(ports, 443));
+    CHECK(!ports_match(ports, 8003) && !ports_match(ports, 0));
     /* forward_ports defaults to squid's Safe_ports: no SSH, no SMTP, nothing privileged. */
     ports = c.forward_ports;
-    CHECK(auth_port_allowed(ports, 80) && auth_port_allowed(ports, 443));
-    CHECK(auth_port_allowed(ports, 1025) && auth_port_allowed(ports, 65535));
-    CHECK(!auth_port_allowed(ports, 22) && !auth_port_allowed(ports, 25));
-    CHECK(!auth_port_allowed(ports, 1024) && !auth_port_allowed(ports, 0));
+    CHECK(ports_match(ports, 80) && ports_match(ports, 443));
+    CHECK(ports_match(ports, 1025) && ports_match(ports, 65535));
+    CHECK(!ports_match(ports, 22) && !ports_match(ports, 25));
+    CHECK(!ports_match(ports, 1024) && !ports_match(ports, 0));
     CHECK(load("[access]\nconnect_ports = *\nforward_ports = 8080\n", err, sizeof err) == 0);
     ports = c.connect_ports;
-    CHECK(auth_port_allowed(ports, 1) && auth_port_allowed(ports, 65535));
-    CHECK(!auth_port_allowed(ports, 65536) && !auth_port_allowed(ports, 0));
+    CHECK(ports_match(ports, 1) && ports_match(ports, 65535));
+    CHECK(!ports_match(ports, 65536) && !ports_match(ports, 0));
     ports = c.forward_ports; /* the file's list replaces the default */
-    CHECK(auth_port_allowed(ports, 8080) && !auth_port_allowed(ports, 80));
+    CHECK(ports_match(ports, 8080) && !ports_match(ports, 80));
     /* A list is the union of its items, so '*' beside others is still every port. */
     CHECK(load("[access]\nforward_ports = 80, *\n", err, sizeof err) == 0);
-    CHECK(auth_port_allowed(c.forward_ports, 1) && auth_port_allowed(c.forward_ports, 65535));
+    CHECK(ports_match(c.forward_ports, 1) && ports_match(c.forward_ports, 65535));
 
     /* local_destinations = auto: allowed on loopback, denied on any other listen address. */
     static const struct {
@@ -512,7 +512,7 @@ static void test_pacing(void) {
     int rate = 256 * 1024;
     CHECK(copy_pace_delay(&k, t0) == 0); /* a fresh copier may start at once */
     copy_pace_spend(&k, t0, 32 * 1024, rate);
-    CHECK(copy_pace_delay(&k, t0) == s / 8);   /* 32 KiB at 256 KiB/s: 1/8 s */
+    CHECK(copy_pace_delay(&k, t0) == s / 8);  /* 32 KiB at 256 KiB/s: 1/8 s */
     copy_pace_spend(&k, t0, 32 * 1024, rate); /* spent early: the debt adds up */
     CHECK(copy_pace_delay(&k, t0) == s / 4);
     CHECK(copy_pace_delay(&k, t0 + s / 4) == 0);
