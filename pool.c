@@ -210,7 +210,8 @@ void pool_copy_down(struct worker *w, struct conn *c) {
     copy_stream(c, &w->cp[DOWN], DOWN);
 }
 
-/* The back thread: runs the upstream → client side of each connection the front hands it. */
+/* The back thread: runs the job the front hands it (a relay's upstream → client side, http's
+ * request body). */
 static void *back_main(void *arg) {
     struct worker *w = arg;
     pthread_mutex_lock(&w->mu);

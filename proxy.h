@@ -374,8 +374,9 @@ struct conn {
         uint64_t bytes; /* read since */
     } rate[2];          /* by enum dir, the thread reading that body: min_rate (copy.c) */
     uint64_t queued_ns; /* pool.c: when c last went into the queue (accepted, or woken) */
-    struct seat *seats; /* pool.c, while a worker has c: that worker's two seats, by enum
-                           dir (UP: the front thread, DOWN: the back); NULL otherwise */
+    struct seat *seats; /* pool.c, while a worker has c: that worker's two seats, by the enum
+                           dir each copies in a relay (UP: the front thread, DOWN: the back);
+                           NULL otherwise */
     uint64_t slice_end; /* pool.c, when a worker takes c: its turn ends then if others wait */
     _Atomic int awake;  /* copy.c: c's copy loops that are not waiting for bytes (nor done) */
     _Atomic int leave;  /* copy.c, first writer wins: enum leave, why c's loops leave their
@@ -568,11 +569,11 @@ void copy_free(struct copier *k);
 int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit);
 /* Sends all n bytes to fd. Returns 0, or -1 when the connection ended. */
 int copy_send(struct conn *c, int to, const char *p, size_t n);
-/* Copies one direction of c, UP on the front thread and DOWN on the back one, waiting for each read
- * in copy_wait (with park_after = 0, in the read itself, as a worker that never parks would):
- * STREAM_EOF at EOF (the write side of the destination is shut down, c->eof[d] set); STREAM_LEAVE
- * when c leaves its worker (c->leave); STREAM_ENDED when the connection ended. It leaves only
- * between reads: no byte is read and left behind. */
+/* Copies one direction of c, UP on the front thread and DOWN on the back (a relay), waiting for
+ * each read in copy_wait (with park_after = 0, in the read itself, as a worker that never parks
+ * would): STREAM_EOF at EOF (the write side of the destination is shut down, c->eof[d] set);
+ * STREAM_LEAVE when c leaves its worker (c->leave); STREAM_ENDED when the connection ended. It
+ * leaves only between reads: no byte is read and left behind. */
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d);
 /* Waits, on the thread of seat d, until fd is ready for events (POLLIN: can be read without
  * blocking; POLLOUT: a connect is done), or, if may_leave, until c should leave its worker: its
@@ -687,8 +688,10 @@ struct mode {
     render_fn metrics;                           /* the mode's own metric families; NULL: none */
 };
 
-/* A worker: a front thread that takes connections from the queue and a back thread that
- * runs the upstream → client side for it. Its buffers are scratch, reused per connection. */
+/* A worker: a front thread that takes connections from the queue and a back thread for the
+ * second job a connection may have at once: a relay's upstream → client side, or in http the
+ * request body going up while the front thread reads the response. Its buffers are scratch,
+ * reused per connection. */
 struct worker {
     pthread_t front, back;
     pthread_mutex_t mu; /* guards conn, job, back_job, quit, and what a mode's scratch says */
@@ -698,7 +701,8 @@ struct worker {
     job_fn back_job;   /* what the back thread runs for job */
     int quit;
     struct copier cp[2]; /* by enum dir */
-    struct seat seat[2]; /* by enum dir: the front thread's (UP) and the back thread's (DOWN) */
+    struct seat seat[2]; /* by the enum dir each copies in a relay: the front thread's (UP) and
+                            the back thread's (DOWN) */
     void *scratch;       /* the mode's own per-worker state (http: head buffers, the body job) */
 };
 
@@ -724,7 +728,8 @@ int pool_submit(int fd, const struct addr *peer, struct config *cf, int entry, i
 /* Makes fd the upstream socket of w's connection (closing the one before, if any). Only
  * through here, so that a forced stop never shuts down an fd number already reused. */
 void pool_set_upstream(struct worker *w, int fd);
-/* Starts the back thread running job(w, c); the job handles the upstream → client side. */
+/* Starts the back thread running job(w, c): a relay's upstream → client side, or http's request
+ * body. */
 void pool_back_start(struct worker *w, struct conn *c, job_fn job);
 /* Waits until the back thread has finished with its job. */
 void pool_back_wait(struct worker *w);
