@@ -12,9 +12,9 @@
 #include <unistd.h>
 
 /* So that the file reads top-down from http_serve, each function before those it calls. */
-static void turn_begins(struct conn *c, struct stream *in);
-static enum next bad_head(struct conn *c, const struct stream *in, int status);
-static int proxy_header_sent(const struct stream *s);
+static void turn_begins(struct conn *c, struct inbuf *in);
+static enum next bad_head(struct conn *c, const struct inbuf *in, int status);
+static int proxy_header_sent(const struct inbuf *s);
 static enum next request(struct worker *w, struct conn *c, const struct msg *m);
 static int parse_target(struct conn *c, const struct msg *m, struct target *t);
 static int admit_request(struct conn *c, const struct msg *m);
@@ -36,10 +36,10 @@ static void log_request(struct conn *c);
  * served before it can leave: it waits for a request only once its buffer is empty. */
 static enum served http_serve(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
-    struct stream *in = &h->in[UP];
+    struct inbuf *in = &h->in[UP];
     enum next next = NEXT_READ;
-    http_stream_clear(in);
-    http_stream_clear(&h->in[DOWN]);
+    http_inbuf_clear(in);
+    http_inbuf_clear(&h->in[DOWN]);
     turn_begins(c, in);
     if (c->relay) /* a tunnel or an upgraded connection back from the waiting room */
         next = log_unless_parked(c, http_relay_raw(w, c));
@@ -64,7 +64,7 @@ static enum served http_serve(struct worker *w, struct conn *c) {
 
 /* A turn of c begins on a worker: the clocks of its next request head, and the part of a head
  * it left its last worker with (c->stash) back in in. */
-static void turn_begins(struct conn *c, struct stream *in) {
+static void turn_begins(struct conn *c, struct inbuf *in) {
     /* The first head counts from accept (RFC 9112 leaves it to us; Apache does the same), also
      * behind a balancer whose header came on a turn before (admit_behind kept head_cap). */
     if (c->turns == 1)
@@ -87,7 +87,7 @@ static void turn_begins(struct conn *c, struct stream *in) {
 
 /* A request head that could not be read whole or parsed (status: http_read_head's) is
  * answered, logged with what little is known of it, and ends the connection. */
-static enum next bad_head(struct conn *c, const struct stream *in, int status) {
+static enum next bad_head(struct conn *c, const struct inbuf *in, int status) {
     enum why why = http_why_of(status);
     c->req = (struct request_log){.start_ns = request_began(c),
                                   .bytes0 = {c->bytes[UP], c->bytes[DOWN]},
@@ -100,7 +100,7 @@ static enum next bad_head(struct conn *c, const struct stream *in, int status) {
 /* Whether what s holds, a bad request head, is a PROXY protocol header instead: from a client
  * that is not a trusted balancer (one is read before any request: pool.c), so the log can say
  * why its 400 came. */
-static int proxy_header_sent(const struct stream *s) {
+static int proxy_header_sent(const struct inbuf *s) {
     struct addr ignored;
     size_t used;
     return s->len >= 6 && proxy_protocol_parse(s->buf, s->len, &ignored, &used) >= 0;
@@ -193,7 +193,7 @@ static int admit_request(struct conn *c, const struct msg *m) {
  * comes next in *next. */
 static int over_rate(struct worker *w, struct conn *c, int authenticated, int bodiless,
                      enum next *next) {
-    struct stream *in = &((struct http_worker *)w->scratch)->in[UP];
+    struct inbuf *in = &((struct http_worker *)w->scratch)->in[UP];
     int wait = limits_request(c->cfg, &c->peer, authenticated ? c->req.user : NULL);
     if (!wait) return 0;
     int rc = http_reply(c, WHY_RATE, bodiless, wait);

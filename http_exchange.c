@@ -105,7 +105,7 @@ void http_end_upstream(struct worker *w, struct conn *c) {
     if (c->upstream < 0) return;
     pool_set_upstream(w, -1);
     c->route[0] = 0;
-    http_stream_clear(&h->in[DOWN]);
+    http_inbuf_clear(&h->in[DOWN]);
 }
 
 /* Whether the kept-alive upstream connection can carry another request: nothing unread, not
@@ -127,7 +127,7 @@ static int upstream_clean(struct worker *w, struct conn *c) {
  * dial in progress: the request is handled from the start). Returns the fd, or -1 with errno
  * (EINPROGRESS: c leaves). */
 static int dial(struct worker *w, struct conn *c, const char *host, int port) {
-    struct stream *in = &((struct http_worker *)w->scratch)->in[UP];
+    struct inbuf *in = &((struct http_worker *)w->scratch)->in[UP];
     char *spare = cfg.park_after ? pool_head_take() : NULL;
     int fd = upstream_connect(c, host, port, spare != NULL);
     if (fd < 0 && errno == EINPROGRESS && spare) { /* it may leave only with a spare */
@@ -164,7 +164,7 @@ static enum route route(struct worker *w, struct conn *c, const struct target *t
 /* Sends on what is buffered in direction d: bytes that came behind a head in a tunnel or an
  * upgrade. Returns 0, or -1 when the connection ended. */
 static int flush(struct worker *w, struct conn *c, enum dir d) {
-    struct stream *s = &((struct http_worker *)w->scratch)->in[d];
+    struct inbuf *s = &((struct http_worker *)w->scratch)->in[d];
     int to = d == UP ? c->upstream : c->client;
     if (s->len > s->off && copy_send(c, to, s->buf + s->off, s->len - s->off) < 0) return -1;
     s->off = s->len;
@@ -233,7 +233,7 @@ static int ends_at_close(const struct msg *r, const struct exchange *x) {
 /* Forwards the body of the response r by its framing: chunked; Content-Length (sent of it: what
  * went with the head); else until the upstream closes. Returns 0 when the body is whole, -2
  * when it ended at the upstream's close, -1 on a failure. */
-static int forward_body(struct worker *w, struct conn *c, const struct msg *r, struct stream *s,
+static int forward_body(struct worker *w, struct conn *c, const struct msg *r, struct inbuf *s,
                         size_t sent) {
     int rc;
     if (r->chunked) {
@@ -255,7 +255,7 @@ static int forward_body(struct worker *w, struct conn *c, const struct msg *r, s
  */
 static enum body response_body(struct worker *w, struct conn *c, const struct msg *r,
                                const struct exchange *x, size_t sent) {
-    struct stream *s = &((struct http_worker *)w->scratch)->in[DOWN];
+    struct inbuf *s = &((struct http_worker *)w->scratch)->in[DOWN];
     if (!has_body(r, x)) return BODY_DONE;
     copy_rate_start(c, DOWN); /* a body that trickles in is ended by min_rate */
     int rc = forward_body(w, c, r, s, sent);
@@ -267,7 +267,7 @@ static enum body response_body(struct worker *w, struct conn *c, const struct ms
 /* Copies into out, behind the n bytes there, as much of the body buffered in s as fits and
  * belongs to it (want bytes): a small message then goes out in one send, not two. Returns the
  * bytes copied; s->off moves past them. */
-static size_t with_body(char *out, size_t n, struct stream *s, uint64_t want) {
+static size_t with_body(char *out, size_t n, struct inbuf *s, uint64_t want) {
     size_t k = s->len - s->off;
     if (k > want) k = (size_t)want;
     if (k > OUT_MAX - n) k = OUT_MAX - n;
@@ -283,7 +283,7 @@ static size_t with_body(char *out, size_t n, struct stream *s, uint64_t want) {
 static enum response forward_response(struct worker *w, struct conn *c, const struct msg *req,
                                       struct exchange *x) {
     struct http_worker *h = w->scratch;
-    struct stream *s = &h->in[DOWN];
+    struct inbuf *s = &h->in[DOWN];
     for (;;) {
         struct msg r;
         int status;
@@ -367,7 +367,7 @@ static enum response exchange(struct worker *w, struct conn *c, const struct msg
  * upgrade). Returns 0, or -1 when the head does not fit. */
 static int write_request(struct http_worker *h, const struct msg *m, const struct target *t,
                          struct exchange *x) {
-    struct stream *in = &h->in[UP];
+    struct inbuf *in = &h->in[UP];
     uint64_t length = m->length > 0 ? (uint64_t)m->length : 0;
     long n = http_rewrite_request(h->out[UP], m, t, m->upgrade);
     if (n < 0) return -1;

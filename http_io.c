@@ -98,13 +98,13 @@ int http_reply(struct conn *c, enum why why, int keep, int retry) {
     return 0;
 }
 
-void http_stream_clear(struct stream *s) {
+void http_inbuf_clear(struct inbuf *s) {
     s->off = 0;
     s->len = 0;
 }
 
 /* Moves the unread bytes of s to the start of its buffer. */
-static void compact(struct stream *s) {
+static void compact(struct inbuf *s) {
     memmove(s->buf, s->buf + s->off, s->len - s->off);
     s->len -= s->off;
     s->off = 0;
@@ -138,7 +138,7 @@ static void head_done(struct conn *c) {
  * head buffer is free to carry it (with none free it keeps its worker). Returns HEAD_OK when fd
  * is readable or the head's time is up (the caller looks), HEAD_LEAVE, HEAD_NONE when
  * keepalive_timeout ended c between requests, or HEAD_LOST when c ended. */
-static enum head wait_request(struct conn *c, struct stream *s, int fd) {
+static enum head wait_request(struct conn *c, struct inbuf *s, int fd) {
     size_t part = s->len - s->off;
     char *spare = part ? pool_head_take() : NULL;
     enum wake w = copy_wait(c, UP, fd, POLLIN, !part || spare);
@@ -158,7 +158,7 @@ static enum head wait_request(struct conn *c, struct stream *s, int fd) {
     return HEAD_OK;
 }
 
-enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
+enum head http_read_head(struct conn *c, struct inbuf *s, int fd, struct msg *m, int request,
                          int *status) {
     size_t scanned = 0, end, got;
     int looked = 0; /* its time is up, and the socket was read once more */
@@ -208,7 +208,7 @@ enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m
 }
 
 /* Reads until s holds a CRLF-ended line at off; returns its length without the CRLF, or -1. */
-static long read_line(struct conn *c, struct stream *s, int fd) {
+static long read_line(struct conn *c, struct inbuf *s, int fd) {
     for (;;) {
         char *p = s->buf + s->off, *lf = memchr(p, '\n', s->len - s->off);
         if (lf) return lf > p && lf[-1] == '\r' ? lf - p - 1 : -1;
@@ -221,7 +221,7 @@ static long read_line(struct conn *c, struct stream *s, int fd) {
     }
 }
 
-int http_copy_n(struct conn *c, struct copier *k, struct stream *s, int from, int to, uint64_t n) {
+int http_copy_n(struct conn *c, struct copier *k, struct inbuf *s, int from, int to, uint64_t n) {
     size_t have = s->len - s->off;
     if (have > n) have = (size_t)n;
     if (have && copy_send(c, to, s->buf + s->off, have) < 0) return -1;
@@ -231,7 +231,7 @@ int http_copy_n(struct conn *c, struct copier *k, struct stream *s, int from, in
 }
 
 /* The loop is flat on purpose: no recursion, no limit on the number of chunks, each one bounded. */
-int http_copy_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to) {
+int http_copy_chunked(struct conn *c, struct copier *k, struct inbuf *s, int from, int to) {
     uint64_t size;
     for (;;) {
         long n = read_line(c, s, from);

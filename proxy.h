@@ -835,13 +835,13 @@ int auth_base64_decode(const char *in, size_t len, unsigned char *out, size_t ca
 
 /* One side's input with its read buffer. Heads and chunk-size lines are parsed from the
  * buffer; body bytes leave it first, then go straight from the socket. */
-struct stream {
+struct inbuf {
     char *buf;       /* HEAD_MAX bytes */
     size_t off, len; /* the unread bytes are buf[off, len) */
 };
 
 /* Forgets what s holds. */
-void http_stream_clear(struct stream *s);
+void http_inbuf_clear(struct inbuf *s);
 
 /* What http_read_head found. */
 enum head { HEAD_OK, HEAD_NONE, HEAD_LOST, HEAD_BAD, HEAD_LEAVE };
@@ -853,14 +853,14 @@ enum head { HEAD_OK, HEAD_NONE, HEAD_LOST, HEAD_BAD, HEAD_LEAVE };
  * read goes with it in c->stash); HEAD_LOST when the connection ended or the client left mid-head;
  * HEAD_BAD with the status to refuse it with in *status (408 when its time is up; 502 for any bad
  * response). */
-enum head http_read_head(struct conn *c, struct stream *s, int fd, struct msg *m, int request,
+enum head http_read_head(struct conn *c, struct inbuf *s, int fd, struct msg *m, int request,
                          int *status);
 /* Copies exactly n body bytes from s (what is buffered, then the socket from) to `to`.
  * Returns 0 or -1. */
-int http_copy_n(struct conn *c, struct copier *k, struct stream *s, int from, int to, uint64_t n);
+int http_copy_n(struct conn *c, struct copier *k, struct inbuf *s, int from, int to, uint64_t n);
 /* Copies a chunked body from s (what is buffered, then the socket from) to `to`, checking
  * every size line and trailer; the bytes go on exactly as they came. Returns 0 or -1. */
-int http_copy_chunked(struct conn *c, struct copier *k, struct stream *s, int from, int to);
+int http_copy_chunked(struct conn *c, struct copier *k, struct inbuf *s, int from, int to);
 /* Why the proxy answers a request itself; each has its status, a word for the access log and
  * a sentence for the client (http_io.c's table). */
 enum why {
@@ -940,8 +940,8 @@ long http_rewrite_response(char *buf, const char *head, const struct msg *r, con
 /* One worker's http scratch (w->scratch): allocated once (http.c's init), reused for each
  * connection. */
 struct http_worker {
-    struct stream in[2]; /* [UP] reads the client, [DOWN] the upstream */
-    char *out[2];        /* [UP] a rewritten request head, kept for a retry; [DOWN] a response's */
+    struct inbuf in[2]; /* [UP] reads the client, [DOWN] the upstream */
+    char *out[2];       /* [UP] a rewritten request head, kept for a retry; [DOWN] a response's */
     /* The body job: the front thread sets these before pool_back_start and reads body_rc after
      * pool_back_wait; the back thread owns in[UP] and body_rc in between. */
     int body_chunked;

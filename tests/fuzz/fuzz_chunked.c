@@ -20,7 +20,7 @@ static int pair(int fds[2]) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static struct copier k;
-    static struct stream s;
+    static struct inbuf s;
     static char *out;
     if (!out) {
         signal(SIGPIPE, SIG_IGN);
