@@ -14,8 +14,8 @@ DESTDIR ?=
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 BIN     ?= proxy
 # Bottom-up, as proxy.h lists them: each file calls only those before it (`make layers`).
-SRC      = net.c config.c running.c stats.c limits.c proxy_protocol.c admin.c end.c copy.c upstream.c pool.c \
-           http_parse.c auth.c http_io.c http_head.c http_exchange.c tcp.c http.c acceptor.c plan.c
+SRC      = net.c config.c running.c stats.c limits.c proxy_protocol.c admin.c end.c room.c copy.c upstream.c \
+           pool.c http_parse.c auth.c http_io.c http_head.c http_exchange.c tcp.c http.c acceptor.c plan.c
 OBJ      = $(SRC:%.c=$(B)/%.o)
 
 # $(call need,PACKAGES): install with apt-get as root, or say what to install and stop.

@@ -1,15 +1,14 @@
-/* acceptor.c — the acceptor thread and its waiting room. One thread, one epoll set: the
- * listening socket, the pool's mailbox of parked connections, and the sockets of every parked
- * connection. A new client is admitted (allow-list, max_connections, the queue) and handed to
- * the pool; a parked connection whose socket becomes readable or hangs up goes back into the
- * pool's queue, to whichever worker is free; one that waits too long is closed here. This is
- * Apache httpd's event MPM: blocking workers for connections with work, one poll set for those
- * without. Nothing here blocks but epoll_wait. */
+/* acceptor.c — the acceptor thread. One thread, one epoll set: the listening socket, the pool's
+ * mailbox of parked connections, and the sockets of every parked connection, which room.c
+ * watches there. A new client is admitted (allow-list, max_connections, the queue) and handed
+ * to the pool; a parked connection is let into the room, and what comes out of it goes back into
+ * the pool's queue, to whichever worker is free (woken: its socket is readable or hung up), or
+ * is closed here (its wait was too long). This is Apache httpd's event MPM: blocking workers for
+ * connections with work, one poll set for those without. Nothing here blocks but epoll_wait. */
 #include "proxy.h"
 
 #include <fcntl.h>
 #include <linux/filter.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -27,11 +26,6 @@ static struct {
     int stopped;           /* the stop: the listener is no longer watched, ever */
     uint64_t paused_until; /* accept failed for want of fds: the listener rests until then */
     int intake_closed;     /* the queue had no room for a new one: it rests until it has */
-    /* Every parked connection, in a binary min-heap by deadline (those with none last), each
-     * knowing its place (c->slot): the nearest deadline is at the top, and a connection that
-     * leaves early is taken out in O(log n). */
-    struct conn **heap;
-    int nheap;
 } acceptor;
 
 /* The stop, in two steps, each set by its function, which rings stop_fd: no more clients
@@ -136,137 +130,28 @@ static void accept_again(uint64_t now) {
     epoll_ctl(acceptor.ep, EPOLL_CTL_MOD, acceptor.listen_fd, &on);
 }
 
-/* ---- the waiting room ------------------------------------------------------------------- */
+/* ---- the waiting room's doors (room.c) ------------------------------------------------ */
 
-/* Puts c at place i of the heap. */
-static void heap_set(int i, struct conn *c) {
-    acceptor.heap[i] = c;
-    c->slot = i;
-}
-
-/* Moves the connection at place i up while its deadline is nearer than its parent's. */
-static void heap_up(int i) {
-    struct conn *c = acceptor.heap[i];
-    while (i > 0 && acceptor.heap[(i - 1) / 2]->deadline > c->deadline) {
-        heap_set(i, acceptor.heap[(i - 1) / 2]);
-        i = (i - 1) / 2;
-    }
-    heap_set(i, c);
-}
-
-/* Moves the connection at place i down while a child's deadline is nearer. */
-static void heap_down(int i) {
-    struct conn *c = acceptor.heap[i];
-    for (;;) {
-        int k = 2 * i + 1;
-        if (k >= acceptor.nheap) break;
-        if (k + 1 < acceptor.nheap && acceptor.heap[k + 1]->deadline < acceptor.heap[k]->deadline)
-            k++;
-        if (c->deadline <= acceptor.heap[k]->deadline) break;
-        heap_set(i, acceptor.heap[k]);
-        i = k;
-    }
-    heap_set(i, c);
-}
-
-/* Takes c out of the heap: the last connection fills its place and moves up or down. */
-static void heap_remove(struct conn *c) {
-    struct conn *last = acceptor.heap[--acceptor.nheap];
-    int i = c->slot;
-    c->slot = -1;
-    if (last == c) return;
-    heap_set(i, last);
-    heap_up(i);
-    heap_down(last->slot);
-}
-
-/* Stops watching c's sockets. Its watches are cleared, so that an event for it still in this
- * round's batch is known to be stale. */
-static void unwatch(struct conn *c) {
-    for (int d = UP; d <= DOWN; d++) {
-        if (!c->watch[d].c) continue;
-        epoll_ctl(acceptor.ep, EPOLL_CTL_DEL, c->watch[d].fd, NULL);
-        c->watch[d].c = NULL;
-    }
-}
-
-/* Watches fd for direction d of c: for bytes or a hang-up, or (out) for a connect's end.
- * Returns 0 or -1. */
-static int watch(struct conn *c, enum dir d, int fd, int out) {
-    struct epoll_event ev = {.events = out ? EPOLLOUT : EPOLLIN | EPOLLRDHUP,
-                             .data.ptr = &c->watch[d]};
-    c->watch[d] = (struct watch){.c = c, .fd = fd};
-    if (epoll_ctl(acceptor.ep, EPOLL_CTL_ADD, fd, &ev) == 0) return 0;
-    c->watch[d].c = NULL;
-    return -1;
-}
-
-/* Takes in a connection a worker parked. A relay is watched on each side that has not reached
- * EOF (a half-closed socket is always readable: watching it would bounce c between here and
- * the pool forever); a connection between requests or in a request head on its client, and on
- * its kept-alive upstream connection, which may close meanwhile; one in a dial on its lookup
- * or connect alone (its client may have sent more already: that waits for the upstream). Its
- * deadline is the one it had on its worker (copy_deadline): the same rule parked or not. */
+/* Lets c into the room. */
 static void enter(struct conn *c) {
-    int ok = 1;
-    c->watch[UP].c = c->watch[DOWN].c = NULL;
-    if (c->dial)
-        ok = watch(c, DOWN, c->dial->fd, c->dial->out) == 0;
-    else if ((!c->relay || !c->eof[UP]) && !c->held_until)
-        ok = watch(c, UP, c->client, 0) == 0;
-    if (ok && !c->dial && c->upstream >= 0 && (!c->relay || !c->eof[DOWN]))
-        ok = watch(c, DOWN, c->upstream, 0) == 0;
-    if (!ok) { /* the kernel would not watch it (out of memory): serve it instead of losing it */
-        unwatch(c);
-        pool_resume(c);
-        return;
-    }
-    c->deadline = c->held_until ? c->held_until : copy_deadline(c);
-    if (!c->deadline) c->deadline = UINT64_MAX; /* never: it sorts last */
-    heap_set(acceptor.nheap++, c);
-    heap_up(c->slot);
-}
-
-/* Takes c out of the room: its watches and its place in the heap. */
-static void leave_room(struct conn *c) {
-    unwatch(c);
-    heap_remove(c);
-    c->held_until = 0;
+    /* The kernel would not watch it (out of memory): serve it instead of losing it. */
+    if (room_enter(c) < 0) pool_resume(c);
 }
 
 /* A watched socket of a parked connection is readable or hung up. */
 static void woken(struct watch *w) {
-    struct conn *c = w->c;
-    if (!c) return; /* stale: c left the room earlier in this batch */
-    if (!c->relay && !c->dial && w == &c->watch[DOWN]) {
-        /* The kept-alive upstream connection closed, or spoke out of turn: it can carry no
-         * further request. The client stays parked; its next request opens a new one. */
-        epoll_ctl(acceptor.ep, EPOLL_CTL_DEL, c->upstream, NULL);
-        c->watch[DOWN].c = NULL;
-        close(c->upstream);
-        c->upstream = -1;
-        return;
-    }
-    leave_room(c);
-    pool_resume(c);
+    struct conn *c = room_woken(w);
+    if (c) pool_resume(c);
 }
 
 /* Ends the waits whose time is up: closed here, but for one in a request head, which is owed
  * a 408, and one in a dial, which tries its next address or is owed a 504: each goes back to a
- * worker for that. One held for its rate is watched from now on, as any other between
- * requests. */
+ * worker for that. */
 static void expire(uint64_t now) {
-    while (acceptor.nheap && acceptor.heap[0]->deadline <= now) {
-        struct conn *c = acceptor.heap[0];
-        int held = c->held_until != 0;
-        leave_room(c);
-        if (held) { /* the time it was not read is not its client's idle time */
-            atomic_store(&c->last_ns, now);
-            enter(c);
-            continue;
-        }
-        atomic_fetch_add(&stats.room_timeouts, 1);
-        if (c->head_deadline || c->dial)
+    struct conn *c;
+    int serve;
+    while ((c = room_expire(now, &serve))) {
+        if (serve)
             pool_resume(c);
         else
             pool_close_parked(c, END_IDLE);
@@ -275,8 +160,7 @@ static void expire(uint64_t now) {
 
 /* ms until the nearest deadline (a parked connection's, the listener's rest); -1: none. */
 static int next_wait(uint64_t now) {
-    uint64_t next =
-        acceptor.nheap && acceptor.heap[0]->deadline < UINT64_MAX ? acceptor.heap[0]->deadline : 0;
+    uint64_t next = room_next_deadline();
     if (acceptor.paused_until && (!next || acceptor.paused_until < next))
         next = acceptor.paused_until;
     if (!next) return -1;
@@ -324,15 +208,8 @@ static void stop_accepting(void) {
         next = c->next;
         enter(c);
     }
-    struct conn *idle = NULL;
-    for (int i = 0; i < acceptor.nheap; i++)
-        if (copy_between_requests(acceptor.heap[i])) {
-            acceptor.heap[i]->next = idle;
-            idle = acceptor.heap[i];
-        }
-    for (struct conn *c = idle, *next; c; c = next) {
+    for (struct conn *c = room_take_idle(), *next; c; c = next) {
         next = c->next;
-        leave_room(c);
         closed += pool_stop_idle(c);
     }
     pthread_mutex_lock(&step.mu);
@@ -348,11 +225,7 @@ static void close_room(void) {
         next = c->next;
         pool_close_parked(c, END_STOPPED);
     }
-    while (acceptor.nheap) {
-        struct conn *c = acceptor.heap[0];
-        leave_room(c);
-        pool_close_parked(c, END_STOPPED);
-    }
+    for (struct conn *c; (c = room_take_any());) pool_close_parked(c, END_STOPPED);
 }
 
 /* The acceptor thread: waits on the listener, its bell, every parked socket and the nearest
@@ -398,15 +271,13 @@ int acceptor_start(int listen_fd) {
     struct epoll_event stop = {.events = EPOLLIN, .data.ptr = &stop_tag};
     acceptor.listen_fd = listen_fd;
     acceptor.listening = 1;
-    acceptor.heap = calloc((size_t)cfg.max_connections, sizeof(struct conn *));
-    if (!acceptor.heap) return -1;
     /* Accepted sockets do not inherit O_NONBLOCK on Linux: they stay blocking for the workers. */
     if (fcntl(listen_fd, F_SETFL, O_NONBLOCK) < 0) return -1;
     acceptor.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (acceptor.stop_fd < 0) return -1;
     acceptor.ep = epoll_create1(EPOLL_CLOEXEC);
     if (acceptor.ep < 0) return close_failed(acceptor.stop_fd);
-    if (epoll_ctl(acceptor.ep, EPOLL_CTL_ADD, listen_fd, &on) < 0 ||
+    if (room_start(acceptor.ep) < 0 || epoll_ctl(acceptor.ep, EPOLL_CTL_ADD, listen_fd, &on) < 0 ||
         epoll_ctl(acceptor.ep, EPOLL_CTL_ADD, pool_parked_fd(), &mail) < 0 ||
         epoll_ctl(acceptor.ep, EPOLL_CTL_ADD, acceptor.stop_fd, &stop) < 0 ||
         pthread_create(&acceptor.thread, NULL, acceptor_main, NULL)) {
@@ -441,5 +312,5 @@ void acceptor_end(void) {
     pthread_join(acceptor.thread, NULL);
     close(acceptor.ep);
     close(acceptor.stop_fd);
-    free(acceptor.heap);
+    room_end();
 }

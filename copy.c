@@ -1,9 +1,8 @@
 /* copy.c — the copy loops that move a connection's bytes, one direction per thread: through a
  * buffer (read/send) or through a pipe (splice), with half-close, the idle clock, the rate
- * limit; the wait for bytes (copy_wait), where a connection's turn on its worker ends when it
- * has nothing to do or others have waited long enough. It reads what pool.c publishes
- * (stats.waiting, the seats) but knows nothing of queues or protocols: pool.c and the modes
- * call it; a connection's end is end.c's. */
+ * limit; the wait for bytes (copy_wait), which asks room.c at each wait whether the
+ * connection's turn on its worker ends (room_due) and carries the answer out. It knows nothing
+ * of queues or protocols: pool.c and the modes call it; a connection's end is end.c's. */
 #include "proxy.h"
 
 #include <errno.h>
@@ -180,80 +179,10 @@ void copy_pace_spend(struct copier *k, uint64_t now, size_t n, int rate_limit) {
 
 /* ---- waiting for bytes, and leaving the worker ------------------------------------------ */
 
-void copy_ring(struct seat *s) {
-    uint64_t one = 1;
-    ssize_t n = write(s->bell, &one, sizeof one);
-    (void)n; /* it fails only when the counter is full, and then the bell rings anyway */
-}
-
-/* Records why c leaves its worker (the first reason wins) and rings the other loop's thread,
- * wherever it waits, so that it leaves too at its next safe point. */
-static void ask_leave(struct conn *c, enum dir d, enum leave why) {
-    int no = LEAVE_NO;
-    atomic_compare_exchange_strong(&c->leave, &no, (int)why);
-    if (c->relay) copy_ring(&c->seats[!d]);
-}
-
 void copy_loop_done(struct conn *c, enum dir d) {
     /* If the other loop waits, it waits with no eye on the clock: that was this one's, the
      * last awake. Ring it to take the clock over. */
-    if (atomic_fetch_sub(&c->awake, 1) == 1) copy_ring(&c->seats[!d]);
-}
-
-uint64_t copy_deadline(struct conn *c) {
-    if (c->dial) return c->dial->until;
-    if (c->head_deadline) return c->head_deadline;
-    int s = c->relay ? c->cfg->idle_timeout : c->cfg->keepalive_timeout;
-    return s ? atomic_load(&c->last_ns) + (uint64_t)s * 1000000000u : 0;
-}
-
-/* Why close and not keep: nginx and haproxy close idle keep-alive connections at a stop too. A tcp
- * connection is never between requests: when it can wait it is always a relay or a dial. */
-int copy_between_requests(const struct conn *c) {
-    return cfg.mode == MODE_HTTP && !c->relay && !c->dial && !c->head_first;
-}
-
-/* The earlier of two deadlines, 0 meaning none. */
-static uint64_t earlier(uint64_t a, uint64_t b) {
-    return !a || (b && b < a) ? b : a;
-}
-
-/* Whether c waits on its client: an http connection waiting for a request, or the rest of a
- * head, does; a relay does when its last byte went to the client, which has what it asked for;
- * a relay whose last byte went upstream waits for the upstream's answer. */
-static int on_client(struct conn *c) {
-    return !c->relay || atomic_load_explicit(&c->last_dir, memory_order_relaxed) == DOWN;
-}
-
-/* Whether c, one of whose loops is about to wait (the last awake one if last_awake), should leave
- * its worker now. While others wait: at once in a dial (its connect or lookup is nothing a worker
- * can speed up, and a black-holed upstream would hold one for connect_timeout); once its time
- * slice is over (a turn); or, with nothing to do (LEAVE_PARK), at once if it never moved a
- * byte, and after QUIET_MS if it waits on its client, which may think for seconds. One waiting for
- * an upstream's answer keeps its worker to the end of its slice: the answer is on its way, and
- * parking those under load filled the queue with their own wake-ups. With nobody waiting: once it
- * was quiet for park_after. Else moves *until to the moment that answer may change. Only the last
- * loop to wait keeps an eye on the clock; the other is woken by its bytes or its bell. */
-static enum leave due(struct conn *c, uint64_t now, int last_awake, uint64_t *until) {
-    int others = atomic_load(&stats.waiting) > 0;
-    uint64_t last_ns = atomic_load(&c->last_ns), quiet = (uint64_t)cfg.park_after;
-    if (c->dial) return others ? LEAVE_PARK : LEAVE_NO;
-    /* The stop: an http connection between requests, quiet for QUIET_MS (a client that sends
-     * its requests back to back is not idle between them), leaves here to be closed (park). */
-    if (atomic_load(&stats.stopping) && copy_between_requests(c)) {
-        uint64_t at = last_ns + (uint64_t)QUIET_MS * 1000000u;
-        if (now >= at) return LEAVE_PARK;
-        *until = earlier(*until, at);
-    }
-    if (others && cfg.time_slice && now >= c->slice_end) return LEAVE_TURN;
-    if (!last_awake) return LEAVE_NO;
-    if (others && last_ns == c->start_ns) return LEAVE_PARK;
-    if (others && cfg.time_slice) *until = earlier(*until, c->slice_end);
-    if (others && on_client(c) && QUIET_MS < quiet) quiet = QUIET_MS;
-    uint64_t at = last_ns + quiet * 1000000u;
-    if (now >= at) return LEAVE_PARK;
-    *until = earlier(*until, at);
-    return LEAVE_NO;
+    if (atomic_fetch_sub(&c->awake, 1) == 1) room_ring(&c->seats[!d]);
 }
 
 /* poll's timeout for a wait until deadline (0: none), in whole ms rounded up. */
@@ -265,21 +194,21 @@ static int timeout_ms(uint64_t deadline, uint64_t now) {
 
 /* Why poll and not a blocked read: a blocked read could not be woken to leave; poll on the socket
  * and the thread's bell can, and a ring that comes before the thread blocks is not lost: the bell
- * stays readable until the thread takes it. Whether c should leave is due()'s answer. A dial waits
- * on an fd conn_end does not shut: the client's hang-up, which conn_end causes, wakes it. */
+ * stays readable until the thread takes it. Whether c should leave is room_due's answer. A dial
+ * waits on an fd conn_end does not shut: the client's hang-up, which conn_end causes, wakes it. */
 enum wake copy_wait(struct conn *c, enum dir d, int fd, short events, int may_leave) {
     struct seat *me = &c->seats[d];
     for (;;) {
         if (may_leave && atomic_load(&c->leave)) return WAKE_LEAVE;
         if (atomic_load(&c->end)) return WAKE_ENDED;
-        uint64_t now = mono_ns(), deadline = copy_deadline(c), until = deadline;
+        uint64_t now = mono_ns(), deadline = room_deadline(c), until = deadline;
         if (deadline && now >= deadline) return WAKE_TIMEOUT;
         /* The last loop to wait asks to be rung when others begin to wait. It says so before
          * it reads stats.waiting, and pool.c sets that before it reads sleeping: one of the
          * two sees the other, so the ring is never missed. */
         int last_awake = atomic_fetch_sub(&c->awake, 1) == 1 && may_leave;
         atomic_store(&me->sleeping, last_awake);
-        enum leave why = may_leave ? due(c, now, last_awake, &until) : LEAVE_NO;
+        enum leave why = may_leave ? room_due(c, now, last_awake, &until) : LEAVE_NO;
         struct pollfd p[3] = {{.fd = fd, .events = events},
                               {.fd = me->bell, .events = POLLIN},
                               {.fd = c->client, .events = 0}}; /* hang-ups only */
@@ -292,7 +221,7 @@ enum wake copy_wait(struct conn *c, enum dir d, int fd, short events, int may_le
         atomic_fetch_add(&c->awake, 1);
         if (n > 0 && p[0].revents) return WAKE_READY;
         if (why) {
-            ask_leave(c, d, why);
+            room_ask_leave(c, d, why);
             return WAKE_LEAVE;
         }
         if (n > 0 && nfds == 3 && p[2].revents) conn_end(c, END_CLIENT); /* reset, or ended */

@@ -113,7 +113,7 @@ static void compact(struct inbuf *s) {
 /* A request head's bytes came: its deadline is now the earlier of header_timeout's (from its
  * first byte, or from accept for a connection's first head) and min_rate's (as for a body: the
  * first second free, then a second for each min_rate bytes), so that a head that trickles is
- * ended, not only one that stops. The waiting room keeps the same deadline (copy_deadline). */
+ * ended, not only one that stops. The waiting room keeps the same deadline (room_deadline). */
 static void head_came(struct conn *c, size_t len) {
     uint64_t now = mono_ns(), sec = 1000000000u;
     if (!c->head_first) {

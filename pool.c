@@ -1,11 +1,11 @@
 /* pool.c — the fixed pool: a slab of connection records sized at start, the queue of
  * connections that have work, `workers` pairs of threads that serve them in turns, the hand-off
  * between a worker's two threads, the relay whose two loops leave their worker together, the
- * mailbox through which connections that leave go to the acceptor's waiting room, and the
- * graceful stop. This is the scheduler: it says when others wait (stats.waiting) and rings the
- * workers that must hear it; when a connection gives its worker up is decided where it waits
- * for bytes (copy.c's copy_wait). How a connection is served is its mode's business (tcp.c,
- * http.c); where a parked connection waits is acceptor.c's. */
+ * mailbox through which connections that leave go to the acceptor, and the graceful stop. This
+ * is the scheduler: it says when others wait (stats.waiting) and rings the workers that must hear
+ * it; when a connection gives its worker up, and where it waits then, is room.c's (room_due,
+ * asked in copy.c's copy_wait; the room, which the acceptor thread runs). How a connection is
+ * served is its mode's business (tcp.c, http.c). */
 #include "proxy.h"
 
 #include <errno.h>
@@ -16,8 +16,11 @@
 
 /* The queue, the slab and the mailbox, under one lock. Every open client connection has a
  * record from the slab: a queued one sits in the ring, a served one in its worker's w->conn, a
- * parked one in the mailbox or the acceptor's waiting room. There are max_connections records,
- * as many as can be open at once (the acceptor admits no more), and the ring holds them all. */
+ * parked one in the mailbox or the waiting room (room.c). There are max_connections records,
+ * as many as can be open at once (the acceptor admits no more), and the ring holds them all.
+ * The mailbox is here, not in room.c, for this lock, which it shares with the stop's two flags:
+ * park decides closed or parked, and the stop sets a flag and takes the mail, each in one hold
+ * of it, so that none parks after the room took its last mail. */
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t cv, all_idle; /* cv: a connection or the stop; all_idle: for pool_start */
@@ -62,7 +65,7 @@ static void ring_acceptor(void) {
 static void ring_sleepers(void) {
     for (int i = 0; i < started; i++)
         for (int t = 0; t < 2; t++)
-            if (atomic_load(&workers[i].seat[t].sleeping)) copy_ring(&workers[i].seat[t]);
+            if (atomic_load(&workers[i].seat[t].sleeping)) room_ring(&workers[i].seat[t]);
 }
 
 /* Publishes how many queued connections no idle worker is about to take (stats.waiting): while
@@ -275,7 +278,7 @@ static void retire(struct conn *c) {
  * one between requests): the caller closes c. */
 static int park(struct conn *c) {
     pthread_mutex_lock(&pool.mu);
-    int closed = pool.room_closed || (pool.stop_begun && copy_between_requests(c)),
+    int closed = pool.room_closed || (pool.stop_begun && room_between_requests(c)),
         wake = !pool.mail;
     if (!closed) {
         c->next = NULL;
@@ -295,16 +298,6 @@ static int park(struct conn *c) {
     /* Only the first letter rings: the acceptor takes the whole mailbox at once. */
     if (wake) ring_acceptor();
     return 0;
-}
-
-/* Whether c, at the end of its turn, has bytes to read already on a socket the waiting room
- * would watch for it: the room would send it back to the queue at once. */
-static int has_bytes(const struct conn *c) {
-    struct pollfd p[2];
-    nfds_t n = 0;
-    if (!c->relay || !c->eof[UP]) p[n++] = (struct pollfd){.fd = c->client, .events = POLLIN};
-    if (c->relay && !c->eof[DOWN]) p[n++] = (struct pollfd){.fd = c->upstream, .events = POLLIN};
-    return poll(p, n, 0) > 0;
 }
 
 /* Puts c, whose turn is over, at the tail of the queue. */
@@ -368,7 +361,7 @@ static void *front_main(void *arg) {
             if (turn) atomic_fetch_add(&stats.turns, 1);
             /* In the stop, one between requests that has a request waiting is served, not
              * closed by park. */
-            if ((turn || atomic_load(&stats.stopping)) && has_bytes(c)) {
+            if ((turn || atomic_load(&stats.stopping)) && room_has_bytes(c)) {
                 requeue(c);
                 continue;
             }
@@ -449,7 +442,7 @@ struct conn *pool_stop_begin(void) {
 }
 
 int pool_stop_idle(struct conn *c) {
-    if (has_bytes(c)) {
+    if (room_has_bytes(c)) {
         pool_resume(c);
         return 0;
     }

@@ -3,15 +3,16 @@
  *
  *     proxy.c              main: options, start, signals, stop
  *     plan.c               the plan -t prints: memory and fds at full load, the fd limit
- *     acceptor.c           the acceptor thread: new clients, and the waiting room of idle ones
+ *     acceptor.c           the acceptor thread: new clients; idle ones into the room and out
  *     tcp.c   http.c       the two modes: what a worker does with a connection
  *     http_exchange.c      a request's exchange with the upstream; tunnels and upgrades
  *     http_head.c          the heads forwarded both ways: hop-by-hop fields, Via
  *     http_io.c            HTTP messages between sockets: heads, bodies, error replies
  *     auth.c  http_parse.c http's pure helpers: credentials; strict heads
- *     pool.c               the queue, the worker pairs, the back-thread hand-off, parking, the stop
+ *     pool.c               the queue, the worker pairs, the back thread, the mailbox, the stop
  *     upstream.c           choosing an upstream (balance, failover) and connecting to it
  *     copy.c               the copy loops: splice or buffer, half-close, idle clock, rate limit
+ *     room.c               the waiting room: when a connection leaves its worker, where it waits
  *     end.c                a connection's end: why, the shutdowns that wake it, the close
  *     admin.c              the /metrics listener
  *     proxy_protocol.c     the PROXY header: sent upstream, read from a trusted balancer
@@ -315,7 +316,7 @@ struct request_log {
 
 /* One client connection, from accept to close. It lives in pool.c's slab, not on a worker's
  * stack, and a worker's scratch (struct worker) is kept apart, so that a connection's state
- * does not depend on the worker serving it: it can park between requests (acceptor.c's
+ * does not depend on the worker serving it: it can park between requests (room.c's
  * waiting room) and come back to another worker. While it is parked the acceptor thread alone
  * touches it. Who writes what while it is served: */
 struct conn {
@@ -356,7 +357,7 @@ struct conn {
                                relay does not watch that direction */
     uint64_t head_deadline; /* http, the front thread: a request head must be whole by then
                                (the earlier of head_cap and its min_rate); 0: no head in
-                               progress. The waiting room reads it too: copy_deadline */
+                               progress. The waiting room reads it too: room_deadline */
     uint64_t head_cap;      /* http, the front thread: header_timeout's bound for this head */
     uint64_t head_first;    /* http, the front thread: when its first byte came; 0: none yet */
     uint64_t head_since;    /* http, the front thread: when the next request began, for its
@@ -381,12 +382,12 @@ struct conn {
     _Atomic int awake;  /* copy.c: c's copy loops that are not waiting for bytes (nor done) */
     _Atomic int leave;  /* copy.c, first writer wins: enum leave, why c's loops leave their
                            worker; pool.c clears it when a worker takes c */
-    /* The waiting room's own, while c is parked (acceptor.c): */
+    /* The waiting room's own, while c is parked (room.c, on the acceptor thread): */
     uint64_t held_until; /* http, the front thread: got a 429 for its rate; parked, its client
                             is not read until then (the waiting room's clock) */
     struct conn *next;   /* in the pool's mailbox, on its way to the waiting room */
     int slot;            /* its place in the waiting room's heap; -1: not in it */
-    uint64_t deadline;   /* monotonic ns: copy_deadline when it parked; UINT64_MAX: none */
+    uint64_t deadline;   /* monotonic ns: room_deadline when it parked; UINT64_MAX: none */
     struct watch {
         struct conn *c;
         int fd;
@@ -516,20 +517,8 @@ void conn_end(struct conn *c, enum end reason);
  * sockets any more. */
 void conn_close(struct conn *c, void (*log)(const struct conn *c));
 
-/* ==== copy.c: the copy loops =========================================================== */
+/* ==== room.c: the waiting room ======================================================== */
 
-/* What one direction copies with: allocated once per worker, reused per connection. */
-struct copier {
-    char *buf;    /* copy = buffer, or splice's fallback; NULL until needed */
-    int pipe[2];  /* copy = splice; -1 otherwise */
-    int pending;  /* bytes sitting in the pipe */
-    uint64_t tat; /* rate limit: theoretical arrival time of the next byte, ns */
-};
-
-/* What copy_recv found. */
-enum recv { RECV_DATA, RECV_EOF, RECV_TICK, RECV_ENDED };
-/* How copy_stream ended. */
-enum streamed { STREAM_EOF, STREAM_LEAVE, STREAM_ENDED };
 /* Why a connection's loops leave their worker (c->leave) at a safe point: where no byte of
  * it is inside the proxy, so that it can wait in the waiting room and go on on any worker. */
 enum leave {
@@ -549,12 +538,85 @@ struct seat {
                              pool.c rings it when others begin to wait for a worker */
 };
 
+/* The decision, on a worker's threads. */
+
+/* Whether c, one of whose loops is about to wait (the last awake one if last_awake), should leave
+ * its worker now (copy_wait asks at each wait): its slice is over while others wait
+ * (LEAVE_TURN), or it has nothing to do (LEAVE_PARK: all its loops wait and no byte moved for
+ * park_after; while others wait, it is dialling, or it is new and never moved a byte, or it
+ * waits on its client and no byte moved for QUIET_MS; in the stop, an http connection between
+ * requests quiet for QUIET_MS). Else LEAVE_NO, and *until moves to the moment that answer may
+ * change. */
+enum leave room_due(struct conn *c, uint64_t now, int last_awake, uint64_t *until);
+/* Records why c leaves its worker (the first reason wins) and rings the other loop's thread of
+ * a relay (seat !d), wherever it waits, so that it leaves too at its next safe point. */
+void room_ask_leave(struct conn *c, enum dir d, enum leave why);
+/* Rings s's bell: its thread looks again at whether to keep its connection. */
+void room_ring(struct seat *s);
+/* The deadline of what c waits for, the same on a worker and in the waiting room (0: none): a
+ * dial's lookup or connect (connect_timeout); a request head's (c->head_deadline); a relay's,
+ * last byte + idle_timeout; an http connection's between requests, last byte +
+ * keepalive_timeout. */
+uint64_t room_deadline(struct conn *c);
+/* Whether c is an http connection between requests (none begun, nor a tunnel): at the stop nothing
+ * of it is in progress, so it is closed instead of kept, unless a request is waiting already. */
+int room_between_requests(const struct conn *c);
+/* Whether c, at the end of its turn, has bytes to read already on a socket the waiting room
+ * would watch for it: the room would send it back to the queue at once. */
+int room_has_bytes(const struct conn *c);
+
+/* The room, on the acceptor thread alone (room_start and room_end before and after it). It calls
+ * nothing above it: a connection that comes out is returned, and the caller hands it back to the
+ * pool (pool_resume) or closes it (pool_close_parked). */
+
+/* Sets the room up to watch parked sockets in the epoll set ep (whose events carry a struct
+ * watch *, for room_woken), for up to max_connections parked at once. Returns 0 or -1. */
+int room_start(int ep);
+/* Frees what room_start allocated (ep stays the caller's). */
+void room_end(void);
+/* Lets c, which a worker parked, in: its sockets are watched, and its deadline (c->held_until, or
+ * room_deadline) goes into the heap. Returns 0, or -1 when the kernel would not watch it (out of
+ * memory): then c is not in the room, and the caller serves it. */
+int room_enter(struct conn *c);
+/* epoll reported w: returns its connection, out of the room, to be served; or NULL: stale (it
+ * left earlier in this batch), or the kept-alive upstream connection of a parked http client
+ * closed (closed here: the client stays parked, its next request opens a new one). */
+struct conn *room_woken(struct watch *w);
+/* Takes out the next connection whose deadline is at or before now (a timeout, counted in
+ * stats.room_timeouts), or NULL when none is left: *serve set when it goes back to a worker (a
+ * head owed its 408, a dial its next address or 504), else the caller closes it (END_IDLE). One
+ * held for its rate (c->held_until) whose time is up is no timeout: it stays in the room,
+ * watched now, its idle clock restarted; or, when the kernel would not watch it, it is taken
+ * out with *serve set. */
+struct conn *room_expire(uint64_t now, int *serve);
+/* The nearest deadline in the room; 0: none. */
+uint64_t room_next_deadline(void);
+/* The stop: takes every connection between http requests (room_between_requests) out of the
+ * room; linked by next, NULL: none. */
+struct conn *room_take_idle(void);
+/* Takes a connection out of the room, the nearest deadline first; NULL: the room is empty. */
+struct conn *room_take_any(void);
+
+/* ==== copy.c: the copy loops =========================================================== */
+
+/* What one direction copies with: allocated once per worker, reused per connection. */
+struct copier {
+    char *buf;    /* copy = buffer, or splice's fallback; NULL until needed */
+    int pipe[2];  /* copy = splice; -1 otherwise */
+    int pending;  /* bytes sitting in the pipe */
+    uint64_t tat; /* rate limit: theoretical arrival time of the next byte, ns */
+};
+
+/* What copy_recv found. */
+enum recv { RECV_DATA, RECV_EOF, RECV_TICK, RECV_ENDED };
+/* How copy_stream ended. */
+enum streamed { STREAM_EOF, STREAM_LEAVE, STREAM_ENDED };
 /* What copy_wait ended with. */
 enum wake {
     WAKE_READY,   /* fd is ready (bytes, EOF, a connect done, or an error): no block */
     WAKE_LEAVE,   /* c leaves its worker now (c->leave says why): nothing was read; only
                      when the caller said it may */
-    WAKE_TIMEOUT, /* copy_deadline passed: the caller ends c as its state says */
+    WAKE_TIMEOUT, /* room_deadline passed: the caller ends c as its state says */
     WAKE_ENDED,   /* c ended (an error on the other side, a stop) */
 };
 
@@ -576,21 +638,10 @@ int copy_send(struct conn *c, int to, const char *p, size_t n);
  * leaves only between reads: no byte is read and left behind. */
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d);
 /* Waits, on the thread of seat d, until fd is ready for events (POLLIN: can be read without
- * blocking; POLLOUT: a connect is done), or, if may_leave, until c should leave its worker: its
- * slice is over while others wait (LEAVE_TURN), or it has nothing to do (LEAVE_PARK: all its
- * loops wait and no byte moved for park_after; while others wait, it is dialling, or it is new
- * and never moved a byte, or it waits on its client and no byte moved for QUIET_MS). Wakes for
- * nothing else than bytes, its deadlines (copy_deadline, the park's, the slice's) and its
- * bell. */
+ * blocking; POLLOUT: a connect is done), or, if may_leave, until c should leave its worker
+ * (room_due says when; then room_ask_leave). Wakes for nothing else than bytes, its deadlines
+ * (room_deadline, the park's, the slice's) and its bell. */
 enum wake copy_wait(struct conn *c, enum dir d, int fd, short events, int may_leave);
-/* The deadline of what c waits for, the same on a worker and in the waiting room (0: none): a
- * dial's lookup or connect (connect_timeout); a request head's (c->head_deadline); a relay's,
- * last byte + idle_timeout; an http connection's between requests, last byte +
- * keepalive_timeout. */
-uint64_t copy_deadline(struct conn *c);
-/* Whether c is an http connection between requests (none begun, nor a tunnel): at the stop nothing
- * of it is in progress, so it is closed instead of kept, unless a request is waiting already. */
-int copy_between_requests(const struct conn *c);
 /* Starts timing the body read in direction d against min_rate: read slower, it ends c
  * (END_SLOW). */
 void copy_rate_start(struct conn *c, enum dir d);
@@ -598,8 +649,6 @@ void copy_rate_start(struct conn *c, enum dir d);
 void copy_rate_stop(struct conn *c, enum dir d);
 /* One loop of c is done for good (at EOF): it no longer counts as awake. */
 void copy_loop_done(struct conn *c, enum dir d);
-/* Rings s's bell: its thread looks again at whether to keep its connection. */
-void copy_ring(struct seat *s);
 /* Whether no byte moved on c, either way, for ms milliseconds (0: never). */
 int copy_idle_for(struct conn *c, uint64_t ms);
 /* Receives up to len bytes into buf: RECV_DATA (*got bytes), RECV_EOF, RECV_TICK (TICK_MS
@@ -637,7 +686,7 @@ enum reach upstream_reach(const struct config *cf, const struct addr *a, int by_
  * (c->dial), allocated when it starts, so that c may leave its worker in the middle of it; the
  * waiting room then watches fd until the step in progress is done or its time (until) is up.
  * Whoever has c owns it: the front thread of its worker, or the waiting room, which only reads
- * fd, out and until (copy_deadline). */
+ * fd, out and until (room_deadline). */
 struct dial {
     const struct config *cf;   /* its connection's (c->cfg, which stays while it dials) */
     char key[272];             /* where it goes: "host:port", or "" for the configured upstreams */
@@ -746,8 +795,8 @@ void pool_drain(int seconds);
  * every thread. */
 void pool_stop(void);
 
-/* The waiting room's side (acceptor.c): a connection a worker parked comes out here, goes back
- * in with pool_resume when it has work, or is closed with pool_close_parked. */
+/* The waiting room's side (acceptor.c, for room.c): a connection a worker parked comes out here,
+ * goes back in with pool_resume when it has work, or is closed with pool_close_parked. */
 
 /* The acceptor's bell, an eventfd: readable once connections have parked since
  * pool_take_parked, or once the queue has room for new connections again (pool_intake_open). */
@@ -988,7 +1037,7 @@ extern const struct mode tcp_mode;
 
 extern const struct mode http_mode;
 
-/* ==== acceptor.c: the acceptor thread and its waiting room ============================== */
+/* ==== acceptor.c: the acceptor thread ================================================== */
 
 /* Starts the acceptor thread on the listening socket fd (made non-blocking here), handing
  * clients to the pool (pool_start first). Returns 0 or -1. */
