@@ -97,8 +97,8 @@ static int retry_or_end(struct conn *c, int fd, int err, enum dir d) {
     if (err == EAGAIN) return still_alive(c, d);
     if (fd == c->client)
         conn_end(c, END_CLIENT);
-    else if (c->upstream_apart)
-        atomic_store(&c->upstream_failed, 1);
+    else if (c->server_apart)
+        atomic_store(&c->server_failed, 1);
     else
         conn_end(c, END_UPSTREAM);
     return 0;
@@ -111,7 +111,7 @@ static enum dir read_dir(const struct conn *c, int fd) {
 
 /* The direction of the bytes a send to fd carries: to the upstream they go up. */
 static enum dir send_dir(const struct conn *c, int fd) {
-    return fd == c->upstream ? UP : DOWN;
+    return fd == c->server ? UP : DOWN;
 }
 
 /* Counts n bytes sent to fd, as they go, so that a connection that fails still counts what
@@ -212,7 +212,7 @@ enum wake copy_wait(struct conn *c, enum dir d, int fd, short events, int may_le
         struct pollfd p[3] = {{.fd = fd, .events = events},
                               {.fd = me->bell, .events = POLLIN},
                               {.fd = c->client, .events = 0}}; /* hang-ups only */
-        nfds_t nfds = fd == c->client || fd == c->upstream ? 2 : 3;
+        nfds_t nfds = fd == c->client || fd == c->server ? 2 : 3;
         /* A turn ends without a look at the socket. Nothing to do is checked once more, with
          * a poll that does not wait: bytes already there (the very ones that woke a parked
          * connection) are read first. */
@@ -326,8 +326,8 @@ int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t 
 }
 
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d) {
-    int from = d == UP ? c->client : c->upstream;
-    int to = d == UP ? c->upstream : c->client;
+    int from = d == UP ? c->client : c->server;
+    int to = d == UP ? c->server : c->client;
     int64_t moved = move(c, k, from, to, UINT64_MAX, cfg.park_after != 0, d);
     if (moved == MOVE_LEFT) return STREAM_LEAVE;
     if (moved < 0) return STREAM_ENDED;

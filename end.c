@@ -19,12 +19,12 @@ void conn_end(struct conn *c, enum end reason) {
      * When the upstream failed, the client may still be owed a reply (http: 502), so only its
      * reading side is shut; the front thread closes the socket once the reply is out. */
     shutdown(c->client, reason == END_UPSTREAM ? SHUT_RD : SHUT_RDWR);
-    if (c->upstream >= 0) shutdown(c->upstream, SHUT_RDWR);
+    if (c->server >= 0) shutdown(c->server, SHUT_RDWR);
 }
 
 void conn_close(struct conn *c, void (*log)(const struct conn *c)) {
     close(c->client);
-    if (c->upstream >= 0) close(c->upstream);
+    if (c->server >= 0) close(c->server);
     conn_why(c, END_DONE);
     stats_conn_done(c);
     if (log) log(c);

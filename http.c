@@ -44,7 +44,7 @@ static enum served http_serve(struct worker *w, struct conn *c) {
     if (c->relay) /* a tunnel or an upgraded connection back from the waiting room */
         next = log_unless_parked(c, http_relay_raw(w, c));
     else
-        c->upstream_apart = 1; /* an upstream connection failing is retried or answered 502 */
+        c->server_apart = 1; /* an upstream connection failing is retried or answered 502 */
     while (next == NEXT_READ) {
         struct msg m;
         int status;
@@ -54,7 +54,7 @@ static enum served http_serve(struct worker *w, struct conn *c) {
         next = r == HEAD_BAD ? bad_head(c, in, status) : request(w, c, &m);
     }
     if (next == NEXT_PARK) return SERVED_PARK;
-    http_end_upstream(w, c);
+    http_end_server(w, c);
     if (next == NEXT_CLOSE && !atomic_load(&c->end)) {
         shutdown(c->client, SHUT_WR); /* the end of the last response */
         drain_client(w, c);
@@ -119,7 +119,7 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     struct config *was = c->cfg;
     if (!again) config_refresh(&c->cfg);
     if (c->cfg != was) {
-        http_end_upstream(w, c);
+        http_end_server(w, c);
         c->chosen = NULL;
     }
     h->in[UP].off = m->size; /* the head is read; what follows is body or the next request */

@@ -23,7 +23,7 @@ struct exchange {
     enum why failed;   /* no upstream connection could be made: why (WHY_NONE: it could) */
 };
 
-/* Where c->upstream stands after route(). */
+/* Where c->server stands after route(). */
 enum route {
     ROUTE_FAILED, /* no connection could be made (errno says why) */
     ROUTE_LEFT,   /* c leaves its worker while the connection is made (dial) */
@@ -100,10 +100,10 @@ static enum next refuse(struct conn *c, enum why why) {
 
 /* ---- the upstream connection ---------------------------------------------------------- */
 
-void http_end_upstream(struct worker *w, struct conn *c) {
+void http_end_server(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
-    if (c->upstream < 0) return;
-    pool_set_upstream(w, -1);
+    if (c->server < 0) return;
+    pool_set_server(w, -1);
     c->route[0] = 0;
     http_inbuf_clear(&h->in[DOWN]);
 }
@@ -113,11 +113,11 @@ void http_end_upstream(struct worker *w, struct conn *c) {
  * complete response mean it speaks out of turn; either way it is dropped, not reused. One
  * non-blocking peek: it saves a failed round trip when the upstream's keep-alive timeout has
  * passed, the everyday case; the retry covers the race that is left. */
-static int upstream_clean(struct worker *w, struct conn *c) {
+static int server_clean(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
     char byte = 0;
     if (h->in[DOWN].len > h->in[DOWN].off) return 0;
-    return recv(c->upstream, &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN;
+    return recv(c->server, &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN;
 }
 
 /* Connects c to host:port, or to the configured upstreams (host NULL), for the request read
@@ -142,7 +142,7 @@ static int dial(struct worker *w, struct conn *c, const char *host, int port) {
     return fd;
 }
 
-/* Makes c->upstream a usable connection to where t goes (c->route names it: "host:port", or
+/* Makes c->server a usable connection to where t goes (c->route names it: "host:port", or
  * "=" for the configured upstreams), keeping the open one when it goes there and is clean.
  * ROUTE_REUSED or ROUTE_NEW; ROUTE_FAILED with errno when no connection could be made;
  * ROUTE_LEFT when c leaves its worker while it is made (dial). */
@@ -150,11 +150,11 @@ static enum route route(struct worker *w, struct conn *c, const struct target *t
     char want[sizeof c->route] = "=";
     const char *host = t->authority ? t->host : NULL;
     if (host) snprintf(want, sizeof want, "%s:%d", host, t->port);
-    if (c->upstream >= 0 && !strcmp(c->route, want) && upstream_clean(w, c)) return ROUTE_REUSED;
-    http_end_upstream(w, c);
+    if (c->server >= 0 && !strcmp(c->route, want) && server_clean(w, c)) return ROUTE_REUSED;
+    http_end_server(w, c);
     int fd = dial(w, c, host, t->port);
     if (fd < 0) return errno == EINPROGRESS ? ROUTE_LEFT : ROUTE_FAILED;
-    pool_set_upstream(w, fd);
+    pool_set_server(w, fd);
     snprintf(c->route, sizeof c->route, "%s", want);
     return ROUTE_NEW;
 }
@@ -165,7 +165,7 @@ static enum route route(struct worker *w, struct conn *c, const struct target *t
  * upgrade. Returns 0, or -1 when the connection ended. */
 static int flush(struct worker *w, struct conn *c, enum dir d) {
     struct inbuf *s = &((struct http_worker *)w->scratch)->in[d];
-    int to = d == UP ? c->upstream : c->client;
+    int to = d == UP ? c->server : c->client;
     if (s->len > s->off && copy_send(c, to, s->buf + s->off, s->len - s->off) < 0) return -1;
     s->off = s->len;
     return 0;
@@ -180,7 +180,7 @@ static void relay_down(struct worker *w, struct conn *c) {
 enum next http_relay_raw(struct worker *w, struct conn *c) {
     if (!c->relay) {
         c->relay = 1;
-        c->upstream_apart = 0; /* a tunnel: either side failing ends it */
+        c->server_apart = 0; /* a tunnel: either side failing ends it */
     }
     if (flush(w, c, UP) == 0 && pool_relay(w, c, relay_down) == SERVED_PARK) return NEXT_PARK;
     return NEXT_CLOSE;
@@ -197,11 +197,11 @@ static void send_body(struct worker *w, struct conn *c) {
     int rc;
     copy_rate_start(c, UP); /* a body that trickles in is ended by min_rate */
     if (h->body_chunked)
-        rc = http_copy_chunked(c, &w->cp[UP], &h->in[UP], c->client, c->upstream);
+        rc = http_copy_chunked(c, &w->cp[UP], &h->in[UP], c->client, c->server);
     else
-        rc = http_copy_n(c, &w->cp[UP], &h->in[UP], c->client, c->upstream, h->body_length);
+        rc = http_copy_n(c, &w->cp[UP], &h->in[UP], c->client, c->server, h->body_length);
     copy_rate_stop(c, UP);
-    if (rc < 0 && !atomic_load(&c->upstream_failed)) conn_end(c, END_CLIENT);
+    if (rc < 0 && !atomic_load(&c->server_failed)) conn_end(c, END_CLIENT);
     h->body_rc = rc;
 }
 
@@ -237,15 +237,15 @@ static int forward_body(struct worker *w, struct conn *c, const struct msg *r, s
                         size_t sent) {
     int rc;
     if (r->chunked) {
-        rc = http_copy_chunked(c, &w->cp[DOWN], s, c->upstream, c->client);
+        rc = http_copy_chunked(c, &w->cp[DOWN], s, c->server, c->client);
     } else if (r->length >= 0) {
         uint64_t rest = (uint64_t)r->length - sent;
-        rc = http_copy_n(c, &w->cp[DOWN], s, c->upstream, c->client, rest);
+        rc = http_copy_n(c, &w->cp[DOWN], s, c->server, c->client, rest);
     } else {
         if (s->len > s->off && copy_send(c, c->client, s->buf + s->off, s->len - s->off) < 0)
             return -1;
         s->off = s->len;
-        int64_t moved = copy_bytes(c, &w->cp[DOWN], c->upstream, c->client, UINT64_MAX);
+        int64_t moved = copy_bytes(c, &w->cp[DOWN], c->server, c->client, UINT64_MAX);
         return moved < 0 ? -1 : -2;
     }
     return rc;
@@ -287,7 +287,7 @@ static enum response forward_response(struct worker *w, struct conn *c, const st
     for (;;) {
         struct msg r;
         int status;
-        enum head got = http_read_head(c, s, c->upstream, &r, 0, &status);
+        enum head got = http_read_head(c, s, c->server, &r, 0, &status);
         if (atomic_load(&c->end)) return RESPONSE_ENDED;
         if (got != HEAD_OK && c->req.status) return RESPONSE_CUT;
         if (got == HEAD_NONE || (got == HEAD_LOST && !s->len)) return RESPONSE_NONE;
@@ -346,7 +346,7 @@ static enum response exchange(struct worker *w, struct conn *c, const struct msg
             return RESPONSE_BAD;
         }
         if (!t->authority) snprintf(c->req.target, sizeof c->req.target, "%.127s", c->chosen->name);
-        int sent = copy_send(c, c->upstream, h->out[UP], x->out_len) == 0;
+        int sent = copy_send(c, c->server, h->out[UP], x->out_len) == 0;
         if (sent && !x->buffered) {
             start_body(w, c, m);
             x->streaming = 1;
@@ -358,7 +358,7 @@ static enum response exchange(struct worker *w, struct conn *c, const struct msg
         int safe = !sent || (x->buffered && (idempotent(c->req.method) || m->length <= 0));
         if (a != RESPONSE_NONE || r != ROUTE_REUSED || attempt || !safe) return a;
         atomic_fetch_add(&counts.retries, 1);
-        http_end_upstream(w, c);
+        http_end_server(w, c);
     }
 }
 
@@ -396,13 +396,13 @@ enum next http_forward(struct worker *w, struct conn *c, const struct msg *m,
     enum response a = exchange(w, c, m, &x, t);
     if (a == RESPONSE_LEFT) return NEXT_PARK; /* it comes back to this request (dial) */
     enum next next = a == RESPONSE_DONE && !x.close_client ? NEXT_READ : NEXT_CLOSE;
-    if (a == RESPONSE_NONE) x.failed = atomic_load(&c->upstream_failed) ? WHY_RESET : WHY_CLOSED;
+    if (a == RESPONSE_NONE) x.failed = atomic_load(&c->server_failed) ? WHY_RESET : WHY_CLOSED;
     if (a == RESPONSE_BAD && !x.failed) x.failed = WHY_BAD_RESPONSE;
     if (a == RESPONSE_BAD || a == RESPONSE_NONE) http_reply(c, x.failed, 0, 0);
     if (a == RESPONSE_CUT) conn_end(c, END_UPSTREAM); /* the client sees the response cut short */
     if (x.streaming) {
-        if (a != RESPONSE_DONE) shutdown(c->upstream, SHUT_RDWR); /* stops the body going there */
-        if (next == NEXT_CLOSE) shutdown(c->client, SHUT_WR);     /* the client sees the end */
+        if (a != RESPONSE_DONE) shutdown(c->server, SHUT_RDWR); /* stops the body going there */
+        if (next == NEXT_CLOSE) shutdown(c->client, SHUT_WR);   /* the client sees the end */
         pool_back_wait(w);
         if (h->body_rc < 0) next = NEXT_CLOSE;
     }
@@ -410,7 +410,7 @@ enum next http_forward(struct worker *w, struct conn *c, const struct msg *m,
         atomic_fetch_add(&counts.upgrades, 1);
         return http_relay_raw(w, c);
     }
-    if (next == NEXT_CLOSE || !x.keep_upstream) http_end_upstream(w, c);
+    if (next == NEXT_CLOSE || !x.keep_upstream) http_end_server(w, c);
     return next;
 }
 
@@ -424,11 +424,11 @@ enum next http_tunnel(struct worker *w, struct conn *c, const struct msg *m) {
         m->length > 0)
         return refuse(c, WHY_BAD_REQUEST);
     if (!ports_match(c->cfg->connect_ports, port)) return refuse(c, WHY_PORT);
-    http_end_upstream(w, c);
+    http_end_server(w, c);
     int fd = dial(w, c, host, port);
     if (fd < 0 && errno == EINPROGRESS) return NEXT_PARK; /* it comes back to this request */
     if (fd < 0) return refuse(c, dial_why(c, errno));
-    pool_set_upstream(w, fd);
+    pool_set_server(w, fd);
     if (copy_send(c, c->client, ok, sizeof ok - 1) < 0) return NEXT_CLOSE;
     c->req.status = 200;
     atomic_fetch_add(&counts.tunnels, 1);

@@ -115,7 +115,7 @@ int pool_submit(int fd, const struct addr *peer, struct config *cf, int entry, i
         /* Its clocks start now: the time it waits for a worker is part of what its client
          * sees (the log, header_timeout, the duration histogram). */
         *c = (struct conn){.client = fd,
-                           .upstream = -1,
+                           .server = -1,
                            .peer = *peer,
                            .cfg = cf,
                            .slot = -1,
@@ -183,12 +183,12 @@ static void release(struct conn *c) {
 
 /* ---- a worker's two threads ----------------------------------------------------------- */
 
-void pool_set_upstream(struct worker *w, int fd) {
+void pool_set_server(struct worker *w, int fd) {
     pthread_mutex_lock(&w->mu);
-    int old = w->conn->upstream;
-    w->conn->upstream = fd;
-    atomic_store(&w->conn->upstream_failed, 0);
-    /* A forced stop that came while this connection was still connecting saw no upstream fd
+    int old = w->conn->server;
+    w->conn->server = fd;
+    atomic_store(&w->conn->server_failed, 0);
+    /* A forced stop that came while this connection was still connecting saw no server fd
      * to shut down; do it now, or the relay would outlive the stop. */
     if (fd >= 0 && atomic_load(&w->conn->end)) shutdown(fd, SHUT_RDWR);
     pthread_mutex_unlock(&w->mu);

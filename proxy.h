@@ -291,7 +291,7 @@ enum end {
     END_DONE,        /* both directions reached EOF */
     END_IDLE,        /* no byte either way for idle_timeout */
     END_CLIENT,      /* read or write error on the client socket */
-    END_UPSTREAM,    /* read or write error on the upstream socket */
+    END_UPSTREAM,    /* read or write error on the server socket (its log word: upstream_error) */
     END_NO_UPSTREAM, /* every upstream refused or timed out */
     END_STOPPED,     /* closed by the graceful stop: idle between http requests when it
                         began, or still open when it ran out of time */
@@ -300,7 +300,7 @@ enum end {
                         named is not allowed or over a per-client limit */
     END_MAX
 };
-enum dir { UP, DOWN }; /* UP: client → upstream; DOWN: upstream → client */
+enum dir { UP, DOWN }; /* UP: client → server (upstream); DOWN: server → client */
 
 /* What an http request's access log line says. It is kept in the connection, not on a worker's
  * stack, because a CONNECT tunnel's line is written when the tunnel ends, and a tunnel may park
@@ -321,7 +321,9 @@ struct request_log {
  * touches it. Who writes what while it is served: */
 struct conn {
     int client;                    /* pool_submit, then read-only */
-    int upstream;                  /* pool_set_upstream, under the worker's mu; or the waiting
+    int server;                    /* the socket to the server it goes to: a configured
+                                      upstream, or in http the host a request names. Set by
+                                      pool_set_server, under the worker's mu; or the waiting
                                       room while parked; -1: none */
     struct addr peer;              /* pool_submit, then read-only (behind: the first turn) */
     struct config *cfg;            /* the config it is served by, held (config_hold) from
@@ -335,10 +337,10 @@ struct conn {
                                       dir): whom a relay waits for (copy_wait) */
     _Atomic int end;               /* any thread, through end.c: enum end, first wins */
     uint64_t bytes[2];             /* by enum dir: the one thread sending that way now */
-    int upstream_apart;            /* the front thread: an upstream failure ends only the
-                                      upstream connection (http, between tunnels), not c */
-    _Atomic int upstream_failed;   /* copy.c, when upstream_apart: the upstream connection
-                                      failed; pool_set_upstream clears it */
+    int server_apart;              /* the front thread: a failure of the server connection
+                                      ends only it (http, between tunnels), not c */
+    _Atomic int server_failed;     /* copy.c, when server_apart: the server connection
+                                      failed; pool_set_server clears it */
     int auth_failures;             /* http, the front thread: 407s sent; pool_submit zeroes it */
     int behind;                    /* pool_submit: from a trusted balancer; its first turn reads
                                       the PROXY header and sets peer (pool.c) */
@@ -774,9 +776,9 @@ void pool_turn_away(int fd, const struct addr *peer, enum refusal why);
  * reference), counted in limits.c as entry (-1: not), behind a trusted balancer if behind.
  * Returns 0, or -1 when the pool is stopping (the caller closes fd, drops cf, leaves entry). */
 int pool_submit(int fd, const struct addr *peer, struct config *cf, int entry, int behind);
-/* Makes fd the upstream socket of w's connection (closing the one before, if any). Only
+/* Makes fd the server socket of w's connection (closing the one before, if any). Only
  * through here, so that a forced stop never shuts down an fd number already reused. */
-void pool_set_upstream(struct worker *w, int fd);
+void pool_set_server(struct worker *w, int fd);
 /* Starts the back thread running job(w, c): a relay's upstream → client side, or http's request
  * body. */
 void pool_back_start(struct worker *w, struct conn *c, job_fn job);
@@ -1025,7 +1027,7 @@ enum next http_tunnel(struct worker *w, struct conn *c, const struct msg *m);
  * worker that takes it back from the waiting room calls this again. */
 enum next http_relay_raw(struct worker *w, struct conn *c);
 /* Closes c's upstream connection, if it has one; the next request opens a new one. */
-void http_end_upstream(struct worker *w, struct conn *c);
+void http_end_server(struct worker *w, struct conn *c);
 /* The exchange's metric families (tunnels, upgrades, retries), the last of http's. */
 void http_exchange_metrics(FILE *f);
 

@@ -100,7 +100,7 @@ int room_has_bytes(const struct conn *c) {
     struct pollfd p[2];
     nfds_t n = 0;
     if (!c->relay || !c->eof[UP]) p[n++] = (struct pollfd){.fd = c->client, .events = POLLIN};
-    if (c->relay && !c->eof[DOWN]) p[n++] = (struct pollfd){.fd = c->upstream, .events = POLLIN};
+    if (c->relay && !c->eof[DOWN]) p[n++] = (struct pollfd){.fd = c->server, .events = POLLIN};
     return poll(p, n, 0) > 0;
 }
 
@@ -193,8 +193,8 @@ int room_enter(struct conn *c) {
         ok = watch(c, DOWN, c->dial->fd, c->dial->out) == 0;
     else if ((!c->relay || !c->eof[UP]) && !c->held_until)
         ok = watch(c, UP, c->client, 0) == 0;
-    if (ok && !c->dial && c->upstream >= 0 && (!c->relay || !c->eof[DOWN]))
-        ok = watch(c, DOWN, c->upstream, 0) == 0;
+    if (ok && !c->dial && c->server >= 0 && (!c->relay || !c->eof[DOWN]))
+        ok = watch(c, DOWN, c->server, 0) == 0;
     if (!ok) {
         unwatch(c);
         return -1;
@@ -219,10 +219,10 @@ struct conn *room_woken(struct watch *w) {
     if (!c->relay && !c->dial && w == &c->watch[DOWN]) {
         /* The kept-alive upstream connection closed, or spoke out of turn: it can carry no
          * further request. The client stays parked; its next request opens a new one. */
-        epoll_ctl(room.ep, EPOLL_CTL_DEL, c->upstream, NULL);
+        epoll_ctl(room.ep, EPOLL_CTL_DEL, c->server, NULL);
         c->watch[DOWN].c = NULL;
-        close(c->upstream);
-        c->upstream = -1;
+        close(c->server);
+        c->server = -1;
         return NULL;
     }
     leave_room(c);

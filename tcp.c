@@ -16,13 +16,13 @@ static enum served tcp_serve(struct worker *w, struct conn *c) {
         conn_end(c, END_NO_UPSTREAM);
         return SERVED_DONE;
     }
-    pool_set_upstream(w, fd);
+    pool_set_server(w, fd);
     if (c->cfg->send_proxy != SEND_PROXY_OFF) {
         char hdr[128];
         struct addr local = {0}; /* if getsockname fails: families differ, PROXY UNKNOWN */
         net_local(c->client, &local);
         int n = proxy_protocol_write(c->cfg->send_proxy, &c->peer, &local, hdr);
-        if (copy_send(c, c->upstream, hdr, (size_t)n) < 0) return SERVED_DONE;
+        if (copy_send(c, c->server, hdr, (size_t)n) < 0) return SERVED_DONE;
     }
     c->relay = 1;
     return pool_relay(w, c, pool_copy_down); /* the back thread: upstream → client */

@@ -34,7 +34,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     pair(sink);
     if (size && write(in[0], data, size) != (ssize_t)size) abort();
     shutdown(in[0], SHUT_WR);
-    struct conn c = {.client = in[1], .upstream = sink[0], .cfg = &cfg, .start_ns = mono_ns()};
+    struct conn c = {.client = in[1], .server = sink[0], .cfg = &cfg, .start_ns = mono_ns()};
     atomic_store(&c.last_ns, c.start_ns);
     s.off = s.len = 0;
     int rc = http_copy_chunked(&c, &k, &s, in[1], sink[0]);
