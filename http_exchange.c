@@ -92,8 +92,9 @@ static int idempotent(const char *method) {
     return 0;
 }
 
-/* The proxy answers the request itself (http_reply) and the connection ends. */
-static enum next refuse(struct conn *c, enum why why) {
+/* The proxy answers the request itself (http_reply) and the connection ends; the caller logs it
+ * (http.c). */
+static enum next answer_self_close(struct conn *c, enum why why) {
     http_reply(c, why, 0, 0);
     return NEXT_CLOSE;
 }
@@ -391,7 +392,7 @@ enum next http_forward(struct worker *w, struct conn *c, const struct msg *m,
     struct http_worker *h = w->scratch;
     /* Methods are case-sensitive (RFC 9110 9.1): "head" is not HEAD; its response has a body. */
     struct exchange x = {.is_head = !strcmp(c->req.method, "HEAD")};
-    if (write_request(h, m, t, &x) < 0) return refuse(c, WHY_HEAD_TOO_LARGE);
+    if (write_request(h, m, t, &x) < 0) return answer_self_close(c, WHY_HEAD_TOO_LARGE);
     x.close_client = 1;
     enum response a = exchange(w, c, m, &x, t);
     if (a == RESPONSE_LEFT) return NEXT_PARK; /* it comes back to this request (dial) */
@@ -422,12 +423,12 @@ enum next http_tunnel(struct worker *w, struct conn *c, const struct msg *m) {
     int port;
     if (http_authority(m->target, m->tlen, host, sizeof host, &port, 0) < 0 || m->chunked ||
         m->length > 0)
-        return refuse(c, WHY_BAD_REQUEST);
-    if (!ports_match(c->cfg->connect_ports, port)) return refuse(c, WHY_PORT);
+        return answer_self_close(c, WHY_BAD_REQUEST);
+    if (!ports_match(c->cfg->connect_ports, port)) return answer_self_close(c, WHY_PORT);
     http_end_server(w, c);
     int fd = dial(w, c, host, port);
     if (fd < 0 && errno == EINPROGRESS) return NEXT_PARK; /* it comes back to this request */
-    if (fd < 0) return refuse(c, dial_why(c, errno));
+    if (fd < 0) return answer_self_close(c, dial_why(c, errno));
     pool_set_server(w, fd);
     if (copy_send(c, c->client, ok, sizeof ok - 1) < 0) return NEXT_CLOSE;
     c->req.status = 200;
