@@ -304,7 +304,7 @@ static void http_metrics(FILE *f) {
     metric_family(f, "proxy_http_requests_total", "counter", "Requests by method.", "method",
                   method_names, counts.methods, HTTP_METHODS);
     metric_family(f, "proxy_http_responses_total", "counter",
-                  "Requests by the class of the status the client got, relayed or the proxy's own.",
+                  "Requests by the class of the status the client got, forwarded or the proxy's own.",
                   "code", classes, counts.classes + 1, 5);
     metric_family(f, "proxy_auth_failures_total", "counter", "Requests answered 407, by reason.",
                   "reason", auth_names + AUTH_MISSING, counts.auth_failures + AUTH_MISSING,
