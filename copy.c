@@ -90,7 +90,7 @@ static int still_alive(struct conn *c, enum dir d) {
 
 /* Whether a failed call on fd, for the bytes going direction d, may simply be retried:
  * interrupted, or a tick with the peer alive. Otherwise the failure ends c, or only its
- * upstream connection when the mode asked for that (http: it may send the request again, or
+ * server connection when the mode asked for that (http: it may send the request again, or
  * answer 502 itself). */
 static int retry_or_end(struct conn *c, int fd, int err, enum dir d) {
     if (err == EINTR) return 1;

@@ -16,8 +16,10 @@ void conn_why(struct conn *c, enum end reason) {
 void conn_end(struct conn *c, enum end reason) {
     conn_why(c, reason);
     /* shutdown, not close: it wakes a thread blocked on the fd without freeing the number.
-     * When the upstream failed, the client may still be owed a reply (http: 502), so only its
-     * reading side is shut; the front thread closes the socket once the reply is out. */
+     * When the server failed, only the client's reading side is shut: what was read from the
+     * server before it failed may still be on its way to the client (the other loop is sending
+     * it), and a response cut short reaches the client up to where it was cut. The socket
+     * closes in conn_close. */
     shutdown(c->client, reason == END_UPSTREAM ? SHUT_RD : SHUT_RDWR);
     if (c->server >= 0) shutdown(c->server, SHUT_RDWR);
 }

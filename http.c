@@ -44,7 +44,7 @@ static enum served http_serve(struct worker *w, struct conn *c) {
     if (c->relay) /* a tunnel or an upgraded connection back from the waiting room */
         next = log_unless_parked(c, http_relay_raw(w, c));
     else
-        c->server_apart = 1; /* an upstream connection failing is retried or answered 502 */
+        c->server_apart = 1; /* a server connection failing is retried or answered 502 */
     while (next == NEXT_READ) {
         struct msg m;
         int status;
@@ -114,7 +114,7 @@ static enum next request(struct worker *w, struct conn *c, const struct msg *m) 
     struct target t;
     int again = c->dial != NULL;
     /* Each request is served by the newest config (a reload since the last one counts: a
-     * revoked user is refused now). Its upstream connection, made under the one before, goes;
+     * revoked user is refused now). Its server connection, made under the one before, goes;
      * a request back from its dial keeps the config it dials by. */
     struct config *was = c->cfg;
     if (!again) config_refresh(&c->cfg);
@@ -303,9 +303,10 @@ static void http_metrics(FILE *f) {
     static const char *const classes[] = {"1xx", "2xx", "3xx", "4xx", "5xx"};
     metric_family(f, "proxy_http_requests_total", "counter", "Requests by method.", "method",
                   method_names, counts.methods, HTTP_METHODS);
-    metric_family(f, "proxy_http_responses_total", "counter",
-                  "Requests by the class of the status the client got, forwarded or the proxy's own.",
-                  "code", classes, counts.classes + 1, 5);
+    metric_family(
+        f, "proxy_http_responses_total", "counter",
+        "Requests by the class of the status the client got, forwarded or the proxy's own.", "code",
+        classes, counts.classes + 1, 5);
     metric_family(f, "proxy_auth_failures_total", "counter", "Requests answered 407, by reason.",
                   "reason", auth_names + AUTH_MISSING, counts.auth_failures + AUTH_MISSING,
                   AUTH_MAX - AUTH_MISSING);

@@ -1,7 +1,7 @@
 /* http_exchange.c — a request's exchange with the upstream, below http.c's request loop: it
- * finds the request an upstream connection (the kept-alive one, or a new one dialled), sends the
+ * finds the request a server connection (the kept-alive one, or a new one dialled), sends the
  * request, reads the response and forwards it, one request at a time, retrying once on a fresh
- * upstream connection when a kept-alive one turns out to be closed. While a request's body
+ * server connection when a kept-alive one turns out to be closed. While a request's body
  * streams upstream the back thread sends it, so that a response may come before the body is
  * all sent. A CONNECT tunnel, and an upgraded connection after its 101, become a raw relay both
  * ways here. This file also owns the counters of tunnels, upgrades and retries. */
@@ -13,14 +13,14 @@
 /* One request and its response: what the front thread knows of it while it runs. What its
  * access log line says is in c->req. */
 struct exchange {
-    int is_head;       /* a HEAD request: its response has no body */
-    int upgrade;       /* it asks to upgrade, and may: no body streams behind it */
-    size_t out_len;    /* out[UP]: the rewritten head, and the body when buffered */
-    int buffered;      /* the whole request is in out[UP]: it can be sent twice */
-    int streaming;     /* the back thread sends its body */
-    int close_client;  /* the client was told that the connection ends after the response */
-    int keep_upstream; /* the upstream connection can carry another request */
-    enum why failed;   /* no upstream connection could be made: why (WHY_NONE: it could) */
+    int is_head;      /* a HEAD request: its response has no body */
+    int upgrade;      /* it asks to upgrade, and may: no body streams behind it */
+    size_t out_len;   /* out[UP]: the rewritten head, and the body when buffered */
+    int buffered;     /* the whole request is in out[UP]: it can be sent twice */
+    int streaming;    /* the back thread sends its body */
+    int close_client; /* the client was told that the connection ends after the response */
+    int keep_server;  /* the server connection can carry another request */
+    enum why failed;  /* no server connection could be made: why (WHY_NONE: it could) */
 };
 
 /* Where c->server stands after route(). */
@@ -34,11 +34,11 @@ enum route {
 /* How forwarding a response went. */
 enum response {
     RESPONSE_DONE,  /* a final response (or a 101) reached the client whole */
-    RESPONSE_NONE,  /* the upstream closed or failed before any byte of a response */
+    RESPONSE_NONE,  /* the server closed or failed before any byte of a response */
     RESPONSE_BAD,   /* one we refuse (bad head, an unasked 101): nothing reached the client */
-    RESPONSE_CUT,   /* the upstream failed after response bytes reached the client */
+    RESPONSE_CUT,   /* the server failed after response bytes reached the client */
     RESPONSE_ENDED, /* the connection ended: the client left, idle_timeout, a stop */
-    RESPONSE_LEFT,  /* nothing sent: c leaves its worker while its upstream connection is made */
+    RESPONSE_LEFT,  /* nothing sent: c leaves its worker while its server connection is made */
 };
 
 /* The exchange's counters, rendered after http.c's. */
@@ -57,7 +57,7 @@ void http_exchange_metrics(FILE *f) {
                atomic_load(&counts.retries));
 }
 
-/* Why no upstream connection could be made, from upstream_connect's errno: a destination
+/* Why no server connection could be made, from upstream_connect's errno: a destination
  * refused by a rule (403, saying which kind: c->barred), a connect that timed out (504), our
  * own shortage (503), else what the network said (502). */
 static enum why dial_why(const struct conn *c, int err) {
@@ -99,7 +99,7 @@ static enum next answer_self_close(struct conn *c, enum why why) {
     return NEXT_CLOSE;
 }
 
-/* ---- the upstream connection ---------------------------------------------------------- */
+/* ---- the server connection ---------------------------------------------------------- */
 
 void http_end_server(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
@@ -109,10 +109,10 @@ void http_end_server(struct worker *w, struct conn *c) {
     http_inbuf_clear(&h->in[DOWN]);
 }
 
-/* Whether the kept-alive upstream connection can carry another request: nothing unread, not
- * closed, not reset. An upstream may close an idle connection at any time, and bytes after a
+/* Whether the kept-alive server connection can carry another request: nothing unread, not
+ * closed, not reset. A server may close an idle connection at any time, and bytes after a
  * complete response mean it speaks out of turn; either way it is dropped, not reused. One
- * non-blocking peek: it saves a failed round trip when the upstream's keep-alive timeout has
+ * non-blocking peek: it saves a failed round trip when the server's keep-alive timeout has
  * passed, the everyday case; the retry covers the race that is left. */
 static int server_clean(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
@@ -191,8 +191,8 @@ enum next http_relay_raw(struct worker *w, struct conn *c) {
 
 /* The back thread's job while a request body streams: sends it upstream by its framing, and
  * records in body_rc whether it all went. A body the client broke off (EOF, bad chunk) ends
- * the connection; one the upstream stopped taking (it answered early and closed) ends only
- * the upstream connection, and the front thread forwards whatever response came. */
+ * the connection; one the server stopped taking (it answered early and closed) ends only
+ * the server connection, and the front thread forwards whatever response came. */
 static void send_body(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
     int rc;
@@ -225,15 +225,15 @@ static int has_body(const struct msg *r, const struct exchange *x) {
     return !x->is_head && r->status >= 200 && r->status != 204 && r->status != 304;
 }
 
-/* Whether r, answering x, has a body that ends when the upstream closes: then the client can
+/* Whether r, answering x, has a body that ends when the server closes: then the client can
  * tell where it ends only by the close. */
 static int ends_at_close(const struct msg *r, const struct exchange *x) {
     return has_body(r, x) && !r->chunked && r->length < 0;
 }
 
 /* Forwards the body of the response r by its framing: chunked; Content-Length (sent of it: what
- * went with the head); else until the upstream closes. Returns 0 when the body is whole, -2
- * when it ended at the upstream's close, -1 on a failure. */
+ * went with the head); else until the server closes. Returns 0 when the body is whole, -2
+ * when it ended at the server's close, -1 on a failure. */
 static int forward_body(struct worker *w, struct conn *c, const struct msg *r, struct inbuf *s,
                         size_t sent) {
     int rc;
@@ -279,7 +279,7 @@ static size_t with_body(char *out, size_t n, struct inbuf *s, uint64_t want) {
 
 /* Forwards the response to req (x): interim responses, then the final one, each head rewritten
  * (http_rewrite_response), the body by its framing. Sets x->close_client when the client was told
- * that the connection ends after it, and x->keep_upstream when the upstream connection can
+ * that the connection ends after it, and x->keep_server when the server connection can
  * carry another request. */
 static enum response forward_response(struct worker *w, struct conn *c, const struct msg *req,
                                       struct exchange *x) {
@@ -316,7 +316,7 @@ static enum response forward_response(struct worker *w, struct conn *c, const st
         if (!final) continue; /* interim: the final one follows */
         enum body b = response_body(w, c, &r, x, sent);
         if (b == BODY_FAILED) return atomic_load(&c->end) ? RESPONSE_ENDED : RESPONSE_CUT;
-        x->keep_upstream = b == BODY_DONE && !r.close && s->off == s->len;
+        x->keep_server = b == BODY_DONE && !r.close && s->off == s->len;
         return RESPONSE_DONE;
     }
 }
@@ -331,7 +331,7 @@ static void start_body(struct worker *w, struct conn *c, const struct msg *m) {
 }
 
 /* Runs one exchange: the request goes upstream (its head rewritten, its body by its framing)
- * and its response comes back. A kept-alive upstream connection that fails before any byte of
+ * and its response comes back. A kept-alive server connection that fails before any byte of
  * a response is dropped, and the request is sent once more on a fresh connection when that is
  * safe (RFC 9110 9.2.2, 9112 9.3.1): its head never went whole (so no body byte did either),
  * or all of it is still at hand (buffered) and it is idempotent or has no body. Any other failure
@@ -386,7 +386,7 @@ static int write_request(struct http_worker *h, const struct msg *m, const struc
 
 /* The head is written (write_request), the exchange runs (exchange), and then what comes next
  * is settled: a 502 if no response came, the raw relay after a 101, the end of a body still
- * streaming, whether the upstream connection is kept. */
+ * streaming, whether the server connection is kept. */
 enum next http_forward(struct worker *w, struct conn *c, const struct msg *m,
                        const struct target *t) {
     struct http_worker *h = w->scratch;
@@ -411,7 +411,7 @@ enum next http_forward(struct worker *w, struct conn *c, const struct msg *m,
         atomic_fetch_add(&counts.upgrades, 1);
         return http_relay_raw(w, c);
     }
-    if (next == NEXT_CLOSE || !x.keep_upstream) http_end_server(w, c);
+    if (next == NEXT_CLOSE || !x.keep_server) http_end_server(w, c);
     return next;
 }
 

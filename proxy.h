@@ -334,7 +334,7 @@ struct conn {
     uint64_t start_ns;             /* pool_submit: when it was accepted */
     _Atomic uint64_t last_ns;      /* either thread: the last byte moved, the idle clock */
     _Atomic int last_dir;          /* either thread: which way the last byte sent went (enum
-                                      dir): whom a relay waits for (copy_wait) */
+                                      dir): whom a relay waits for (room_due) */
     _Atomic int end;               /* any thread, through end.c: enum end, first wins */
     uint64_t bytes[2];             /* by enum dir: the one thread sending that way now */
     int server_apart;              /* the front thread: a failure of the server connection
@@ -348,7 +348,7 @@ struct conn {
                                       entry in limits.c's table; -1: not counted */
     int barred;                    /* the front thread: why its last dial was refused (enum
                                       reach), when it was */
-    char route[272];        /* http, the front thread: where upstream goes: "host:port", "=" (the
+    char route[272];        /* http, the front thread: where c->server goes: "host:port", "=" (the
                                configured upstreams), "" (nowhere) */
     struct request_log req; /* http, the front thread: the request being served */
     /* Taking turns on a worker, and parking. */
@@ -370,7 +370,7 @@ struct conn {
                                dial left its worker, carried while c is parked (a buffer of
                                pool.c's; retire gives it back); NULL: none */
     size_t stash_len;
-    struct dial *dial; /* the front thread: the upstream connection being made (upstream.c),
+    struct dial *dial; /* the front thread: the server connection being made (upstream.c),
                           which c may leave its worker in; the waiting room watches its fd */
     struct rate {
         uint64_t from;  /* when the body's clock started; 0: no body is timed */
@@ -382,8 +382,8 @@ struct conn {
                            NULL otherwise */
     uint64_t slice_end; /* pool.c, when a worker takes c: its turn ends then if others wait */
     _Atomic int awake;  /* copy.c: c's copy loops that are not waiting for bytes (nor done) */
-    _Atomic int leave;  /* copy.c, first writer wins: enum leave, why c's loops leave their
-                           worker; pool.c clears it when a worker takes c */
+    _Atomic int leave;  /* room.c (room_ask_leave), first writer wins: enum leave, why c's loops
+                           leave their worker; pool.c clears it when a worker takes c */
     /* The waiting room's own, while c is parked (room.c, on the acceptor thread): */
     uint64_t held_until; /* http, the front thread: got a 429 for its rate; parked, its client
                             is not read until then (the waiting room's clock) */
@@ -421,9 +421,9 @@ struct histogram {
 struct stats {
     _Atomic uint64_t accepted, active, busy, queued, parked, accept_errors;
     _Atomic uint64_t waiting;  /* pool.c: queued connections no idle worker is about to take:
-                                  while it is above 0, connections take turns (copy_wait) */
+                                  while it is above 0, connections take turns (room_due) */
     _Atomic uint64_t stopping; /* pool.c: the stop has begun: http connections end at their
-                                  next request boundary (copy_wait, http.c) */
+                                  next request boundary (room_due, http_exchange.c) */
     _Atomic uint64_t parks, wakeups, room_timeouts; /* the waiting room's traffic */
     _Atomic uint64_t turns; /* connections that left their worker because their slice was over */
     _Atomic uint64_t refused[REFUSED_MAX]; /* by enum refusal */
@@ -545,10 +545,10 @@ struct seat {
 /* Whether c, one of whose loops is about to wait (the last awake one if last_awake), should leave
  * its worker now (copy_wait asks at each wait): its slice is over while others wait
  * (LEAVE_TURN), or it has nothing to do (LEAVE_PARK: all its loops wait and no byte moved for
- * park_after; while others wait, it is dialling, or it is new and never moved a byte, or it
- * waits on its client and no byte moved for QUIET_MS; in the stop, an http connection between
- * requests quiet for QUIET_MS). Else LEAVE_NO, and *until moves to the moment that answer may
- * change. */
+ * park_after, unless it is dialling; while others wait, it is dialling, or it is new and never
+ * moved a byte, or it waits on its client and no byte moved for QUIET_MS; in the stop, an http
+ * connection between requests quiet for QUIET_MS). Else LEAVE_NO, and *until moves to the moment
+ * that answer may change. */
 enum leave room_due(struct conn *c, uint64_t now, int last_awake, uint64_t *until);
 /* Records why c leaves its worker (the first reason wins) and rings the other loop's thread of
  * a relay (seat !d), wherever it waits, so that it leaves too at its next safe point. */
@@ -581,7 +581,7 @@ void room_end(void);
  * memory): then c is not in the room, and the caller serves it. */
 int room_enter(struct conn *c);
 /* epoll reported w: returns its connection, out of the room, to be served; or NULL: stale (it
- * left earlier in this batch), or the kept-alive upstream connection of a parked http client
+ * left earlier in this batch), or the kept-alive server connection of a parked http client
  * closed (closed here: the client stays parked, its next request opens a new one). */
 struct conn *room_woken(struct watch *w);
 /* Takes out the next connection whose deadline is at or before now (a timeout, counted in
@@ -915,7 +915,7 @@ int http_copy_chunked(struct conn *c, struct copier *k, struct inbuf *s, int fro
 /* Why the proxy answers a request itself; each has its status, a word for the access log and
  * a sentence for the client (http_io.c's table). */
 enum why {
-    WHY_NONE, /* it does not: the answer is the upstream's */
+    WHY_NONE, /* it does not: the answer is the server's */
     WHY_BAD_REQUEST,
     WHY_NO_UPSTREAM,
     WHY_PORT,
@@ -979,7 +979,7 @@ const char *http_via(void);
  * one, our own Connection, Via added. Returns its length, or -1 when it does not fit. */
 long http_rewrite_request(char *buf, const struct msg *m, const struct target *t, int upgrade);
 /* Writes the response head to forward (r, parsed from head; answering req) into buf (OUT_MAX
- * bytes): our HTTP/1.1 status line with the upstream's status and reason, its end-to-end fields,
+ * bytes): our HTTP/1.1 status line with the server's status and reason, its end-to-end fields,
  * our own Connection (close when close: the client connection ends after this response; keep-alive
  * for an HTTP/1.0 client that asked for it; upgrade on a 101), Via added. Returns its length, or -1
  * when it does not fit. */
@@ -1010,10 +1010,10 @@ enum next {
 
 /* Forwards the request m (its head at the start of the scratch's in[UP], whatever follows it
  * its body, if any, or the next request), going where t says, and forwards its response back.
- * A kept-alive upstream connection that failed before any byte of a response is dropped, and
+ * A kept-alive server connection that failed before any byte of a response is dropped, and
  * the request sent once more on a fresh one when that is safe. The proxy answers itself (502,
  * 504, ...) when no response came, and a 101 makes c a raw relay (http_relay_raw). NEXT_PARK:
- * c leaves its worker while its upstream connection is made, and this request is handled again
+ * c leaves its worker while its server connection is made, and this request is handled again
  * from the start when it is back (c->dial); or an upgraded connection is quiet. */
 enum next http_forward(struct worker *w, struct conn *c, const struct msg *m,
                        const struct target *t);
@@ -1026,7 +1026,7 @@ enum next http_tunnel(struct worker *w, struct conn *c, const struct msg *m);
  * (NEXT_CLOSE: the request that opened it is done); or until it is quiet (NEXT_PARK), and the
  * worker that takes it back from the waiting room calls this again. */
 enum next http_relay_raw(struct worker *w, struct conn *c);
-/* Closes c's upstream connection, if it has one; the next request opens a new one. */
+/* Closes c's server connection, if it has one; the next request opens a new one. */
 void http_end_server(struct worker *w, struct conn *c);
 /* The exchange's metric families (tunnels, upgrades, retries), the last of http's. */
 void http_exchange_metrics(FILE *f);

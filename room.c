@@ -61,7 +61,7 @@ static uint64_t earlier(uint64_t a, uint64_t b) {
 
 /* Whether c waits on its client: an http connection waiting for a request, or the rest of a
  * head, does; a relay does when its last byte went to the client, which has what it asked for;
- * a relay whose last byte went upstream waits for the upstream's answer. */
+ * a relay whose last byte went upstream waits for the server's answer. */
 static int on_client(struct conn *c) {
     return !c->relay || atomic_load_explicit(&c->last_dir, memory_order_relaxed) == DOWN;
 }
@@ -72,8 +72,8 @@ static int on_client(struct conn *c) {
  * QUIET_MS if it waits on its client, which may think for seconds. One waiting for an upstream's
  * answer keeps its worker to the end of its slice: the answer is on its way, and parking those
  * under load filled the queue with their own wake-ups. With nobody waiting: once it was quiet for
- * park_after. Only the last loop to wait keeps an eye on the clock; the other is woken by its
- * bytes or its bell. */
+ * park_after, and a dial never (it is bounded by connect_timeout anyway). Only the last loop to
+ * wait keeps an eye on the clock; the other is woken by its bytes or its bell. */
 enum leave room_due(struct conn *c, uint64_t now, int last_awake, uint64_t *until) {
     int others = atomic_load(&stats.waiting) > 0;
     uint64_t last_ns = atomic_load(&c->last_ns), quiet = (uint64_t)cfg.park_after;
@@ -182,7 +182,7 @@ static int watch(struct conn *c, enum dir d, int fd, int out) {
 
 /* A relay is watched on each side that has not reached EOF (a half-closed socket is always
  * readable: watching it would bounce c between here and the pool forever); a connection between
- * requests or in a request head on its client, and on its kept-alive upstream connection, which
+ * requests or in a request head on its client, and on its kept-alive server connection, which
  * may close meanwhile; one in a dial on its lookup or connect alone (its client may have sent
  * more already: that waits for the upstream). Its deadline is the one it had on its worker
  * (room_deadline): the same rule parked or not. */
@@ -217,7 +217,7 @@ struct conn *room_woken(struct watch *w) {
     struct conn *c = w->c;
     if (!c) return NULL; /* stale: c left the room earlier in this batch */
     if (!c->relay && !c->dial && w == &c->watch[DOWN]) {
-        /* The kept-alive upstream connection closed, or spoke out of turn: it can carry no
+        /* The kept-alive server connection closed, or spoke out of turn: it can carry no
          * further request. The client stays parked; its next request opens a new one. */
         epoll_ctl(room.ep, EPOLL_CTL_DEL, c->server, NULL);
         c->watch[DOWN].c = NULL;
