@@ -32,7 +32,8 @@ static void log_request(struct conn *c);
  * request or its response ends the connection (RFC 9112 9.6: then no further request is read),
  * or until it leaves its worker while it waits for a request (its turn is over, or it has
  * nothing to do: copy_wait), or a tunnel does. A connection back from the waiting room goes on
- * from there: it left with nothing buffered. Requests pipelined behind one another are all
+ * from there: it left with nothing buffered (a tunnel back from there is pool.c's to relay, and
+ * never comes here again). Requests pipelined behind one another are all
  * served before it can leave: it waits for a request only once its buffer is empty. */
 static enum served http_serve(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
@@ -41,10 +42,7 @@ static enum served http_serve(struct worker *w, struct conn *c) {
     http_inbuf_clear(in);
     http_inbuf_clear(&h->in[DOWN]);
     turn_begins(c, in);
-    if (c->relay) /* a tunnel or an upgraded connection back from the waiting room */
-        next = log_unless_parked(c, http_relay_raw(w, c));
-    else
-        c->server_apart = 1; /* a server connection failing is retried or answered 502 */
+    c->server_apart = 1; /* a server connection failing is retried or answered 502 */
     while (next == NEXT_READ) {
         struct msg m;
         int status;
@@ -292,8 +290,8 @@ static void log_request(struct conn *c) {
     c->req.logged = 1;
 }
 
-/* The connection is closed: a tunnel or upgrade that was still open (closed in the waiting
- * room by idle_timeout or a stop, or never back from the queue) gets its line now. */
+/* The connection is closed: a tunnel or upgrade that parked gets its line now (pool.c relayed
+ * it to its end, or the waiting room closed it: idle_timeout, the stop). */
 static void http_done(const struct conn *c) {
     if (c->relay && !c->req.logged) write_log(c);
 }

@@ -178,11 +178,13 @@ static void relay_down(struct worker *w, struct conn *c) {
     if (flush(w, c, DOWN) == 0) copy_stream(c, &w->cp[DOWN], DOWN);
 }
 
-enum next http_relay_raw(struct worker *w, struct conn *c) {
-    if (!c->relay) {
-        c->relay = 1;
-        c->server_apart = 0; /* a tunnel: either side failing ends it */
-    }
+/* Relays a tunnel (after CONNECT's 200) or an upgraded connection (after a 101) raw both ways
+ * (pool_relay), what came behind the heads first: until both sides are done or it ends
+ * (NEXT_CLOSE: the request that opened it is done); or until it is quiet (NEXT_PARK). Back from
+ * the waiting room, pool.c goes on relaying it: nothing is left behind the heads by then. */
+static enum next relay_raw(struct worker *w, struct conn *c) {
+    c->relay = 1;
+    c->server_apart = 0; /* a tunnel: either side failing ends it */
     if (flush(w, c, UP) == 0 && pool_relay(w, c, relay_down) == SERVED_PARK) return NEXT_PARK;
     return NEXT_CLOSE;
 }
@@ -409,7 +411,7 @@ enum next http_forward(struct worker *w, struct conn *c, const struct msg *m,
     }
     if (a == RESPONSE_DONE && c->req.status == 101) {
         atomic_fetch_add(&counts.upgrades, 1);
-        return http_relay_raw(w, c);
+        return relay_raw(w, c);
     }
     if (next == NEXT_CLOSE || !x.keep_server) http_end_server(w, c);
     return next;
@@ -433,5 +435,5 @@ enum next http_tunnel(struct worker *w, struct conn *c, const struct msg *m) {
     if (copy_send(c, c->client, ok, sizeof ok - 1) < 0) return NEXT_CLOSE;
     c->req.status = 200;
     atomic_fetch_add(&counts.tunnels, 1);
-    return http_relay_raw(w, c);
+    return relay_raw(w, c);
 }

@@ -354,7 +354,13 @@ static void *front_main(void *arg) {
     while ((c = take())) {
         begin(w, c);
         int behind = c->behind ? admit_behind(c) : -1;
-        enum served s = behind >= 0 ? (enum served)behind : mode->serve(w, c);
+        enum served s;
+        if (behind >= 0)
+            s = (enum served)behind;
+        else if (c->relay) /* back from the waiting room: it left between reads, nothing held */
+            s = pool_relay(w, c, pool_copy_down);
+        else
+            s = mode->serve(w, c);
         leave(w);
         if (s == SERVED_PARK) {
             int turn = atomic_load(&c->leave) == LEAVE_TURN;

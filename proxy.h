@@ -730,7 +730,9 @@ struct mode {
     const char *name;
     serve_fn serve;                 /* the front thread's job for one connection, until it
                                        ends (SERVED_DONE) or parks (SERVED_PARK); called
-                                       again when a parked connection has work */
+                                       again when a parked connection has work, unless it
+                                       is a relay (c->relay): pool.c goes on relaying that
+                                       one itself, whatever the mode */
     int (*init)(struct worker *w);  /* allocates w->scratch; returns 0 or -1 */
     void (*free)(struct worker *w); /* frees w->scratch */
     void (*last_word)(int fd, enum refusal why); /* to a client turned away (pool_turn_away);
@@ -1012,20 +1014,15 @@ enum next {
  * its body, if any, or the next request), going where t says, and forwards its response back.
  * A kept-alive server connection that failed before any byte of a response is dropped, and
  * the request sent once more on a fresh one when that is safe. The proxy answers itself (502,
- * 504, ...) when no response came, and a 101 makes c a raw relay (http_relay_raw). NEXT_PARK:
+ * 504, ...) when no response came, and a 101 makes c a raw relay (relay_raw). NEXT_PARK:
  * c leaves its worker while its server connection is made, and this request is handled again
  * from the start when it is back (c->dial); or an upgraded connection is quiet. */
 enum next http_forward(struct worker *w, struct conn *c, const struct msg *m,
                        const struct target *t);
 /* CONNECT host:port: an allowed port, a connection, 200, then raw bytes both ways
- * (http_relay_raw); the proxy answers itself when any of it fails. NEXT_PARK as for
+ * (relay_raw); the proxy answers itself when any of it fails. NEXT_PARK as for
  * http_forward. */
 enum next http_tunnel(struct worker *w, struct conn *c, const struct msg *m);
-/* Relays a tunnel (after CONNECT's 200) or an upgraded connection (after a 101) raw both ways
- * (pool_relay), what came behind the heads first: until both sides are done or it ends
- * (NEXT_CLOSE: the request that opened it is done); or until it is quiet (NEXT_PARK), and the
- * worker that takes it back from the waiting room calls this again. */
-enum next http_relay_raw(struct worker *w, struct conn *c);
 /* Closes c's server connection, if it has one; the next request opens a new one. */
 void http_end_server(struct worker *w, struct conn *c);
 /* The exchange's metric families (tunnels, upgrades, retries), the last of http's. */

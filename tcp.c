@@ -7,9 +7,8 @@
 #include <string.h>
 
 /* Connects an upstream, tells it who the client is if asked, relays both ways; a connection
- * back from the waiting room goes on relaying, or dialling. */
+ * back from the waiting room goes on dialling (a relay back from there is pool.c's). */
 static enum served tcp_serve(struct worker *w, struct conn *c) {
-    if (c->relay) return pool_relay(w, c, pool_copy_down);
     int fd = upstream_connect(c, NULL, 0, cfg.park_after != 0);
     if (fd < 0 && errno == EINPROGRESS) return SERVED_PARK; /* the dial waits parked */
     if (fd < 0) {
