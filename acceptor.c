@@ -174,8 +174,8 @@ static int next_wait(uint64_t now) {
  * the listener would reset them), at most max_connections of them, so that a flood cannot keep
  * the stop from going on. First the door shuts: a socket filter that drops every packet keeps
  * handshakes from completing, so that a client cannot slip into the backlog between the last
- * accept and the close, only to be reset there. One knocking now is refused once the listener
- * closes (its SYN is sent again after a second, and meets nothing). */
+ * accept and the close, only to be reset there. One knocking now sends its SYN again after a
+ * second, and meets a closed port then, or with reuse_port another process's listener. */
 static void drain_backlog(void) {
     struct sock_filter drop_all = BPF_STMT(BPF_RET | BPF_K, 0);
     struct sock_fprog door = {.len = 1, .filter = &drop_all};
