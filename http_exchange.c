@@ -1,10 +1,11 @@
-/* http_exchange.c — a request's exchange with the upstream, below http.c's request loop: it
- * finds the request a server connection (the kept-alive one, or a new one dialled), sends the
- * request, reads the response and forwards it, one request at a time, retrying once on a fresh
- * server connection when a kept-alive one turns out to be closed. While a request's body
- * streams upstream the back thread sends it, so that a response may come before the body is
- * all sent. A CONNECT tunnel, and an upgraded connection after its 101, become a raw relay both
- * ways here. This file also owns the counters of tunnels, upgrades and retries. */
+/* http_exchange.c — a request's exchange with its server (a configured upstream, or the host
+ * the request names), below http.c's request loop: it finds the request a server connection (the
+ * kept-alive one, or a new one dialled), sends the request, reads the response and forwards it, one
+ * request at a time, retrying once on a fresh server connection when a kept-alive one turns out to
+ * be closed. While a request's body streams upstream the back thread sends it, so that a response
+ * may come before the body is all sent. A CONNECT tunnel, and an upgraded connection after its 101,
+ * become a raw relay both ways here. This file also owns the counters of tunnels, upgrades and
+ * retries. */
 #include "proxy.h"
 
 #include <errno.h>

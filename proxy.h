@@ -5,7 +5,7 @@
  *     plan.c               the plan -t prints: memory and fds at full load, the fd limit
  *     acceptor.c           the acceptor thread: new clients; idle ones into the room and out
  *     tcp.c   http.c       the two modes: what a worker does with a connection
- *     http_exchange.c      a request's exchange with the upstream; tunnels and upgrades
+ *     http_exchange.c      a request's exchange with its server; tunnels and upgrades
  *     http_head.c          the heads forwarded both ways: hop-by-hop fields, Via
  *     http_io.c            HTTP messages between sockets: heads, bodies, error replies
  *     auth.c  http_parse.c http's pure helpers: credentials; strict heads
@@ -988,7 +988,7 @@ long http_rewrite_request(char *buf, const struct msg *m, const struct target *t
 long http_rewrite_response(char *buf, const char *head, const struct msg *r, const struct msg *req,
                            int close);
 
-/* ==== http_exchange.c: a request's exchange with the upstream ========================== */
+/* ==== http_exchange.c: a request's exchange with its server ============================ */
 
 /* One worker's http scratch (w->scratch): allocated once (http.c's init), reused for each
  * connection. */
