@@ -19,6 +19,7 @@ WRAPPER = os.environ.get("PROXY_WRAPPER", "").split()
 SCALE = float(os.environ.get("PROXY_TEST_SCALE", "1"))
 TMP = tempfile.mkdtemp(prefix="proxy-test-")
 _started = []  # every Proxy of the current test, for finish()
+last_logs = []  # finish()'s: each proxy's pid and last lines, for a failure's report
 SANITIZER = re.compile(r"ERROR: (Address|Leak)Sanitizer|WARNING: ThreadSanitizer|runtime error:")
 
 
@@ -27,6 +28,8 @@ def finish():
     runs its leak check at exit) and returns what went wrong with them: a sanitizer report, a
     proxy that would not stop, or a failing exit status."""
     problems = []
+    if _started:
+        last_logs.clear()
     while _started:
         px = _started.pop()
         if px.p.poll() is None:
@@ -40,6 +43,7 @@ def finish():
         with px.cond:  # let the reader thread take the last lines
             px.cond.wait_for(lambda: px.lines and px.lines[-1] is None, 5)
         text = px.text()
+        last_logs.append((px.p.pid, text.splitlines()[-15:]))
         m = SANITIZER.search(text)
         if m:
             problems.append(text[max(0, m.start() - 200):m.start() + 3000])

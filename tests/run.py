@@ -62,6 +62,7 @@ def main():
             if args.k and not any(k in name for k in args.k.split(",")):
                 continue
             start = time.monotonic()
+            lib.last_logs.clear()
             signal.alarm(getattr(fn, "limit", 60))
             try:
                 fn()
@@ -79,6 +80,10 @@ def main():
                 print("FAIL %s (%.1fs): %s" % (name, time.monotonic() - start, e), flush=True)
                 tb = traceback.format_exc().strip().splitlines()
                 print("     " + "\n     ".join(tb[-8:]))
+                lib.finish()  # stops its proxies, so that their last log lines are in
+                for pid, lines in lib.last_logs:  # what the proxy saw, for a failure in CI
+                    print("     proxy %d, its last lines:\n       %s"
+                          % (pid, "\n       ".join(lines)))
                 failures.append("FAIL %s: %s" % (name, str(e).splitlines()[0][:300] if str(e)
                                                   else type(e).__name__))
             finally:
