@@ -69,11 +69,11 @@ static int too_slow(struct conn *c, enum dir d, size_t n) {
     return 1;
 }
 
-void copy_rate_start(struct conn *c, enum dir d) {
+void copy_min_rate_start(struct conn *c, enum dir d) {
     c->rate[d] = (struct rate){.from = c->cfg->min_rate ? mono_ns() : 0};
 }
 
-void copy_rate_stop(struct conn *c, enum dir d) {
+void copy_min_rate_stop(struct conn *c, enum dir d) {
     c->rate[d].from = 0;
 }
 
@@ -322,7 +322,7 @@ static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t
 }
 
 int64_t copy_bytes(struct conn *c, struct copier *k, int from, int to, uint64_t limit) {
-    return move(c, k, from, to, limit, 0, UP);
+    return move(c, k, from, to, limit, 0, read_dir(c, from));
 }
 
 enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d) {

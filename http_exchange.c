@@ -199,12 +199,12 @@ static enum next relay_raw(struct worker *w, struct conn *c) {
 static void send_body(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
     int rc;
-    copy_rate_start(c, UP); /* a body that trickles in is ended by min_rate */
+    copy_min_rate_start(c, UP); /* a body that trickles in is ended by min_rate */
     if (h->body_chunked)
         rc = http_copy_chunked(c, &w->cp[UP], &h->in[UP], c->client, c->server);
     else
         rc = http_copy_n(c, &w->cp[UP], &h->in[UP], c->client, c->server, h->body_length);
-    copy_rate_stop(c, UP);
+    copy_min_rate_stop(c, UP);
     if (rc < 0 && !atomic_load(&c->server_failed)) conn_end(c, END_CLIENT);
     h->body_rc = rc;
 }
@@ -261,9 +261,9 @@ static enum body response_body(struct worker *w, struct conn *c, const struct ms
                                const struct exchange *x, size_t sent) {
     struct inbuf *s = &((struct http_worker *)w->scratch)->in[DOWN];
     if (!has_body(r, x)) return BODY_DONE;
-    copy_rate_start(c, DOWN); /* a body that trickles in is ended by min_rate */
+    copy_min_rate_start(c, DOWN); /* a body that trickles in is ended by min_rate */
     int rc = forward_body(w, c, r, s, sent);
-    copy_rate_stop(c, DOWN);
+    copy_min_rate_stop(c, DOWN);
     if (rc == -2) return BODY_AT_EOF;
     return rc < 0 ? BODY_FAILED : BODY_DONE;
 }

@@ -646,9 +646,9 @@ enum streamed copy_stream(struct conn *c, struct copier *k, enum dir d);
 enum wake copy_wait(struct conn *c, enum dir d, int fd, short events, int may_leave);
 /* Starts timing the body read in direction d against min_rate: read slower, it ends c
  * (END_SLOW). */
-void copy_rate_start(struct conn *c, enum dir d);
+void copy_min_rate_start(struct conn *c, enum dir d);
 /* Stops timing the body read in direction d. */
-void copy_rate_stop(struct conn *c, enum dir d);
+void copy_min_rate_stop(struct conn *c, enum dir d);
 /* One loop of c is done for good (at EOF): it no longer counts as awake. */
 void copy_loop_done(struct conn *c, enum dir d);
 /* Whether no byte moved on c, either way, for ms milliseconds (0: never). */
