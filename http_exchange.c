@@ -11,6 +11,8 @@
 #include <errno.h>
 #include <string.h>
 
+#define BODY_END_WAIT_MS 100 /* how long a response waits for its request body to end */
+
 /* One request and its response: what the front thread knows of it while it runs. What its
  * access log line says is in c->req. */
 struct exchange {
@@ -209,12 +211,13 @@ static void send_body(struct worker *w, struct conn *c) {
     h->body_rc = rc;
 }
 
-/* Whether the back thread is still sending a request body. */
+/* Whether a request body still streams when its response comes. A server commonly answers as
+ * soon as it has the body's last bytes, while the back thread that sent them has yet to say it
+ * is done: a moment's wait tells that apart from a server that answered early (and may have
+ * stopped reading), instead of leaving a keep-alive client's connection to whichever thread
+ * wins the race. */
 static int body_pending(struct worker *w) {
-    pthread_mutex_lock(&w->mu);
-    int pending = w->job != NULL;
-    pthread_mutex_unlock(&w->mu);
-    return pending;
+    return !pool_back_wait_for(w, BODY_END_WAIT_MS);
 }
 
 /* ---- the exchange: a request out, its response back ----------------------------------- */
@@ -303,8 +306,9 @@ static enum response forward_response(struct worker *w, struct conn *c, const st
             s->off = r.size;
             continue;
         }
-        /* A body still streaming from the client when the response comes cannot be finished
-         * for sure (the upstream may have stopped reading): the client connection ends. */
+        /* A body still streaming from the client when the response comes (body_pending) cannot
+         * be finished for sure (the server may have stopped reading): the client connection
+         * ends. */
         x->close_client =
             final && (req->close || ends_at_close(&r, x) || (x->streaming && body_pending(w)) ||
                       atomic_load(&stats.stopping)); /* the last one: we stop */

@@ -209,6 +209,20 @@ void pool_back_wait(struct worker *w) {
     pthread_mutex_unlock(&w->mu);
 }
 
+int pool_back_wait_for(struct worker *w, int ms) {
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_nsec += (long)ms % 1000 * 1000000;
+    until.tv_sec += ms / 1000 + until.tv_nsec / 1000000000;
+    until.tv_nsec %= 1000000000;
+    pthread_mutex_lock(&w->mu);
+    while (w->job && pthread_cond_timedwait(&w->cv, &w->mu, &until) != ETIMEDOUT) {
+    }
+    int done = !w->job;
+    pthread_mutex_unlock(&w->mu);
+    return done;
+}
+
 void pool_copy_down(struct worker *w, struct conn *c) {
     copy_stream(c, &w->cp[DOWN], DOWN);
 }
@@ -466,10 +480,20 @@ struct conn *pool_room_close(void) {
 
 /* ---- start and stop ------------------------------------------------------------------- */
 
+/* A condition variable whose timed waits run on the monotonic clock: a change of the wall
+ * clock neither cuts them short nor stretches them. */
+static void monotonic_cond(pthread_cond_t *cv) {
+    pthread_condattr_t monotonic;
+    pthread_condattr_init(&monotonic);
+    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
+    pthread_cond_init(cv, &monotonic);
+    pthread_condattr_destroy(&monotonic);
+}
+
 /* Allocates w's scratch and starts its two threads. Returns 0 or -1. */
 static int start_worker(struct worker *w, const pthread_attr_t *attr) {
     pthread_mutex_init(&w->mu, NULL);
-    pthread_cond_init(&w->cv, NULL);
+    monotonic_cond(&w->cv);
     for (int t = 0; t < 2; t++)
         if ((w->seat[t].bell = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0) return -1;
     if (copy_init(&w->cp[UP]) < 0 || copy_init(&w->cp[DOWN]) < 0) return -1;
@@ -482,11 +506,7 @@ static int start_worker(struct worker *w, const pthread_attr_t *attr) {
 int pool_start(const struct mode *m) {
     int records = cfg.max_connections;
     mode = m;
-    pthread_condattr_t monotonic;
-    pthread_condattr_init(&monotonic);
-    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
-    pthread_cond_init(&pool.drained, &monotonic);
-    pthread_condattr_destroy(&monotonic);
+    monotonic_cond(&pool.drained);
     pool.parked_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (pool.parked_fd < 0) return -1;
     pool.size = records;

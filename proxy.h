@@ -786,6 +786,8 @@ void pool_set_server(struct worker *w, int fd);
 void pool_back_start(struct worker *w, struct conn *c, job_fn job);
 /* Waits until the back thread has finished with its job. */
 void pool_back_wait(struct worker *w);
+/* As pool_back_wait, for ms milliseconds at most. Returns whether the back thread is done. */
+int pool_back_wait_for(struct worker *w, int ms);
 /* The usual back job: copies upstream → client until EOF (copy_stream). */
 void pool_copy_down(struct worker *w, struct conn *c);
 /* Relays c raw both ways, down (its job: copy_stream DOWN, after anything of the mode's own)
