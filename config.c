@@ -553,9 +553,7 @@ static int load(struct config *c, const char *file, const struct config *keep, c
 }
 
 int config_load(struct config *c, const char *file, char *err, size_t errlen) {
-    if (load(c, file, NULL, NULL, 0, err, errlen) == 0) return 0;
-    config_free(c);
-    return -1;
+    return config_load_keeping(c, file, NULL, NULL, 0, err, errlen);
 }
 
 int config_load_keeping(struct config *c, const char *file, const struct config *keep, char *note,

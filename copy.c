@@ -308,11 +308,11 @@ static int64_t move(struct conn *c, struct copier *k, int from, int to, uint64_t
         ssize_t n = read_chunk(c, k, from, want, &piped);
         if (n == 0) break; /* EOF */
         if (n < 0) {
-            if (n != READ_ENDED && retry_or_end(c, from, errno, read_dir(c, from))) continue;
+            if (n != READ_ENDED && retry_or_end(c, from, errno, d)) continue;
             return MOVE_ENDED;
         }
         touch(c);
-        if (too_slow(c, read_dir(c, from), (size_t)n)) return MOVE_ENDED;
+        if (too_slow(c, d, (size_t)n)) return MOVE_ENDED;
         if (piped ? drain_pipe(c, k, to, (size_t)n) : copy_send(c, to, k->buf, (size_t)n))
             return MOVE_ENDED;
         moved += (uint64_t)n;

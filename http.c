@@ -32,9 +32,10 @@ static void log_request(struct conn *c);
  * request or its response ends the connection (RFC 9112 9.6: then no further request is read),
  * or until it leaves its worker while it waits for a request (its turn is over, or it has
  * nothing to do: copy_wait), or a tunnel does. A connection back from the waiting room goes on
- * from there: it left with nothing buffered (a tunnel back from there is pool.c's to relay, and
- * never comes here again). Requests pipelined behind one another are all
- * served before it can leave: it waits for a request only once its buffer is empty. */
+ * from where it left: what it left with (part of a head, or a request whose dial parked) comes
+ * back from c->stash (turn_begins); a tunnel back from there is pool.c's to relay, and never
+ * comes here again. Requests pipelined behind one another are all served before it can leave:
+ * it waits for a request only once its buffer is empty. */
 static enum served http_serve(struct worker *w, struct conn *c) {
     struct http_worker *h = w->scratch;
     struct inbuf *in = &h->in[UP];

@@ -249,9 +249,7 @@ static int forward_body(struct worker *w, struct conn *c, const struct msg *r, s
         uint64_t rest = (uint64_t)r->length - sent;
         rc = http_copy_n(c, &w->cp[DOWN], s, c->server, c->client, rest);
     } else {
-        if (s->len > s->off && copy_send(c, c->client, s->buf + s->off, s->len - s->off) < 0)
-            return -1;
-        s->off = s->len;
+        if (flush(w, c, DOWN) < 0) return -1; /* what came with the head */
         int64_t moved = copy_bytes(c, &w->cp[DOWN], c->server, c->client, UINT64_MAX);
         return moved < 0 ? -1 : -2;
     }

@@ -182,10 +182,11 @@ int limits_admit(const struct config *cf, const struct addr *peer, int is_reques
     *entry = NONE;
     if (nets_match(&cf->exempt, peer)) return -1;
     pthread_mutex_lock(&t.mu);
-    int32_t i = entry_get(key, kind); /* not NONE: this connection is not counted yet */
+    /* NONE only if the table were full of entries with connections open, which clients >=
+     * max_connections rules out; kept as a guard: then the client is let in, uncounted. */
+    int32_t i = entry_get(key, kind);
     struct client *e = i == NONE ? NULL : &t.v[i];
     if (!e) {
-        why = -1;
     } else if (cf->connections_per_client && e->open >= (uint32_t)cf->connections_per_client) {
         why = REFUSED_PER_CLIENT;
     } else if (is_request && cf->requests_per_second && take_turn(e, cf, mono_ns())) {

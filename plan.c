@@ -125,6 +125,7 @@ int config_plan(const struct config *c, FILE *o, char *err, size_t errlen) {
     print_access(c, o);
     print_memory(c, o);
     print_turns(c, o);
+    limits_plan(c, o);
     struct rlimit rl = {0};
     getrlimit(RLIMIT_NOFILE, &rl);
     fprintf(o, "fds at full load: %lld (limit %llu)\n", config_fds(c),

@@ -358,7 +358,9 @@ static int admit_behind(struct conn *c) {
     return SERVED_DONE;
 }
 
-/* The front thread: takes a connection, serves it by the mode, then finishes it or lets it go:
+/* The front thread: takes a connection, serves it by the mode (after reading a trusted
+ * balancer's PROXY header, admit_behind; a relay back from the waiting room it relays itself),
+ * then finishes it or lets it go:
  * to the waiting room, or, when its turn is over and it has bytes to read already, straight to
  * the tail of the queue (the room would send it there at once; the direct way saves the trip:
  * a handful of system calls and a wake of the acceptor), and takes the next. */

@@ -219,10 +219,7 @@ int main(int argc, char **argv) {
     }
     if (check) {
         msg[0] = 0;
-        if (config_plan(&cfg, stdout, msg, sizeof msg) == 0) {
-            limits_plan(&cfg, stdout);
-            return 0;
-        }
+        if (config_plan(&cfg, stdout, msg, sizeof msg) == 0) return 0;
         if (msg[0]) fprintf(stderr, "%s\n", msg);
         return 2;
     }

@@ -140,10 +140,14 @@ static void metric_histogram(FILE *f, const char *name, const char *help, struct
 
 /* Who came in and who was turned away. */
 static void render_admission(FILE *f) {
-    static const char *const refusals[] = {"not_allowed", "max_connections",
-                                           "connections_per_client", "requests_per_second",
-                                           "proxy_header"},
-                             *limits[] = {"connections_per_client", "requests_per_second"};
+    static const char *const refusals[REFUSED_MAX] = {[REFUSED_NOT_ALLOWED] = "not_allowed",
+                                                      [REFUSED_MAX_CONNECTIONS] = "max_connections",
+                                                      [REFUSED_PER_CLIENT] =
+                                                          "connections_per_client",
+                                                      [REFUSED_RATE] = "requests_per_second",
+                                                      [REFUSED_PROXY_HEADER] = "proxy_header"};
+    static const char *const limits[LIMIT_MAX] = {
+        [LIMIT_CONNECTIONS] = "connections_per_client", [LIMIT_RATE] = "requests_per_second"};
     metric_one(f, "proxy_connections_accepted_total", "counter", "Connections accepted.",
                atomic_load(&stats.accepted));
     metric_family(f, "proxy_connections_refused_total", "counter", "Connections closed at once.",
