@@ -242,6 +242,8 @@ def test_fault_sigterm_under_load_completed_transfers_are_intact_and_exit_0():
         stop.set()
         for t in threads:
             t.join(20)
+        with px.cond:  # every line read, to the end of the proxy's stderr
+            px.cond.wait_for(lambda: px.lines[-1:] == [None], 5)
         log = {}
         for line in px.text().splitlines():
             m = re.search(r"127\.0\.0\.1:(\d+) -> \S+ (up=.*)", line)
